@@ -1,0 +1,31 @@
+"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls at full precision."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("CI") else None
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _has_gpu():
+        skip_gpu = pytest.mark.skip(reason="needs a GPU: runs on the lent GPU machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+    if os.environ.get("CI"):
+        skip_heavy = pytest.mark.skip(reason="heavy: too slow for 2-core CI, run by hand")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(skip_heavy)
