@@ -2,10 +2,8 @@
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("CI") else None
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
