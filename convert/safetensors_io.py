@@ -1,0 +1,290 @@
+"""Lazy safetensors reading and sharded writing, numpy only (bf16 via ml_dtypes).
+
+File format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length ``n``,
+``n`` bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+{...}}``, then the data buffer; offsets are relative to the end of the header.
+
+``SafetensorsReader`` opens a checkpoint directory (``model.safetensors``, or shards listed by
+``model.safetensors.index.json``) and reads nothing but headers until a tensor is asked for; each
+``read`` returns one tensor as a fresh numpy array, so host memory is bounded by the tensors the
+caller keeps. ``write_sharded`` streams tensors into shards of bounded size inside a temporary
+directory and moves the finished files into place, so a crash never leaves a half-written
+checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype code <-> numpy dtype.
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A checkpoint file or index is missing or malformed."""
+
+
+def dtype_code(dtype: np.dtype | type) -> str:
+    """safetensors dtype code ("BF16", "F32", ...) of a numpy dtype."""
+    try:
+        return _CODES[np.dtype(dtype)]
+    except KeyError:
+        raise SafetensorsError(f"dtype {np.dtype(dtype)} cannot be stored in safetensors") from None
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """numpy dtype of a safetensors dtype code."""
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise SafetensorsError(f"unsupported safetensors dtype {code!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard file, dtype code, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses one safetensors file's header: ({name: TensorInfo}, __metadata__)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsError(f"{file}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise SafetensorsError(f"{file}: header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+    metadata = header.pop("__metadata__", None) or {}
+    infos = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(s) for s in entry["shape"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(entry["dtype"]).itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise SafetensorsError(
+                f"{file}: tensor {name!r} has byte range {begin}..{end} inconsistent with "
+                f"dtype {entry['dtype']} shape {list(shape)} or the file size"
+            )
+        infos[name] = TensorInfo(file, entry["dtype"], shape, 8 + n + begin, nbytes)
+    return infos, metadata
+
+
+class SafetensorsReader:
+    """Lazy reader of a single-file or sharded safetensors checkpoint directory.
+
+    Names come from the index (sharded) without opening any shard; a shard's header is parsed the
+    first time one of its tensors' ``info`` or data is needed.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_file():
+            path, files = path.parent, {None: path}
+        else:
+            files = None
+        self.path = path
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
+        self.total_size: int | None = None
+        if files is None and (path / INDEX_FILE).is_file():
+            index = json.loads((path / INDEX_FILE).read_text())
+            self._where = {k: path / v for k, v in index["weight_map"].items()}
+            self.total_size = (index.get("metadata") or {}).get("total_size")
+        elif files is not None or (path / SINGLE_FILE).is_file():
+            file = files[None] if files is not None else path / SINGLE_FILE
+            self._headers[file] = read_header(file)[0]
+            self._where = dict.fromkeys(self._headers[file], file)
+        else:
+            raise SafetensorsError(
+                f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found; expected a HF checkpoint "
+                "directory"
+            )
+
+    def names(self) -> list[str]:
+        """All tensor names, in index/file order."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape/dtype/location of ``name`` (parses its shard's header on first use)."""
+        file = self._where[name]
+        if file not in self._headers:
+            if not file.is_file():
+                raise SafetensorsError(f"{file}: shard listed in {INDEX_FILE} does not exist")
+            self._headers[file] = read_header(file)[0]
+        try:
+            return self._headers[file][name]
+        except KeyError:
+            raise SafetensorsError(
+                f"{file}: tensor {name!r} is listed in {INDEX_FILE} but not stored in this shard"
+            ) from None
+
+    def read(self, name: str) -> np.ndarray:
+        """Reads one tensor into a new numpy array (dtype as stored, bf16 as ml_dtypes)."""
+        info = self.info(name)
+        out = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != info.nbytes:
+            raise SafetensorsError(f"{info.file}: short read of {name!r} ({got}/{info.nbytes})")
+        return out
+
+
+def _shard_bytes(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, int]:
+    """Serialized header for ``tensors`` (in order) and the size of their data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, arr in tensors:
+        header[name] = {
+            "dtype": dtype_code(arr.dtype),
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data buffer 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_file(file: Path, tensors: list[tuple[str, np.ndarray]]) -> None:
+    """Writes one safetensors file holding ``tensors`` (C-contiguous copies are made if needed)."""
+    header, _ = _shard_bytes(tensors)
+    with open(file, "wb") as f:
+        f.write(header)
+        for _, arr in tensors:
+            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+
+def _group_shards(
+    tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Groups a tensor stream greedily into shards of at most max_shard_bytes (one tensor larger
+    than that gets a shard of its own)."""
+    shard: list[tuple[str, np.ndarray]] = []
+    size = 0
+    for name, arr in tensors:
+        if shard and size + arr.nbytes > max_shard_bytes:
+            yield shard
+            shard, size = [], 0
+        shard.append((name, arr))
+        size += arr.nbytes
+    if shard:
+        yield shard
+
+
+def write_sharded(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_files: dict[str, str] | None = None,
+) -> list[str]:
+    """Writes a HF-style safetensors checkpoint to directory ``path``; returns the file names.
+
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
+    plus ``model.safetensors.index.json`` (``metadata.total_size`` = sum of tensor bytes). Only
+    one shard's tensors are held at a time. Everything is written to a temporary directory next
+    to ``path`` and then moved in; previous ``model*.safetensors``/index files in ``path`` are
+    removed. ``extra_files`` ({file name: text}, e.g. config.json) are written alongside.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        files = _write_shards_into(tmp, tensors, max_shard_bytes)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+            files.append(fname)
+        _move_into_place(tmp, path, files)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def _write_shards_into(
+    tmp: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+) -> list[str]:
+    """Writes shards as ``part-i`` into ``tmp``, renames them once their count is known."""
+    weight_map: dict[str, int] = {}
+    total = 0
+    count = 0
+    for count, shard in enumerate(_group_shards(tensors, max_shard_bytes), start=1):
+        for name, arr in shard:
+            if name in weight_map:
+                raise SafetensorsError(f"tensor {name!r} written twice")
+            weight_map[name] = count
+            total += arr.nbytes
+        write_file(tmp / f"part-{count}", shard)
+    if count <= 1:
+        if count == 1:
+            os.replace(tmp / "part-1", tmp / SINGLE_FILE)
+        else:
+            write_file(tmp / SINGLE_FILE, [])
+        return [SINGLE_FILE]
+    names = {i: f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+    for i, fname in names.items():
+        os.replace(tmp / f"part-{i}", tmp / fname)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {k: names[i] for k, i in sorted(weight_map.items())},
+    }
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names.values(), INDEX_FILE]
+
+
+def _move_into_place(tmp: Path, path: Path, files: list[str]) -> None:
+    """Moves ``files`` from ``tmp`` into ``path``, dropping stale weight files there."""
+    if not path.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+        os.replace(tmp, path)
+        tmp.mkdir()  # so the caller's cleanup of tmp stays harmless
+        return
+    if not path.is_dir():
+        raise SafetensorsError(f"{path} exists and is not a directory")
+    for old in path.iterdir():
+        stale = old.name == INDEX_FILE or (
+            old.name.startswith("model") and old.name.endswith(".safetensors")
+        )
+        if stale and old.name not in files:
+            old.unlink()
+    for fname in files:
+        os.replace(tmp / fname, path / fname)
