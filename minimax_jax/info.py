@@ -1,0 +1,91 @@
+"""Prints a model configuration's shape, layer pattern and parameter counts.
+
+Usage::
+
+    python -m minimax_jax.info --preset minimax-m1-80k
+    python -m minimax_jax.info --config /path/to/checkpoint_dir_or_config.json
+    minimax-jax-info --preset tiny-remote          # console script (setup.cfg)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from minimax_jax.config import FULL, ModelConfig
+
+_PRESET = flags.DEFINE_string("preset", None, "Preset name from the configs package.")
+_CONFIG = flags.DEFINE_string("config", None, "HF config.json, or a directory holding one.")
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _pattern(cfg: ModelConfig) -> str:
+    """``"LLLLLLLF x 10"``: one letter per layer of the repeating block (L lightning, F full)."""
+    block = "".join("F" if t == FULL else "L" for t in cfg.block_pattern)
+    return f"{block} x {cfg.num_blocks}"
+
+
+def describe(*, preset: str | None = None, config: str | os.PathLike | None = None) -> str:
+    """Summary of a preset or HF config as text; exactly one of ``preset``/``config``.
+
+    Raises:
+      ValueError: neither or both given, unknown preset, or an invalid config.
+      FileNotFoundError: ``config`` does not exist.
+    """
+    if (preset is None) == (config is None):
+        raise ValueError("give exactly one of --preset or --config")
+    cfg = ModelConfig.preset(preset) if preset is not None else ModelConfig.from_hf(config)
+    total, active = cfg.param_count(), cfg.active_param_count()
+    rope = "full" if cfg.rotary_dim == cfg.head_dim else f"partial {cfg.rotary_dim}/{cfg.head_dim}"
+    lines = [
+        f"source:        {preset or config} ({cfg.schema} schema, {cfg.architecture})",
+        f"layers:        {cfg.num_layers} ({cfg.num_lightning_layers} lightning, "
+        f"{cfg.num_full_layers} softmax)",
+        f"pattern:       {_pattern(cfg)} (period {cfg.period})",
+        f"hidden:        D={cfg.hidden_size}, heads N={cfg.num_heads} x H={cfg.head_dim}, "
+        f"kv heads K={cfg.num_kv_heads}",
+        f"moe:           E={cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, "
+        f"F={cfg.intermediate_size}",
+        f"vocab:         {cfg.vocab_size} (tied embeddings: {cfg.tie_word_embeddings})",
+        f"rope:          {rope}, theta {cfg.rope_theta:g}",
+        f"lightning:     block {cfg.block_size}, slopes '{cfg.slope_formula}'",
+        f"residual:      postnorm={cfg.postnorm}, alpha/beta linear "
+        f"{cfg.linear_attn_alpha:g}/{cfg.linear_attn_beta:g}, full "
+        f"{cfg.full_attn_alpha:g}/{cfg.full_attn_beta:g}, mlp {cfg.mlp_alpha:g}/{cfg.mlp_beta:g}",
+        f"params:        {total:,} ({_human(total)})",
+        f"active/token:  {active:,} ({_human(active)}; excludes embedding and lm_head)",
+        f"bf16 bytes:    {2 * total:,} ({2 * total / 2**30:.2f} GiB)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """absl entry point: prints ``describe(...)``; errors -> one line on stderr, exit 1."""
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
+        return 2
+    try:
+        print(describe(preset=_PRESET.value, config=_CONFIG.value))
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (``minimax-jax-info``)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
