@@ -1,0 +1,176 @@
+"""Lightning attention (MiniMax-01 linear attention with per-head exponential decay): dispatcher.
+
+Einsum letters: B batch, T sequence length, N heads, H head dim, C block (chunk) length.
+
+    lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None,
+                        implementation="auto", block_size=None) -> (o, final_state)
+    lightning_decode(q, k, v, slopes, state, *, implementation="auto") -> (o, new_state)
+
+Per head with slope s (no 1/sqrt(H) scale):  S_t = exp(-s) S_{t-1} + k_t^T v_t ;  o_t = q_t S_t.
+q, k, v [B, T, N, H] any float dtype; slopes [N] fp32; states [B, N, H, H] fp32; o has q's dtype.
+segment_ids [B, T] int32: the state restarts from zero at every change of id (`initial_state`
+applies to the tokens before the first change); final_state is the state after the last token.
+Gradients flow to q, k, v and initial_state (explicit custom_vjp backward in xla/tpu); slopes get
+zero gradient. Any T (padded internally with identity steps).
+
+Implementations: "reference" (token scan, tests only), "xla" (chunked scan; the CPU path and
+always-working fallback), "tpu" (Pallas Mosaic kernel), "gpu" (`pallas_kernels.lightning.gpu`,
+owned separately). "auto": tpu on TPU, gpu on GPU when that module imports, else xla.
+Pallas kernels run on CPU in interpret mode inside `with interpret_mode():` (or
+`set_interpret(True)`), which is how the tests exercise them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import jax
+
+from pallas_kernels.lightning import decode as _decode
+from pallas_kernels.lightning import reference as _reference
+from pallas_kernels.lightning import xla as _xla
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "LightningConfig",
+    "interpret_mode",
+    "lightning_attention",
+    "lightning_decode",
+    "resolve_implementation",
+    "set_interpret",
+]
+
+IMPLEMENTATIONS = ("auto", "reference", "xla", "tpu", "gpu")
+
+_INTERPRET = False
+
+
+def set_interpret(value: bool) -> None:
+    """Run the Pallas implementations ("tpu") in interpret mode (CPU) from now on."""
+    global _INTERPRET
+    _INTERPRET = bool(value)
+
+
+@contextlib.contextmanager
+def interpret_mode(value: bool = True) -> Iterator[None]:
+    """Context manager form of `set_interpret` (applies at trace time)."""
+    old = _INTERPRET
+    set_interpret(value)
+    try:
+        yield
+    finally:
+        set_interpret(old)
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningConfig:
+    """Validated dispatch options. block_size None = the implementation's default (256)."""
+
+    implementation: str = "auto"
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
+        if self.block_size is not None:
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+                raise ValueError(f"block_size must be an int or None, got {self.block_size!r}")
+            if self.block_size < 1:
+                raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@functools.cache
+def _gpu_module() -> ModuleType | None:
+    """`pallas_kernels.lightning.gpu` if it exists and imports, else None."""
+    try:
+        return importlib.import_module("pallas_kernels.lightning.gpu")
+    except ImportError:
+        return None
+
+
+def resolve_implementation(implementation: str = "auto") -> str:
+    """Map "auto" to a concrete implementation for the default backend."""
+    LightningConfig(implementation=implementation)
+    if implementation != "auto":
+        return implementation
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm") and _gpu_module() is not None:
+        return "gpu"
+    return "xla"
+
+
+def _require_gpu() -> ModuleType:
+    mod = _gpu_module()
+    if mod is None:
+        raise ValueError(
+            'implementation="gpu" needs pallas_kernels.lightning.gpu, which did not import; '
+            'use implementation="xla"'
+        )
+    return mod
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    implementation: str = "auto",
+    block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Lightning attention over a sequence. Returns (o [B, T, N, H] q.dtype, S [B, N, H, H] f32)."""
+    cfg = LightningConfig(implementation=implementation, block_size=block_size)
+    _reference.check_inputs(q, k, v, slopes, initial_state, segment_ids)
+    impl = resolve_implementation(cfg.implementation)
+    slopes = jax.lax.stop_gradient(slopes.astype("float32"))
+    kwargs = dict(initial_state=initial_state, segment_ids=segment_ids)
+    if impl == "reference":
+        return _reference.lightning_attention_reference(q, k, v, slopes, **kwargs)
+    if impl == "xla":
+        return _xla.lightning_attention_xla(q, k, v, slopes, block_size=cfg.block_size, **kwargs)
+    if impl == "tpu":
+        from pallas_kernels.lightning import tpu as _tpu  # Pallas import only when used
+
+        return _tpu.lightning_attention_tpu(
+            q, k, v, slopes, block_size=cfg.block_size, interpret=_INTERPRET, **kwargs
+        )
+    gpu = _require_gpu()
+    return gpu.lightning_attention(q, k, v, slopes, block_size=cfg.block_size, **kwargs)
+
+
+def lightning_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    state: jax.Array,
+    *,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """One token per sequence: q, k, v [B, N, H], state [B, N, H, H] fp32 -> (o, new_state).
+
+    "reference"/"xla": fused jnp update; "tpu": Pallas kernel over B*N rows; "gpu": the gpu
+    module's `lightning_decode` if it defines one, else the xla update. "auto" uses xla except on
+    TPU (decode is one memory-bound pass over S, which XLA fuses well).
+    """
+    cfg = LightningConfig(implementation=implementation)
+    _decode.check_decode_inputs(q, k, v, slopes, state)
+    impl = resolve_implementation(cfg.implementation)
+    if impl == "tpu":
+        return _decode.lightning_decode_pallas(q, k, v, slopes, state, interpret=_INTERPRET)
+    if impl == "gpu":
+        fn = getattr(_require_gpu(), "lightning_decode", None)
+        if fn is not None:
+            return fn(q, k, v, slopes, state)
+    return _decode.lightning_decode_xla(q, k, v, slopes, state)
