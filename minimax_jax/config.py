@@ -58,8 +58,11 @@ REMOTE_ARCHITECTURES = {
 NATIVE_ARCHITECTURES = {"MiniMaxForCausalLM": "minimax"}
 VL_ARCHITECTURES = {"MiniMaxVL01ForConditionalGeneration": "minimax_vl_01"}
 _REMOTE_AUTO_MAP = {
-    "MiniMaxText01ForCausalLM": ("configuration_minimax_text_01", "MiniMaxText01Config",
-                                 "modeling_minimax_text_01"),
+    "MiniMaxText01ForCausalLM": (
+        "configuration_minimax_text_01",
+        "MiniMaxText01Config",
+        "modeling_minimax_text_01",
+    ),
     "MiniMaxM1ForCausalLM": ("configuration_minimax_m1", "MiniMaxM1Config", "modeling_minimax_m1"),
 }
 _DEFAULT_BLOCK_SIZE = 256
@@ -129,8 +132,16 @@ class ModelConfig:
 
     def _validate(self) -> None:
         for name in (
-            "vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "num_kv_heads",
-            "intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "head_dim",
+            "num_kv_heads",
+            "intermediate_size",
+            "num_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
             "block_size",
         ):
             value = getattr(self, name)
@@ -188,9 +199,7 @@ class ModelConfig:
         """Smallest p dividing num_layers with layer_types[l] == layer_types[l % p] for all l."""
         n = self.num_layers
         for p in range(1, n + 1):
-            if n % p == 0 and all(
-                self.layer_types[l] == self.layer_types[l % p] for l in range(n)
-            ):
+            if n % p == 0 and all(self.layer_types[l] == self.layer_types[l % p] for l in range(n)):
                 return p
         return n  # unreachable: p == n always matches
 
@@ -298,7 +307,8 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": (
-                list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
                 else self.eos_token_id
             ),
             "head_dim": self.head_dim,
@@ -339,8 +349,10 @@ class ModelConfig:
         return out
 
     def _to_remote(self) -> dict[str, Any]:
-        arch = self.architecture if self.architecture in REMOTE_ARCHITECTURES else (
-            "MiniMaxText01ForCausalLM"
+        arch = (
+            self.architecture
+            if self.architecture in REMOTE_ARCHITECTURES
+            else ("MiniMaxText01ForCausalLM")
         )
         conf_mod, conf_cls, model_mod = _REMOTE_AUTO_MAP[arch]
         d = self._common_hf()
@@ -402,13 +414,16 @@ class ModelConfig:
         shapes: dict[str, tuple[int, ...]] = {"input_norm": (D,), "post_attn_norm": (D,)}
         if self.layer_is_lightning(layer):
             shapes.update(
-                {"attn.qkv": (D, N, 3, H), "attn.gate": (D, N, H), "attn.norm": (N, H),
-                 "attn.out": (N, H, D)}
+                {
+                    "attn.qkv": (D, N, 3, H),
+                    "attn.gate": (D, N, H),
+                    "attn.norm": (N, H),
+                    "attn.out": (N, H, D),
+                }
             )
         else:
             shapes.update(
-                {"attn.q": (D, N, H), "attn.k": (D, K, H), "attn.v": (D, K, H),
-                 "attn.o": (N, H, D)}
+                {"attn.q": (D, N, H), "attn.k": (D, K, H), "attn.v": (D, K, H), "attn.o": (N, H, D)}
             )
         shapes.update({"moe.router": (D, E), "moe.wi": (E, D, 2, F), "moe.wo": (E, F, D)})
         return shapes
@@ -501,8 +516,11 @@ def _detect(d: Mapping[str, Any]) -> tuple[str, str]:
         arch = next(a for a, t in known.items() if t == model_type)
 
     def family(a_or_t: str) -> str:
-        for name, table in (("remote", REMOTE_ARCHITECTURES), ("native", NATIVE_ARCHITECTURES),
-                            ("vl", VL_ARCHITECTURES)):
+        for name, table in (
+            ("remote", REMOTE_ARCHITECTURES),
+            ("native", NATIVE_ARCHITECTURES),
+            ("vl", VL_ARCHITECTURES),
+        ):
             if a_or_t in table or a_or_t in table.values():
                 return name
         raise AssertionError(a_or_t)
@@ -635,9 +653,10 @@ def _native_fields(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
     bad = sorted({t for t in layer_types if t not in LAYER_TYPES})
     if bad:
         raise ValueError(f"'layer_types' contains {bad}: entries must be one of {LAYER_TYPES}")
-    if d.get("attn_type_list") is not None and tuple(
-        FULL if a == 1 else LINEAR for a in d["attn_type_list"]
-    ) != layer_types:
+    if (
+        d.get("attn_type_list") is not None
+        and tuple(FULL if a == 1 else LINEAR for a in d["attn_type_list"]) != layer_types
+    ):
         raise ValueError("'attn_type_list' contradicts 'layer_types': keep only one of them")
     if d.get("postnorm") is False:
         raise ValueError(
