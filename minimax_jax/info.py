@@ -9,7 +9,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -76,7 +75,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     try:
         print(describe(preset=_PRESET.value, config=_CONFIG.value))
-    except (ValueError, OSError, json.JSONDecodeError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
