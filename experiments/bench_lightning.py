@@ -1,0 +1,415 @@
+"""Benchmark: GPU lightning attention (pallas_kernels.lightning.gpu) vs XLA vs FLA, one process.
+
+Run on the lent GPU machine (FLA carried as the `fla-core` wheel, see experiments/README.md)::
+
+    PYTHONUNBUFFERED=1 python3 experiments/bench_lightning.py --out results.jsonl
+
+Times, at bf16 and MiniMax slopes (scale 1): forward and forward+backward at B2 N16 H128
+T in {8K, 32K} and B1 N64 H128 T in {32K, 128K} for this repo's GPU kernel, the XLA blockwise
+implementation (`pallas_kernels.lightning.xla`, or a plain jnp scan if that module is missing) and
+FLA's `chunk_simple_gla`; and one decode step at B in {1, 64, 256}, N64 H128 (fp32 state) against
+FLA's `fused_recurrent_simple_gla`. Every row is one JSON line with the device, versions, shape,
+impl, median ms, GB/s against the min-bytes floor and the FLA number from the same run.
+`--sweep` also times several kernel configurations per shape (rows with impl "gpu[...]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.lightning import gpu as lgpu  # noqa: E402
+
+try:
+    from pallas_kernels.lightning.xla import lightning_attention_xla as _xla_impl
+except ImportError:  # pragma: no cover - fallback when the xla module is absent
+    _xla_impl = None
+
+FWD_SHAPES = [(2, 8192, 16, 128), (2, 32768, 16, 128), (1, 32768, 64, 128), (1, 131072, 64, 128)]
+DECODE_BATCHES = [1, 64, 256]
+
+SWEEP_FWD = [
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2},
+    {"block": 64, "block_v": 32, "num_warps": 4, "num_stages": 2},
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 3},
+    {"block": 64, "block_v": 64, "num_warps": 8, "num_stages": 2},
+    {"block": 64, "block_v": 128, "num_warps": 8, "num_stages": 2},
+    {"block": 128, "block_v": 64, "num_warps": 8, "num_stages": 2},
+    {"block": 128, "block_v": 32, "num_warps": 4, "num_stages": 2},
+    {"block": 128, "block_v": 128, "num_warps": 8, "num_stages": 2},
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 1},
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 2},
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 8},
+]
+SWEEP_BWD = [
+    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2},
+    {"block": 64, "block_v": 32, "num_warps": 4, "num_stages": 2},
+    {"block": 128, "block_v": 64, "num_warps": 8, "num_stages": 2},
+]
+
+
+def minimax_slopes(n: int, layer: int = 3, layers: int = 80) -> np.ndarray:
+    base = 2.0 ** (-8.0 * (np.arange(n) + 1) / n)
+    return (base * (1 - layer / (layers - 1) + 1e-5)).astype(np.float32)
+
+
+def time_jax(fn, *args, iters: int = 15, inner: int = 5) -> float:
+    """Median ms per call: `inner` back-to-back async calls per sample, after warm-up."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples) * 1e3
+
+
+def xla_blockwise(q, k, v, slopes, block: int = 256):
+    """Fallback plain-jnp blockwise scan (only if pallas_kernels.lightning.xla is missing)."""
+    b, t, n, h = q.shape
+    nb = t // block
+    lam = jnp.exp(-slopes)
+    idx = jnp.arange(block, dtype=jnp.float32)
+    diff = idx[:, None] - idx[None, :]
+    mask = jnp.where(diff >= 0, jnp.exp(-slopes[:, None, None] * jnp.maximum(diff, 0)), 0.0)
+    qd = jnp.exp(-slopes[:, None] * (idx + 1))  # [N, C]
+    kd = jnp.exp(-slopes[:, None] * (block - 1 - idx))
+    sd = lam**block
+
+    def blk(x):
+        return x.reshape(b, nb, block, n, h).transpose(1, 0, 3, 2, 4)  # [nb, B, N, C, H]
+
+    def step(state, xs):
+        qb, kb, vb = xs
+        a = jnp.einsum("bncd,bned->bnce", qb, kb, preferred_element_type=jnp.float32) * mask
+        o = jnp.einsum(
+            "bnce,bned->bncd", a.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+        )
+        o = o + jnp.einsum(
+            "bncd,bnde->bnce",
+            (qb * qd[:, :, None]).astype(qb.dtype),
+            state.astype(qb.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        state = state * sd[:, None, None] + jnp.einsum(
+            "bncd,bnce->bnde",
+            (kb * kd[:, :, None]).astype(kb.dtype),
+            vb,
+            preferred_element_type=jnp.float32,
+        )
+        return state, o.astype(qb.dtype)
+
+    s0 = jnp.zeros((b, n, h, h), jnp.float32)
+    st, o = jax.lax.scan(step, s0, (blk(q), blk(k), blk(v)))
+    return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h), st
+
+
+def xla_impl(q, k, v, slopes):
+    if _xla_impl is not None:
+        return _xla_impl(q, k, v, slopes)
+    return xla_blockwise(q, k, v, slopes)
+
+
+def gpu_impl(cfg: dict | None, bcfg: dict | None = None):
+    cfg = dict(cfg or {})
+    block = cfg.pop("block", None)
+    bcfg = dict(bcfg) if bcfg is not None else None
+    if bcfg is not None:
+        bblock = bcfg.pop("block", None)
+        if bblock is not None and bblock != block:
+            raise ValueError("forward and backward block must match")
+
+    def f(q, k, v, slopes):
+        return lgpu.lightning_attention_gpu(
+            q, k, v, slopes, block_size=block, config=cfg or None, bwd_config=bcfg
+        )
+
+    return f
+
+
+def make_fwd(impl, slopes):
+    return jax.jit(lambda q, k, v: impl(q, k, v, slopes)[0])
+
+
+def make_fwd_bwd(impl, slopes, do):
+    def f(q, k, v):
+        o, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, slopes)[0], q, k, v)
+        return o, vjp(do)
+
+    return jax.jit(f)
+
+
+def copy_bandwidth() -> float:
+    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
+    f = jax.jit(lambda x: x + 1)
+    ms = time_jax(f, x, iters=10, inner=3)
+    del x
+    return 2 * 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+def fla_times(b, t, n, h, slopes_np, do_bwd: bool = True):
+    import torch
+    import triton
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    g = -torch.tensor(slopes_np, device="cuda")
+    qkv = [
+        (torch.randn(b, t, n, h, device="cuda", dtype=torch.bfloat16) * 0.3).requires_grad_()
+        for _ in range(3)
+    ]
+    q, k, v = qkv
+    do = torch.randn_like(q)
+
+    def fwd():
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0)[0]
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    res = {"fwd": triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")}
+    if do_bwd:
+        res["fwd_bwd"] = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+    return res
+
+
+def fla_decode(b, n, h, slopes_np):
+    import torch
+    import triton
+    from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+    g = -torch.tensor(slopes_np, device="cuda")
+    q, k, v = [torch.randn(b, 1, n, h, device="cuda", dtype=torch.bfloat16) * 0.3 for _ in range(3)]
+    s = torch.randn(b, n, h, h, device="cuda", dtype=torch.float32) * 0.1
+
+    def step():
+        return fused_recurrent_simple_gla(
+            q, k, v, g_gamma=g, scale=1.0, initial_state=s, output_final_state=True
+        )
+
+    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def torch_free() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="experiments/results/bench_lightning.jsonl")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--shapes", default="all", help="'all' or indices into FWD_SHAPES, e.g. 0,2")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-bwd", action="store_true")
+    ap.add_argument("--gpu-config", default=None, help="JSON dict, e.g. per-shape override list")
+    args = ap.parse_args()
+
+    dev = jax.devices()[0]
+    meta = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "dtype": "bfloat16",
+    }
+    bw = copy_bandwidth()
+    print(f"# {meta} copy bandwidth {bw:.0f} GB/s", flush=True)
+    fh = open(args.out, "a")
+    rows = []
+
+    def emit(row):
+        row = {**meta, "copy_GBps": round(bw, 1), **row}
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    shapes = (
+        FWD_SHAPES if args.shapes == "all" else [FWD_SHAPES[int(i)] for i in args.shapes.split(",")]
+    )
+    override = json.loads(args.gpu_config) if args.gpu_config else {}
+    key = jax.random.PRNGKey(0)
+    for b, t, n, h in shapes:
+        slopes_np = minimax_slopes(n)
+        slopes = jnp.asarray(slopes_np)
+        ks = jax.random.split(key, 4)
+        q, k, v = (
+            jax.random.normal(ks[i], (b, t, n, h), jnp.float32).astype(jnp.bfloat16) * 0.3
+            for i in range(3)
+        )
+        do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
+        fwd_floor = 4 * b * t * n * h * 2
+        bwd_floor = 11 * b * t * n * h * 2  # fwd 4 + bwd (q,k,v,do read; dq,dk,dv written) 7
+        fla = {} if args.no_fla else fla_times(b, t, n, h, slopes_np, not args.skip_bwd)
+        if not args.no_fla:
+            torch_free()
+        shape = {"B": b, "T": t, "N": n, "H": h}
+        base_cfg = override.get(f"{b}x{t}x{n}", override.get("default"))
+        impls = {"gpu": gpu_impl(base_cfg, base_cfg), "xla": xla_impl}
+        if args.sweep:
+            for c in SWEEP_FWD:
+                impls["gpu" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c)
+        if not args.no_fla:
+            emit(
+                {
+                    **shape,
+                    "impl": "fla.chunk_simple_gla",
+                    "pass": "fwd",
+                    "ms": fla["fwd"],
+                    "GBps_floor": fwd_floor / fla["fwd"] / 1e6,
+                    "fla_ms": fla["fwd"],
+                }
+            )
+        for name, impl in impls.items():
+            if name == "xla" and t > 32768:
+                continue  # the XLA scan at 128K only costs time; the FLA anchor is what counts
+            try:
+                ms = time_jax(make_fwd(impl, slopes), q, k, v)
+            except Exception as e:  # noqa: BLE001 - record failing configs and go on
+                print(f"# {name} fwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            emit(
+                {
+                    **shape,
+                    "impl": name,
+                    "pass": "fwd",
+                    "ms": ms,
+                    "GBps_floor": fwd_floor / ms / 1e6,
+                    "frac_of_copy_bw": fwd_floor / ms / 1e6 / bw,
+                    "fla_ms": fla.get("fwd"),
+                    "speedup_vs_fla": (fla.get("fwd") or 0) / ms,
+                }
+            )
+        if not args.skip_bwd:
+            if not args.no_fla:
+                emit(
+                    {
+                        **shape,
+                        "impl": "fla.chunk_simple_gla",
+                        "pass": "fwd_bwd",
+                        "ms": fla["fwd_bwd"],
+                        "GBps_floor": bwd_floor / fla["fwd_bwd"] / 1e6,
+                        "fla_ms": fla["fwd_bwd"],
+                    }
+                )
+            bimpls = {"gpu": impls["gpu"], "xla": xla_impl}
+            if args.sweep:
+                for c in SWEEP_BWD:
+                    bimpls["gpu_bwd" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c, c)
+            for name, impl in bimpls.items():
+                if name == "xla" and t > 32768:
+                    continue
+                try:
+                    ms = time_jax(make_fwd_bwd(impl, slopes, do), q, k, v, iters=9, inner=3)
+                except Exception as e:  # noqa: BLE001
+                    print(
+                        f"# {name} fwd_bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True
+                    )
+                    continue
+                emit(
+                    {
+                        **shape,
+                        "impl": name,
+                        "pass": "fwd_bwd",
+                        "ms": ms,
+                        "GBps_floor": bwd_floor / ms / 1e6,
+                        "fla_ms": fla.get("fwd_bwd"),
+                        "speedup_vs_fla": (fla.get("fwd_bwd") or 0) / ms,
+                    }
+                )
+        del q, k, v, do
+
+    if not args.skip_decode:
+        n, h, steps = 64, 128, 32
+        slopes_np = minimax_slopes(n)
+        slopes = jnp.asarray(slopes_np)
+        for b in DECODE_BATCHES:
+            ks = jax.random.split(jax.random.PRNGKey(b), 4)
+            q, k, v = (jax.random.normal(ks[i], (b, n, h), jnp.bfloat16) * 0.3 for i in range(3))
+            state = jax.random.normal(ks[3], (b, n, h, h), jnp.float32) * 0.1
+            state_bytes = 2 * b * n * h * h * 4 + 4 * b * n * h * 2
+            shape = {"B": b, "T": 1, "N": n, "H": h, "pass": "decode"}
+            fla_ms = None if args.no_fla else fla_decode(b, n, h, slopes_np)
+            if not args.no_fla:
+                torch_free()
+            if fla_ms is not None:
+                emit(
+                    {
+                        **shape,
+                        "impl": "fla.fused_recurrent_simple_gla",
+                        "ms": fla_ms,
+                        "GBps_floor": state_bytes / fla_ms / 1e6,
+                        "fla_ms": fla_ms,
+                    }
+                )
+
+            def xla_step(q, k, v, s):
+                s = jnp.exp(-slopes)[None, :, None, None] * s + (
+                    k.astype(jnp.float32)[..., :, None] * v.astype(jnp.float32)[..., None, :]
+                )
+                return jnp.einsum("bnd,bnde->bne", q.astype(jnp.float32), s).astype(q.dtype), s
+
+            def gpu_step(q, k, v, s):
+                return lgpu.lightning_decode_gpu(q, k, v, slopes, s)
+
+            for name, stepf in {"gpu": gpu_step, "xla": xla_step}.items():
+
+                def loop(q, k, v, s, stepf=stepf):
+                    def body(i, c):
+                        return stepf(q, k, v, c[1])
+
+                    o0 = jnp.zeros(q.shape, q.dtype)
+                    return jax.lax.fori_loop(0, steps, body, (o0, s))
+
+                ms = time_jax(jax.jit(loop), q, k, v, state) / steps
+                emit(
+                    {
+                        **shape,
+                        "impl": name,
+                        "ms": ms,
+                        "GBps_floor": state_bytes / ms / 1e6,
+                        "fla_ms": fla_ms,
+                        "speedup_vs_fla": (fla_ms or 0) / ms,
+                        "timing": f"in-jit loop of {steps} steps",
+                    }
+                )
+            # one jitted step from Python, dispatch included (what a naive decode loop pays)
+            one = jax.jit(gpu_step)
+            ms = time_jax(one, q, k, v, state, iters=30, inner=1)
+            emit(
+                {
+                    **shape,
+                    "impl": "gpu(single jitted call, wall)",
+                    "ms": ms,
+                    "fla_ms": fla_ms,
+                    "timing": "wall clock per call incl. dispatch",
+                }
+            )
+    fh.close()
+    print("\n# summary: impl | pass | B T N | ms | GB/s floor | speedup vs FLA")
+    for r in rows:
+        print(
+            f"{r['impl'][:60]:60s} {r['pass']:8s} {r['B']:>3} {r['T']:>6} {r['N']:>2} "
+            f"{r['ms']:8.3f} {r.get('GBps_floor', 0) or 0:7.0f} "
+            f"{r.get('speedup_vs_fla', 0) or 0:5.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
