@@ -240,10 +240,12 @@ class ModelConfig:
 
     @property
     def num_lightning_layers(self) -> int:
+        """Number of lightning (linear attention) layers."""
         return sum(t == LINEAR for t in self.layer_types)
 
     @property
     def num_full_layers(self) -> int:
+        """Number of softmax (full attention) layers."""
         return sum(t == FULL for t in self.layer_types)
 
     def replace(self, **changes) -> ModelConfig:
