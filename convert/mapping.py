@@ -207,9 +207,12 @@ def num_params(config: ModelConfig) -> int:
 
 
 def flatten(tree: Mapping) -> dict[LeafPath, object]:
-    """Nested dict -> {path tuple: leaf} (any non-Mapping value is a leaf)."""
+    """Nested dict -> {path tuple: leaf}. Lists count as int-keyed dicts (``model.pure_params()``
+    gives the blocks as a list); anything else that is not a Mapping is a leaf."""
     out: dict[LeafPath, object] = {}
     for key, value in tree.items():
+        if isinstance(value, list):
+            value = dict(enumerate(value))
         if isinstance(value, Mapping):
             out.update({(key, *p): v for p, v in flatten(value).items()})
         else:

@@ -1,0 +1,175 @@
+"""Load and save Hugging Face checkpoints (safetensors) of the MiniMax-01 text models.
+
+``from_pretrained(path)`` reads ``config.json`` (remote-code or transformers-native schema) and
+``model.safetensors`` or a sharded ``model.safetensors.index.json`` checkpoint; every tensor name
+is mapped by the table in ``convert.mapping`` and the whole checkpoint is validated before any
+weight is read. Leaves are filled one at a time (host memory ~ one stacked leaf plus one tensor).
+
+``save_pretrained(model, path, schema=...)`` writes the same table backwards: per-expert
+``block_sparse_moe.experts.{e}.w1/w2/w3`` names (what the remote code reads and what
+transformers 5.23 writes by default), sharded safetensors + index, and ``config.json`` in the
+requested schema; the native schema also gets the lightning decay buffers transformers keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert import mapping
+from convert.safetensors_io import SafetensorsReader, write_sharded
+from minimax_jax.config import ModelConfig
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def load_state(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    *,
+    dtype: Any = jnp.float32,
+    prefix: str = "",
+) -> dict[mapping.LeafPath, jax.Array]:
+    """Reads a checkpoint into {leaf path: array} in our layout (``mapping.expected_leaf_shapes``).
+
+    Every leaf is cast to ``dtype`` except the MoE router (float32).
+
+    Raises:
+      CheckpointMismatchError: listing every unknown, missing, duplicated, misshapen or mistyped
+        tensor, or derived lightning buffers that disagree with our decay formula.
+      SafetensorsError: unreadable files.
+    """
+    reader = SafetensorsReader(path)
+    meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
+    plan = mapping.plan_load(config, reader.names(), meta=meta, prefix=prefix, where=str(path))
+    _check_buffers(reader, config, plan, str(path))
+    expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
+    return {
+        leaf: jnp.asarray(_fill_leaf(reader, expected[leaf], assignments))
+        for leaf, assignments in plan.by_leaf.items()
+    }
+
+
+def _fill_leaf(
+    reader: SafetensorsReader, spec: jax.ShapeDtypeStruct, assignments: list[mapping.Assignment]
+) -> np.ndarray:
+    """Host array of one leaf, every slot filled from its HF tensor (cast to the leaf dtype)."""
+    out = np.empty(spec.shape, np.dtype(spec.dtype))
+    for a in assignments:
+        out[a.slot] = a.layout.to_ours(reader.read(a.name), a.slot_shape).astype(out.dtype)
+    return out
+
+
+def _check_buffers(
+    reader: SafetensorsReader, config: ModelConfig, plan: mapping.LoadPlan, where: str
+) -> None:
+    """Derived lightning buffers in the checkpoint must match our formula (then are dropped)."""
+    bad = []
+    for name, layer, derived in plan.derived:
+        why = mapping.check_derived(config, derived, layer, reader.read(name))
+        if why is not None:
+            bad.append(f"{name}: {why}")
+    if bad:
+        raise mapping.CheckpointMismatchError(
+            where, {"derived buffers that disagree with the config": bad}
+        )
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, prefix: str = ""):
+    """Builds ``MiniMaxForCausalLM`` from an HF checkpoint directory.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` or
+        ``model.safetensors.index.json`` + shards.
+      dtype: parameter dtype (the MoE router stays float32); values are cast on the host.
+      prefix: prefix of every text-model tensor name (``"language_model."`` inside VL-01).
+    Returns:
+      the model, its parameters on the default device.
+    """
+    from minimax_jax.model import MiniMaxForCausalLM  # the model imports heavy ops; keep lazy
+
+    path = Path(path)
+    config = ModelConfig.from_hf(path)
+    abstract = nnx.eval_shape(
+        lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=dtype)
+    )
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    _check_model_layout(nnx.to_pure_dict(params), config, dtype)
+    state = load_state(path, config, dtype=dtype, prefix=prefix)
+    nnx.replace_by_pure_dict(params, mapping.unflatten(state))
+    return nnx.merge(graphdef, params, rest)
+
+
+def _check_model_layout(pure: dict, config: ModelConfig, dtype: Any | None) -> None:
+    """Parameter leaves must be exactly ``mapping.expected_leaf_shapes`` (dtypes unless None)."""
+
+    def describe(s) -> tuple:
+        return (tuple(np.shape(s)), None if dtype is None else str(np.dtype(s.dtype)))
+
+    expected = mapping.expected_leaf_shapes(config, jnp.float32 if dtype is None else dtype)
+    got = {p: describe(s) for p, s in mapping.flatten(pure).items()}
+    want = {p: describe(s) for p, s in mapping.flatten(expected).items()}
+    bad = [
+        f"{'/'.join(map(str, p))}: {got.get(p)} vs {want.get(p)}"
+        for p in sorted(set(got) | set(want), key=str)
+        if got.get(p) != want.get(p)
+    ]
+    if bad:
+        raise ValueError(
+            "model parameters differ from convert.mapping.expected_leaf_shapes (got vs "
+            f"expected) at {'; '.join(bad)}: the model layout and the conversion table must "
+            "change together"
+        )
+
+
+def export_tensors(
+    params: dict, config: ModelConfig, *, schema: str, prefix: str = ""
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, numpy tensor) for ``params`` (nested dict in our layout), one at a time.
+
+    Each tensor is sliced on device before the transfer, so host memory holds one HF tensor.
+    The native schema adds the derived lightning buffers (float32) that transformers keeps.
+    """
+    _check_model_layout(params, config, None)
+    flat = mapping.flatten(params)
+    for a in mapping.export_assignments(config, naming="original", prefix=prefix):
+        leaf = flat[a.leaf]
+        yield a.name, a.layout.to_hf(np.asarray(jax.device_get(leaf[a.slot])))
+    if schema == "native":
+        yield from mapping.export_buffers(config, prefix)
+
+
+def save_pretrained(
+    model,
+    path: str | os.PathLike,
+    *,
+    schema: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Writes ``model`` as an HF checkpoint directory; returns the file names written.
+
+    Args:
+      model: a ``MiniMaxForCausalLM`` (its ``config`` and ``nnx.Param`` leaves are used).
+      path: output directory (created; old weight files in it are replaced atomically).
+      schema: ``"remote"`` (remote-code config, loadable by the MiniMax remote code and vLLM) or
+        ``"native"`` (transformers ``MiniMaxForCausalLM``); default ``model.config.schema``.
+      max_shard_bytes: shard size limit; one shard is written as ``model.safetensors``.
+    """
+    config: ModelConfig = model.config
+    schema = config.schema if schema is None else schema
+    hf_config = config.to_hf(schema)  # validates the schema before anything is written
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return write_sharded(
+        path,
+        export_tensors(params, config, schema=schema),
+        max_shard_bytes=max_shard_bytes,
+        extra_files={"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
+    )
