@@ -220,6 +220,16 @@ class TestXlaDefaultBlock(LightningTestBase):
     b, n, h = 1, 2, 8
 
 
+class TestTpuInterpret(LightningTestBase):
+    """The Pallas Mosaic TPU kernels on CPU in TPU interpret mode (slow: small shapes)."""
+
+    implementation = "tpu"
+    interpret = True
+    lengths = (1, 17, 40)
+    grad_length = 40
+    b, n, h = 2, 2, 8
+
+
 # ---------------------------------------------------------------- reference cross-checks
 
 

@@ -15,7 +15,10 @@ zero gradient. Any T (padded internally with identity steps).
 
 Implementations: "reference" (token scan, tests only), "xla" (chunked scan; the CPU path and
 always-working fallback), "tpu" (Pallas Mosaic kernel), "gpu" (`pallas_kernels.lightning.gpu`,
-owned separately). "auto": tpu on TPU, gpu on GPU when that module imports, else xla.
+owned separately: `lightning_attention_gpu(q, k, v, slopes, initial_state, *, block_size,
+interpret)` and `lightning_decode_gpu(q, k, v, slopes, state, *, interpret)`). "auto": tpu on TPU,
+gpu on GPU when that module imports, else xla; "auto" also falls back to xla for inputs the gpu
+kernels do not support (segment_ids, head dims that are not powers of two >= 16).
 Pallas kernels run on CPU in interpret mode inside `with interpret_mode():` (or
 `set_interpret(True)`), which is how the tests exercise them.
 """
@@ -51,7 +54,7 @@ _INTERPRET = False
 
 
 def set_interpret(value: bool) -> None:
-    """Run the Pallas implementations ("tpu") in interpret mode (CPU) from now on."""
+    """Run the Pallas implementations ("tpu", "gpu") in interpret mode (CPU) from now on."""
     global _INTERPRET
     _INTERPRET = bool(value)
 
@@ -145,8 +148,24 @@ def lightning_attention(
         return _tpu.lightning_attention_tpu(
             q, k, v, slopes, block_size=cfg.block_size, interpret=_INTERPRET, **kwargs
         )
-    gpu = _require_gpu()
-    return gpu.lightning_attention(q, k, v, slopes, block_size=cfg.block_size, **kwargs)
+    if not _gpu_supports(q, segment_ids):
+        if cfg.implementation == "auto":
+            return _xla.lightning_attention_xla(
+                q, k, v, slopes, block_size=cfg.block_size, **kwargs
+            )
+        raise ValueError(
+            'implementation="gpu" supports neither segment_ids nor head dims that are not powers '
+            f'of two >= 16 (got H={q.shape[-1]}); use implementation="auto" or "xla"'
+        )
+    return _require_gpu().lightning_attention_gpu(
+        q, k, v, slopes, initial_state, block_size=cfg.block_size, interpret=_INTERPRET
+    )
+
+
+def _gpu_supports(q: jax.Array, segment_ids: jax.Array | None) -> bool:
+    """What the gpu kernels handle: no packed segments, head dim a power of two >= 16."""
+    h = q.shape[-1]
+    return segment_ids is None and h >= 16 and h & (h - 1) == 0
 
 
 def lightning_decode(
@@ -161,16 +180,14 @@ def lightning_decode(
     """One token per sequence: q, k, v [B, N, H], state [B, N, H, H] fp32 -> (o, new_state).
 
     "reference"/"xla": fused jnp update; "tpu": Pallas kernel over B*N rows; "gpu": the gpu
-    module's `lightning_decode` if it defines one, else the xla update. "auto" uses xla except on
-    TPU (decode is one memory-bound pass over S, which XLA fuses well).
+    module's `lightning_decode_gpu` (xla update when H is not a power of two >= 16). "auto":
+    tpu on TPU, gpu on GPU when that module imports, else xla.
     """
     cfg = LightningConfig(implementation=implementation)
     _decode.check_decode_inputs(q, k, v, slopes, state)
     impl = resolve_implementation(cfg.implementation)
     if impl == "tpu":
         return _decode.lightning_decode_pallas(q, k, v, slopes, state, interpret=_INTERPRET)
-    if impl == "gpu":
-        fn = getattr(_require_gpu(), "lightning_decode", None)
-        if fn is not None:
-            return fn(q, k, v, slopes, state)
+    if impl == "gpu" and _gpu_supports(q, None):
+        return _require_gpu().lightning_decode_gpu(q, k, v, slopes, state, interpret=_INTERPRET)
     return _decode.lightning_decode_xla(q, k, v, slopes, state)
