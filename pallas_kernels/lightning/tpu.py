@@ -48,10 +48,8 @@ def _decays(slope, blk, block, length, seg):
     l_col = -slope * jnp.minimum(col + 1, n_valid).astype(jnp.float32)
     l_row = -slope * jnp.minimum(row + 1, n_valid).astype(jnp.float32)
     l_last = -slope * n_valid.astype(jnp.float32)
-    causal = (
-        lax.broadcasted_iota(jnp.int32, (block, block), 0)
-        >= lax.broadcasted_iota(jnp.int32, (block, block), 1)
-    )
+    j = lax.broadcasted_iota(jnp.int32, (block, block), 0)
+    causal = j >= lax.broadcasted_iota(jnp.int32, (block, block), 1)
     if seg is not None:
         runs_col, runs_row, sees_prev, in_last = seg
         causal = causal & (runs_col == runs_row)
