@@ -1,0 +1,99 @@
+"""MiniMaxForCausalLM: the MiniMax-Text-01 / MiniMax-M1 language model in Flax NNX.
+
+The module holds parameters only; `__call__` gathers them into a pure dict and runs
+`minimax_jax.ops.decoder.forward`. For jit, split once and call the pure function:
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    logits = jax.jit(model_forward, static_argnums=0)(config, pure_params, ids, mask)
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.nn.layers import DecoderLayer, param
+from minimax_jax.ops.decoder import RunOptions, forward
+
+
+class MiniMaxForCausalLM(nnx.Module):
+    """embed [V,D], blocks[p] (DecoderLayer stacked over num_blocks), final_norm [D], lm_head [D,V].
+
+    Args:
+      config: the model configuration.
+      rngs: random streams for initialisation (`nnx.Rngs(seed)`).
+      param_dtype: dtype of every weight except the MoE router (always fp32).
+      options: kernels / MoE path / remat (no effect on the math).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        options: RunOptions = RunOptions(),
+    ):
+        self.config = config
+        self.options = options
+        d, v, std = config.hidden_size, config.vocab_size, config.initializer_range
+        self.embed = param(rngs, (v, d), ("vocab", "embed"), param_dtype, std=std)
+        self.blocks = nnx.List(
+            [
+                DecoderLayer(config, kind, config.num_blocks, rngs=rngs, dtype=param_dtype)
+                for kind in config.block_pattern
+            ]
+        )
+        self.final_norm = param(rngs, (d,), ("embed",), param_dtype, std=None)
+        if not config.tie_word_embeddings:
+            self.lm_head = param(rngs, (d, v), ("embed", "vocab"), param_dtype, std=std)
+
+    def pure_params(self) -> dict:
+        """The parameters as a nested dict of arrays (block positions as a list)."""
+        return to_pure(nnx.state(self, nnx.Param))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        compute_dtype: Any = None,
+    ) -> jax.Array:
+        """input_ids [B,T] int, attention_mask [B,T] (1 token, 0 left padding) -> logits [B,T,V] fp32."""
+        check_inputs(self.config, input_ids, attention_mask)
+        logits, _ = forward(
+            self.config, self.pure_params(), jnp.asarray(input_ids, jnp.int32),
+            None if attention_mask is None else jnp.asarray(attention_mask),
+            self.options, compute_dtype,
+        )
+        return logits
+
+
+def to_pure(state: nnx.State) -> dict:
+    """nnx.State of Params -> nested dict of arrays; the `blocks` list becomes a Python list."""
+    pure = nnx.to_pure_dict(state)
+    blocks = pure["blocks"]
+    pure["blocks"] = [blocks[i] for i in sorted(blocks, key=int)]
+    return pure
+
+
+def check_inputs(config: ModelConfig, input_ids, attention_mask) -> None:
+    """Clear errors for bad shapes, dtypes or token ids (value checks only on concrete arrays)."""
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+        raise TypeError(f"input_ids must be integers, got {jnp.result_type(input_ids)}")
+    if attention_mask is not None and np.shape(attention_mask) != shape:
+        raise ValueError(
+            f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {shape}"
+        )
+    if not isinstance(input_ids, jax.core.Tracer) and shape[1] > 0:
+        ids = np.asarray(input_ids)
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {config.vocab_size}); got range [{ids.min()}, {ids.max()}]"
+            )

@@ -1,0 +1,185 @@
+"""The decoder stack as pure functions: one layer, one repeating block, and the scan over blocks.
+
+Einsum letters: B batch, T length, D model dim, V vocab.
+Parameters of the repeating block (7 lightning + 1 softmax layers in the real models) are stacked
+on a leading axis of size `num_blocks`; `jax.lax.scan` runs over that axis, so the 80-layer model
+compiles one block, not 80 layers. Per-layer lightning slopes (they depend on the global layer
+index) are scanned inputs.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.ops.attention import causal_padding_mask, softmax_attention_layer
+from minimax_jax.ops.lightning import lightning_attention_layer
+from minimax_jax.ops.moe import moe_dense, moe_sorted
+from minimax_jax.ops.norm import rms_norm
+from minimax_jax.ops.rope import rope_tables
+
+LIGHTNING = "linear_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Static choices that do not change the math: kernels, MoE path, remat."""
+
+    lightning_impl: str = "auto"
+    moe_impl: str = "sorted"          # "sorted" (grouped matmul) | "dense" (reference)
+    remat_policy: str | None = None   # None | "full" | "dots" (save matmul outputs)
+
+    def __post_init__(self):
+        if self.moe_impl not in ("sorted", "dense"):
+            raise ValueError(f"moe_impl must be 'sorted' or 'dense', got {self.moe_impl!r}")
+        if self.remat_policy not in (None, "full", "dots"):
+            raise ValueError(f"remat_policy must be None, 'full' or 'dots', got {self.remat_policy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """Per-call arrays shared by every layer."""
+
+    token_mask: jax.Array | None   # [B,T] float, None when there is no padding
+    attn_mask: jax.Array | None    # [B,T,T] bool for softmax layers
+    cos: jax.Array | None          # [B,T,R]
+    sin: jax.Array | None
+
+
+def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
+    if kind == LIGHTNING:
+        return config.linear_attn_alpha, config.linear_attn_beta
+    return config.full_attn_alpha, config.full_attn_beta
+
+
+def _mixer(config, kind, params, u, slopes, ctx, opts):
+    if kind == LIGHTNING:
+        y, _ = lightning_attention_layer(
+            params, u, slopes, token_mask=ctx.token_mask, norm_eps=config.lightning_norm_eps,
+            block_size=config.block_size, implementation=opts.lightning_impl,
+        )
+        return y
+    return softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask)
+
+
+def _moe(config, params, v, opts):
+    b, t, d = v.shape
+    fn = moe_sorted if opts.moe_impl == "sorted" else moe_dense
+    y, logits = fn(params, v.reshape(b * t, d), config.num_experts_per_tok)
+    return y.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+def decoder_layer(config, kind, params, x, slopes, ctx, opts):
+    """One layer. x [B,T,D] -> (x [B,T,D], router logits [B,T,E] fp32).
+
+    postnorm (released models): the residual is the *normed* input, h = a*u + b*Attn(u) with
+    u = rmsnorm(x); otherwise h = a*x + b*Attn(rmsnorm(x)). The same for the MoE half.
+    """
+    a_attn, b_attn = _residual_factors(config, kind)
+    eps = config.rms_norm_eps
+    u = rms_norm(x, params["input_norm"], eps)
+    attn = _mixer(config, kind, params["attn"], u, slopes, ctx, opts)
+    h = a_attn * (u if config.postnorm else x) + b_attn * attn
+    v = rms_norm(h, params["post_attn_norm"], eps)
+    moe, logits = _moe(config, params["moe"], v, opts)
+    out = config.mlp_alpha * (v if config.postnorm else h) + config.mlp_beta * moe
+    return out.astype(x.dtype), logits
+
+
+def _remat(fn, policy):
+    if policy is None:
+        return fn
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn)
+
+
+def _slopes_array(config: ModelConfig) -> jax.Array:
+    by_pos = config.slopes_per_block_position()
+    zeros = np.zeros((config.num_blocks, config.num_heads), np.float32)
+    return jnp.asarray(np.stack([by_pos.get(p, zeros) for p in range(config.period)]))
+
+
+def decoder_stack(config: ModelConfig, blocks: list, x: jax.Array, ctx: _Context, opts: RunOptions):
+    """Scan the repeating block over its stacked parameters.
+
+    blocks: list over block positions p of layer params stacked [num_blocks, ...].
+    Returns (x [B,T,D], router logits [num_layers, B, T, E] in layer order).
+    """
+    pattern = config.block_pattern
+    slopes = _slopes_array(config)   # [P, num_blocks, N]; rows of softmax positions are unused
+
+    def block(x, scanned):
+        block_params, block_slopes = scanned
+        logits = []
+        for p, kind in enumerate(pattern):   # heterogeneous positions inside one block: static
+            x, lg = decoder_layer(config, kind, block_params[p], x, block_slopes[p], ctx, opts)
+            logits.append(lg)
+        return x, jnp.stack(logits)
+
+    x, logits = jax.lax.scan(_remat(block, opts.remat_policy), x, (blocks, slopes.swapaxes(0, 1)))
+    nb, p = logits.shape[:2]
+    return x, logits.reshape(nb * p, *logits.shape[2:])
+
+
+def make_context(config: ModelConfig, attention_mask: jax.Array | None, b: int, t: int) -> _Context:
+    """Positions, RoPE tables and masks for a prefill over [B,T] tokens (no cache).
+
+    With left padding, positions count real tokens only (cumsum of the mask), so a padded row
+    computes exactly what the same row computes alone.
+    """
+    if attention_mask is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        valid = jnp.ones((b, t), bool)
+        token_mask = None
+    else:
+        valid = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+        token_mask = valid.astype(jnp.float32)
+    has_softmax = any(kind != LIGHTNING for kind in config.layer_types)
+    if not has_softmax:
+        return _Context(token_mask, None, None, None)
+    cos, sin = rope_tables(positions, config.rotary_dim, config.rope_theta)
+    idx = jnp.arange(t, dtype=jnp.int32)
+    return _Context(token_mask, causal_padding_mask(idx, idx, valid), cos, sin)
+
+
+def forward(
+    config: ModelConfig,
+    params: dict[str, Any],
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    opts: RunOptions = RunOptions(),
+    compute_dtype: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """input_ids [B,T] int32, attention_mask [B,T] (1 token, 0 left padding) -> logits [B,T,V] fp32.
+
+    Also returns router logits [L,B,T,E] fp32 for the auxiliary losses. compute_dtype (e.g.
+    bfloat16) casts the weights for the matmuls; the router always runs in fp32.
+    """
+    if compute_dtype is not None:
+        params = cast_params(params, compute_dtype)
+    b, t = input_ids.shape
+    x = jnp.take(params["embed"], input_ids, axis=0)
+    ctx = make_context(config, attention_mask, b, t)
+    x, router_logits = decoder_stack(config, params["blocks"], x, ctx, opts)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+    return logits, router_logits
+
+
+def cast_params(params: dict, dtype: Any) -> dict:
+    """Cast floating weights to dtype, keeping the MoE router in fp32."""
+
+    def cast(path, leaf):
+        if any(getattr(k, "key", None) == "router" for k in path):
+            return leaf
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)

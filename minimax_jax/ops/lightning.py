@@ -1,0 +1,44 @@
+"""The lightning-attention layer around the recurrence kernel.
+
+Einsum letters: B batch, T length, D model dim, N heads, H head dim, C = 3 (q, k, v).
+The recurrence itself (decay exp(-slope) per token, fp32 state [B,N,H,H]) lives in
+`pallas_kernels.lightning`, which picks an XLA or Pallas implementation by platform.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from minimax_jax.ops.norm import rms_norm
+from pallas_kernels.lightning.api import lightning_attention
+
+
+def lightning_attention_layer(
+    params: dict,
+    x: jax.Array,
+    slopes: jax.Array,
+    *,
+    token_mask: jax.Array | None,
+    norm_eps: float,
+    block_size: int,
+    initial_state: jax.Array | None = None,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """params: qkv [D,N,3,H], gate [D,N,H], norm [N,H], out [N,H,D]; x [B,T,D]; slopes [N] fp32.
+
+    token_mask [B,T] (1 = token, 0 = padding) zeroes q, k, v at padded positions, so left-padded
+    rows leave the state untouched until their first token. Returns (y [B,T,D], state [B,N,H,H]).
+    """
+    b, t, _ = x.shape
+    n, h = params["norm"].shape
+    qkv = jax.nn.silu(jnp.einsum("btd,dnch->btnch", x, params["qkv"]))
+    if token_mask is not None:
+        qkv = qkv * token_mask[:, :, None, None, None].astype(qkv.dtype)
+    q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    o, state = lightning_attention(
+        q, k, v, slopes, initial_state=initial_state, block_size=block_size,
+        implementation=implementation,
+    )
+    o = rms_norm(o.reshape(b, t, n * h), params["norm"].reshape(n * h), norm_eps)
+    gate = jax.nn.sigmoid(jnp.einsum("btd,dnh->btnh", x, params["gate"]))
+    o = (gate * o.reshape(b, t, n, h)).astype(x.dtype)
+    return jnp.einsum("btnh,nhd->btd", o, params["out"]), state
