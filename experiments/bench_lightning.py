@@ -16,6 +16,7 @@ impl, median ms, GB/s against the min-bytes floor and the FLA number from the sa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -204,6 +205,10 @@ def fla_decode(b, n, h, slopes_np):
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
+def decode_with(q, k, v, state, *, slopes, block_v, num_warps):
+    return lgpu.lightning_decode_gpu(q, k, v, slopes, state, block_v=block_v, num_warps=num_warps)
+
+
 def torch_free() -> None:
     import torch
 
@@ -218,6 +223,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="all", help="'all' or indices into FWD_SHAPES, e.g. 0,2")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-bwd", action="store_true")
+    ap.add_argument("--decode-sweep", action="store_true")
     ap.add_argument("--gpu-config", default=None, help="JSON dict, e.g. per-shape override list")
     args = ap.parse_args()
 
@@ -368,7 +374,14 @@ def main() -> None:
             def gpu_step(q, k, v, s):
                 return lgpu.lightning_decode_gpu(q, k, v, slopes, s)
 
-            for name, stepf in {"gpu": gpu_step, "xla": xla_step}.items():
+            steps_by_name = {"gpu": gpu_step, "xla": xla_step}
+            if args.decode_sweep:
+                for bv in (32, 64, 128):
+                    for nw in (2, 4, 8):
+                        steps_by_name[f"gpu[block_v={bv},num_warps={nw}]"] = functools.partial(
+                            decode_with, slopes=slopes, block_v=bv, num_warps=nw
+                        )
+            for name, stepf in steps_by_name.items():
 
                 def loop(q, k, v, s, stepf=stepf):
                     def body(i, c):

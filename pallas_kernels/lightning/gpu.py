@@ -72,6 +72,12 @@ def _num_sms() -> int:
         return 132
 
 
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """2-D matmul with fp32 accumulation (tensor cores for bf16 operands)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # The scan kernel
 # --------------------------------------------------------------------------------------------
@@ -112,13 +118,13 @@ def _scan_kernel(
         k = k_ref[pl.ds(t0, block), :]
         v = v_ref[pl.ds(t0, block), :]
         k_dec = (k.astype(jnp.float32) * jnp.exp(-s * (m - 1.0 - pos))[:, None]).astype(k.dtype)
-        new_state = state * jnp.exp(-s * m) + pl.dot(k_dec, v, trans_a=True)
+        new_state = state * jnp.exp(-s * m) + _dot(k_dec, v, trans_a=True)
         if emit_output:
             q = q_ref[pl.ds(t0, block), :]
-            a = pl.dot(q, k, trans_b=True)  # [C, C] fp32
+            a = _dot(q, k, trans_b=True)  # [C, C] fp32
             a = jnp.where(causal, a * intra_decay, 0.0)
             q_dec = (q.astype(jnp.float32) * jnp.exp(-s * (pos + 1.0))[:, None]).astype(q.dtype)
-            o = pl.dot(a.astype(v.dtype), v) + pl.dot(q_dec, state.astype(q.dtype))
+            o = _dot(a.astype(v.dtype), v) + _dot(q_dec, state.astype(q.dtype))
             o_ref[pl.ds(t0, block), :] = o.astype(o_ref.dtype)
         return new_state
 
