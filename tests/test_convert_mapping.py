@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -182,6 +183,12 @@ def test_derived_buffers_checked_against_formula():
         assert good.shape == d.shape(config)
         assert mapping.check_derived(config, d, 3, good) is None, name
         assert mapping.check_derived(config, d, 4, good) is not None, name  # other layer
+        bf16 = good.astype(ml_dtypes.bfloat16)
+        assert mapping.check_derived(config, d, 3, bf16) is None, name
+        assert mapping.check_derived(config, d, 10, bf16) is not None, name
+        nan = good.copy()
+        nan.flat[0] = np.nan
+        assert mapping.check_derived(config, d, 3, nan) is not None, name
     s = derived["slope_rate"].value(config, 0)
     assert np.all(s > 0) and s.shape == (4, 1, 1)
     diag = derived["diagonal_decay"].value(config, 0)

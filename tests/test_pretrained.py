@@ -203,6 +203,23 @@ def test_transformers_loads_native_export(hf_model, saved, tmp_path):
         torch.testing.assert_close(got_buf[name], b, rtol=1e-5, atol=1e-7)
 
 
+def test_buffers_computed_in_bf16_by_transformers_pass(tmp_path):
+    """transformers built in bf16 computes its decay buffers in bf16; they must still load."""
+    config = _hf_config(num_hidden_layers=16, layer_types=LAYER_TYPES * 2, block_size=64)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = transformers.MiniMaxForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    assert model.model.layers[0].self_attn.diagonal_decay.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    want = _np(model.model.layers[9].self_attn.qkv_proj.weight)
+    got = params_of(loaded)[("blocks", 1, "attn", "qkv")][1].astype(np.float32)
+    np.testing.assert_array_equal(got, want.reshape(N, 3, H, D).transpose(3, 0, 1, 2))
+
+
 def test_save_replaces_previous_checkpoint(saved, tmp_path):
     model = from_pretrained(saved["single"])
     save_pretrained(model, tmp_path, schema="remote", max_shard_bytes=50_000)
