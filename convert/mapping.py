@@ -117,8 +117,9 @@ class Rule:
     ``leaf`` is the path under ``blocks[p]`` for per-layer templates (with ``{layer}``), else the
     top-level path. ``index`` gives one token per leading leaf axis: ``"b"`` block of the layer,
     ``"e"`` expert, an int (fixed index) or ``":"`` (whole axis); omitted trailing axes are whole.
-    ``layer_type`` restricts per-layer rules; ``naming`` is "any", "original" (per-expert, what
-    gets exported) or "fused" (transformers in-memory names); ``untied_only`` for lm_head.
+    ``layer_type`` restricts per-layer rules; ``naming`` is "any", "original" (remote-code
+    per-expert names, what gets exported), "fused" (transformers in-memory names) or "alias"
+    (read, never written); ``untied_only`` for lm_head.
     """
 
     template: str
@@ -135,7 +136,31 @@ class Rule:
 
 
 _L = "model.layers.{layer}."
-_X = _L + "block_sparse_moe.experts.{expert}."
+
+
+def _moe_rules() -> tuple[Rule, ...]:
+    """MoE rules for every naming transformers 5.23 reads: module ``block_sparse_moe`` (remote
+    code; transformers renames it to ``mlp``) or ``mlp``, experts per-expert or fused. Only the
+    remote-code per-expert form is "original" (exported); ``mlp`` + fused is what transformers
+    writes with ``save_original_format=False``; the two mixed forms are accepted aliases."""
+    rules = []
+    for module in ("block_sparse_moe", "mlp"):
+        m = _L + module + "."
+        x = m + "experts.{expert}."
+        per_expert = "original" if module == "block_sparse_moe" else "alias"
+        fused = "fused" if module == "mlp" else "alias"
+        rules += [
+            Rule(m + "gate.weight", ("moe", ROUTER), ("b",), TRANSPOSE,
+                 naming="original" if module == "block_sparse_moe" else "fused"),
+            Rule(x + "w1.weight", ("moe", "wi"), ("b", "e", ":", 0), TRANSPOSE, naming=per_expert),
+            Rule(x + "w3.weight", ("moe", "wi"), ("b", "e", ":", 1), TRANSPOSE, naming=per_expert),
+            Rule(x + "w2.weight", ("moe", "wo"), ("b", "e"), TRANSPOSE, naming=per_expert),
+            Rule(m + "experts.gate_up_proj", ("moe", "wi"), ("b",), FUSED_GATE_UP, naming=fused),
+            Rule(m + "experts.down_proj", ("moe", "wo"), ("b",), FUSED_DOWN, naming=fused),
+        ]
+    return tuple(rules)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("model.embed_tokens.weight", ("embed",), (), IDENTITY_2D),
     Rule("model.norm.weight", ("final_norm",), (), IDENTITY),
@@ -150,13 +175,7 @@ RULES: tuple[Rule, ...] = (
     Rule(_L + "self_attn.k_proj.weight", ("attn", "k"), ("b",), HEADS_IN, FULL),
     Rule(_L + "self_attn.v_proj.weight", ("attn", "v"), ("b",), HEADS_IN, FULL),
     Rule(_L + "self_attn.o_proj.weight", ("attn", "o"), ("b",), HEADS_OUT, FULL),
-    Rule(_L + "block_sparse_moe.gate.weight", ("moe", ROUTER), ("b",), TRANSPOSE, None, "original"),
-    Rule(_X + "w1.weight", ("moe", "wi"), ("b", "e", ":", 0), TRANSPOSE, None, "original"),
-    Rule(_X + "w3.weight", ("moe", "wi"), ("b", "e", ":", 1), TRANSPOSE, None, "original"),
-    Rule(_X + "w2.weight", ("moe", "wo"), ("b", "e"), TRANSPOSE, None, "original"),
-    Rule(_L + "mlp.gate.weight", ("moe", ROUTER), ("b",), TRANSPOSE, None, "fused"),
-    Rule(_L + "mlp.experts.gate_up_proj", ("moe", "wi"), ("b",), FUSED_GATE_UP, None, "fused"),
-    Rule(_L + "mlp.experts.down_proj", ("moe", "wo"), ("b",), FUSED_DOWN, None, "fused"),
+    *_moe_rules(),
 )
 
 
@@ -266,19 +285,21 @@ class Derived:
 
     template: str
     value: Callable[[ModelConfig, int], np.ndarray]  # float64, HF shape
+    shape: Callable[[ModelConfig], tuple[int, ...]]
 
-    def shape(self, config: ModelConfig) -> tuple[int, ...]:
-        n, c = config.num_heads, config.block_size
-        return {"slope_rate": (n, 1, 1), "diagonal_decay": (1, n, c, c)}.get(
-            self.template.rsplit(".", 1)[-1], (n, c, 1)
-        )
+
+def _per_position(c: ModelConfig) -> tuple[int, ...]:
+    return (c.num_heads, c.block_size, 1)
 
 
 DERIVED: tuple[Derived, ...] = (
-    Derived(_L + "self_attn.slope_rate", _slopes),
-    Derived(_L + "self_attn.query_decay", _query_decay),
-    Derived(_L + "self_attn.key_decay", _key_decay),
-    Derived(_L + "self_attn.diagonal_decay", _diagonal_decay),
+    Derived(_L + "self_attn.slope_rate", _slopes, lambda c: (c.num_heads, 1, 1)),
+    Derived(_L + "self_attn.query_decay", _query_decay, _per_position),
+    Derived(_L + "self_attn.key_decay", _key_decay, _per_position),
+    Derived(
+        _L + "self_attn.diagonal_decay", _diagonal_decay,
+        lambda c: (1, c.num_heads, c.block_size, c.block_size),
+    ),
 )
 
 

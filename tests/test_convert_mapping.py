@@ -103,6 +103,16 @@ def test_both_namings_cover_the_model(naming):
     assert all(plan.by_leaf.values())
 
 
+@pytest.mark.parametrize("old,new", [("block_sparse_moe.", "mlp."), ("mlp.", "block_sparse_moe.")])
+def test_alias_namings_cover_the_model(old, new):
+    config = tiny_config()
+    naming = "original" if old == "block_sparse_moe." else "fused"
+    names = [n.replace(old, new) for n in _names(config, naming)]
+    assert any(new + "experts" in n for n in names)
+    plan = mapping.plan_load(config, names)
+    assert sum(len(v) for v in plan.by_leaf.values()) == len(names)
+
+
 def test_mixed_namings_across_layers_load():
     config = tiny_config()
     fused = [n for n in _names(config, "fused") if ".layers.2." in n]

@@ -49,13 +49,23 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def saved(hf_model, tmp_path_factory):
-    """{"single", "sharded", "fused"}: the same model saved by transformers three ways."""
+    """The same model saved by transformers three ways, plus two renamed (alias) copies."""
     root = tmp_path_factory.mktemp("hf")
     hf_model.save_pretrained(root / "single")
     hf_model.save_pretrained(root / "sharded", max_shard_size="100KB")
     hf_model.save_pretrained(root / "fused", save_original_format=False)
     assert len(list((root / "sharded").glob("model-*.safetensors"))) > 5
-    return {name: root / name for name in ("single", "sharded", "fused")}
+    # The two mixed namings transformers also reads (its loader renames block_sparse_moe <-> mlp
+    # and fuses any per-expert names); checked by hand to load into transformers too.
+    for name, source, old, new in (("mlp_per_expert", "single", "block_sparse_moe", "mlp"),
+                                   ("bsm_fused", "fused", ".mlp.", ".block_sparse_moe.")):
+        sd = safetensors_torch.load_file(root / source / "model.safetensors")
+        (root / name).mkdir()
+        shutil.copy(root / source / "config.json", root / name)
+        safetensors_torch.save_file({k.replace(old, new): v for k, v in sd.items()},
+                                    root / name / "model.safetensors", metadata={"format": "pt"})
+    names = ("single", "sharded", "fused", "mlp_per_expert", "bsm_fused")
+    return {name: root / name for name in names}
 
 
 def _np(t) -> np.ndarray:
@@ -104,7 +114,7 @@ def assert_params_equal(got: dict, want: dict) -> None:
         np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
 
 
-@pytest.mark.parametrize("kind", ["single", "sharded", "fused"])
+@pytest.mark.parametrize("kind", ["single", "sharded", "fused", "mlp_per_expert", "bsm_fused"])
 def test_load_transformers_checkpoint_exactly(hf_model, saved, kind):
     model = from_pretrained(saved[kind])
     assert model.config.schema == "native"
