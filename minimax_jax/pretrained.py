@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,12 @@ def load_state(
     *,
     dtype: Any = jnp.float32,
     prefix: str = "",
+    sharding: Callable[[mapping.LeafPath], jax.sharding.Sharding] | None = None,
 ) -> dict[mapping.LeafPath, jax.Array]:
     """Reads a checkpoint into {leaf path: array} in our layout (``mapping.expected_leaf_shapes``).
 
-    Every leaf is cast to ``dtype`` except the MoE router (float32).
+    Every leaf is cast to ``dtype`` except the MoE router (float32). ``sharding(leaf_path)``, if
+    given, places each leaf as soon as it is filled (else: the default device).
 
     Raises:
       CheckpointMismatchError: listing every unknown, missing, duplicated, misshapen or mistyped
@@ -52,10 +54,12 @@ def load_state(
     plan = mapping.plan_load(config, reader.names(), meta=meta, prefix=prefix, where=str(path))
     _check_buffers(reader, config, plan, str(path))
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
-    return {
-        leaf: jnp.asarray(_fill_leaf(reader, expected[leaf], assignments))
-        for leaf, assignments in plan.by_leaf.items()
-    }
+    state = {}
+    for leaf, assignments in plan.by_leaf.items():
+        host = _fill_leaf(reader, expected[leaf], assignments)
+        state[leaf] = jax.device_put(host, None if sharding is None else sharding(leaf))
+        del host  # host memory: one leaf at a time
+    return state
 
 
 def _fill_leaf(
@@ -83,7 +87,13 @@ def _check_buffers(
         )
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, prefix: str = ""):
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    prefix: str = "",
+    sharding: Callable[[mapping.LeafPath], jax.sharding.Sharding] | None = None,
+):
     """Builds ``MiniMaxForCausalLM`` from an HF checkpoint directory.
 
     Args:
@@ -91,6 +101,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, prefix
         ``model.safetensors.index.json`` + shards.
       dtype: parameter dtype (the MoE router stays float32); values are cast on the host.
       prefix: prefix of every text-model tensor name (``"language_model."`` inside VL-01).
+      sharding: optional ``leaf path -> Sharding`` (paths as in ``mapping.flatten``, e.g.
+        ``("blocks", 0, "moe", "wi")``); each leaf is placed right after it is read.
     Returns:
       the model, its parameters on the default device.
     """
@@ -103,7 +115,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, prefix
     )
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     _check_model_layout(nnx.to_pure_dict(params), config, dtype)
-    state = load_state(path, config, dtype=dtype, prefix=prefix)
+    state = load_state(path, config, dtype=dtype, prefix=prefix, sharding=sharding)
     nnx.replace_by_pure_dict(params, mapping.unflatten(state))
     return nnx.merge(graphdef, params, rest)
 

@@ -230,6 +230,19 @@ def test_buffers_computed_in_bf16_by_transformers_pass(tmp_path):
     np.testing.assert_array_equal(got, want.reshape(N, 3, H, D).transpose(3, 0, 1, 2))
 
 
+def test_load_with_sharding(hf_model, saved):
+    mesh = jax.make_mesh((len(jax.devices()),), ("x",))
+
+    def sharding(path):  # vocab-shard embed/lm_head, replicate the rest
+        spec = {("embed",): ("x", None), ("lm_head",): (None, "x")}.get(path, ())
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    model = from_pretrained(saved["single"], sharding=sharding)
+    state = mapping.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    assert state[("embed",)].sharding == sharding(("embed",))
+    assert_params_equal(params_of(model), reference_leaves(hf_model))
+
+
 def test_save_replaces_previous_checkpoint(saved, tmp_path):
     model = from_pretrained(saved["single"])
     save_pretrained(model, tmp_path, schema="remote", max_shard_bytes=50_000)
