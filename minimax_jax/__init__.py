@@ -2,5 +2,6 @@
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["ModelConfig", "MiniMaxForCausalLM"]
+__all__ = ["ModelConfig", "MiniMaxForCausalLM", "from_pretrained", "save_pretrained"]
