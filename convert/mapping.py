@@ -14,14 +14,15 @@ stacked on axis 0 of ``blocks[p]``, NB = num_blocks)::
 Each ``Rule`` maps an HF name template (fields ``{layer}``, ``{expert}``) to a leaf, a *slot* in
 that leaf (which block ``b``, expert ``e`` and fixed indices it fills) and a ``Layout`` hook: a
 reshape + transpose with an exact inverse, so export is the same table read backwards.
-Three namings can appear on disk and all load: the remote-code per-expert names
-(``block_sparse_moe.experts.{e}.w1/w2/w3``, also what transformers 5.23 ``save_pretrained``
-writes by default), and transformers' fused in-memory names (``mlp.gate``,
-``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F]), which it writes
-with ``save_original_format=False``. Native checkpoints also carry derived lightning buffers
-(``slope_rate``, ``query_decay``, ``key_decay``, ``diagonal_decay``): they are checked against
-our decay formula and dropped. ``prefix`` (e.g. ``"language_model."`` for VL-01) is prepended to
-every template.
+MoE namings that load (all that transformers 5.23 reads): the remote-code per-expert names
+``block_sparse_moe.{gate, experts.{e}.w1/w2/w3}`` (the real M1, and what transformers
+``save_pretrained`` writes by default: it converts back), transformers' fused in-memory names
+``mlp.{gate, experts.gate_up_proj [E, 2F, D] = cat(w1, w3), experts.down_proj [E, D, F]}``
+(written with ``save_original_format=False``), and the two mixes of module name and expert form.
+Export always writes the remote-code per-expert names. Native checkpoints also carry derived
+lightning buffers (``slope_rate``, ``query_decay``, ``key_decay``, ``diagonal_decay``): they are
+checked against our decay formula and dropped. ``prefix`` (e.g. ``"language_model."`` for
+VL-01) is prepended to every template.
 """
 
 from __future__ import annotations
