@@ -35,10 +35,10 @@ class MiniMaxForCausalLM(nnx.Module):
         *,
         rngs: nnx.Rngs,
         param_dtype: Any = jnp.float32,
-        options: RunOptions = RunOptions(),
+        options: RunOptions | None = None,
     ):
         self.config = config
-        self.options = options
+        self.options = options or RunOptions()
         d, v, std = config.hidden_size, config.vocab_size, config.initializer_range
         self.embed = param(rngs, (v, d), ("vocab", "embed"), param_dtype, std=std)
         self.blocks = nnx.List(
@@ -62,12 +62,15 @@ class MiniMaxForCausalLM(nnx.Module):
         *,
         compute_dtype: Any = None,
     ) -> jax.Array:
-        """input_ids [B,T] int, attention_mask [B,T] (1 token, 0 left padding) -> logits [B,T,V] fp32."""
+        """input_ids [B,T] int, attention_mask [B,T] (1 token, 0 left pad) -> logits [B,T,V]."""
         check_inputs(self.config, input_ids, attention_mask)
         logits, _ = forward(
-            self.config, self.pure_params(), jnp.asarray(input_ids, jnp.int32),
+            self.config,
+            self.pure_params(),
+            jnp.asarray(input_ids, jnp.int32),
             None if attention_mask is None else jnp.asarray(attention_mask),
-            self.options, compute_dtype,
+            self.options,
+            compute_dtype,
         )
         return logits
 
@@ -95,5 +98,6 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask) -> None:
         ids = np.asarray(input_ids)
         if ids.min() < 0 or ids.max() >= config.vocab_size:
             raise ValueError(
-                f"token ids must be in [0, {config.vocab_size}); got range [{ids.min()}, {ids.max()}]"
+                f"token ids must be in [0, {config.vocab_size}); "
+                f"got range [{ids.min()}, {ids.max()}]"
             )

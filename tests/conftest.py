@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls at full precision."""
+"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls at full precision.
+"""
 
 import os
 

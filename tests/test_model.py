@@ -10,10 +10,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_model
 import pytest
 from flax import nnx
 
-import numpy_model
 from minimax_jax import MiniMaxForCausalLM, ModelConfig
 from minimax_jax.ops.decoder import RunOptions, forward
 
@@ -61,9 +61,11 @@ def test_matches_numpy_reference(case, moe_impl):
     cfg = tiny(**CASES[case])
     model = random_model(cfg, options=RunOptions(moe_impl=moe_impl))
     params = model.pure_params()
-    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, 37))   # 3 lightning blocks of 16
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, 37))  # 3 lightning blocks of 16
     got = model(ids)[0]
-    slope_fn = numpy_model.native_slopes if cfg.slope_formula == "native" else numpy_model.remote_slopes
+    slope_fn = (
+        numpy_model.native_slopes if cfg.slope_formula == "native" else numpy_model.remote_slopes
+    )
     want = numpy_model.forward(cfg, params, ids[0], slope_fn)
     assert rel_err(got, want) <= TOL
 
@@ -76,13 +78,13 @@ def test_left_padding_rows_equal_unpadded_runs():
     ids = np.zeros((3, 40), np.int32)
     mask = np.zeros((3, 40), np.int32)
     for i, n in enumerate(lengths):
-        ids[i, 40 - n:] = rng.randint(0, cfg.vocab_size, n)
-        ids[i, : 40 - n] = rng.randint(0, cfg.vocab_size, 40 - n)   # garbage under the pad
-        mask[i, 40 - n:] = 1
+        ids[i, 40 - n :] = rng.randint(0, cfg.vocab_size, n)
+        ids[i, : 40 - n] = rng.randint(0, cfg.vocab_size, 40 - n)  # garbage under the pad
+        mask[i, 40 - n :] = 1
     batched = model(ids, mask)
     for i, n in enumerate(lengths):
-        alone = model(ids[i:i + 1, 40 - n:])
-        assert rel_err(batched[i, 40 - n:], alone[0]) <= TOL
+        alone = model(ids[i : i + 1, 40 - n :])
+        assert rel_err(batched[i, 40 - n :], alone[0]) <= TOL
 
 
 def test_bfloat16_compute_close_to_fp32():
@@ -123,7 +125,7 @@ def test_full_size_parameter_count_by_eval_shape(name):
     total = sum(int(np.prod(leaf.shape)) for leaf in leaves)
     assert total == 456_089_655_296 == cfg.param_count()
     bytes_ = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
-    assert bytes_ == 912_210_767_872   # the M1 index's total_size (router gates fp32)
+    assert bytes_ == 912_210_767_872  # the M1 index's total_size (router gates fp32)
     assert round(cfg.active_param_count() / 1e9, 1) == 45.9
 
 
@@ -141,6 +143,6 @@ def test_80_layer_forward_lowers_quickly_from_abstract_inputs():
     elapsed = time.perf_counter() - start
     text = lowered.as_text()
     assert elapsed < 60, f"lowering took {elapsed:.1f}s"
-    assert "while" in text or "scan" in text     # a loop over blocks survives in the HLO
+    assert "while" in text or "scan" in text  # a loop over blocks survives in the HLO
     # Unrolled, the module would hold 80 copies of the block's einsums; scanned it holds one block.
     assert text.count("dot_general") < 200

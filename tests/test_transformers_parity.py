@@ -21,7 +21,7 @@ LIN, FULL = "linear_attention", "full_attention"
 PATTERNS = {
     "one_7plus1_block": [LIN] * 7 + [FULL],
     "two_7plus1_blocks": ([LIN] * 7 + [FULL]) * 2,
-    "transformers_default_alternating": None,          # full, linear, full, linear
+    "transformers_default_alternating": None,  # full, linear, full, linear
     "irregular_layer0_lightning": [LIN, FULL, LIN, LIN, FULL],
 }
 LENGTHS = [1, 15, 16, 17, 50, 100]
@@ -30,11 +30,24 @@ LENGTHS = [1, 15, 16, 17, 50, 100]
 def hf_config(layer_types, **changes):
     n_layers = 4 if layer_types is None else len(layer_types)
     kwargs = dict(
-        vocab_size=384, hidden_size=64, num_hidden_layers=n_layers, layer_types=layer_types,
-        num_attention_heads=4, head_dim=32, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, intermediate_size=96, block_size=16, full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3, mlp_alpha_factor=1.7, full_attn_beta_factor=0.9,
-        linear_attn_beta_factor=1.1, mlp_beta_factor=0.8, max_position_embeddings=4096,
+        vocab_size=384,
+        hidden_size=64,
+        num_hidden_layers=n_layers,
+        layer_types=layer_types,
+        num_attention_heads=4,
+        head_dim=32,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=96,
+        block_size=16,
+        full_attn_alpha_factor=1.5,
+        linear_attn_alpha_factor=1.3,
+        mlp_alpha_factor=1.7,
+        full_attn_beta_factor=0.9,
+        linear_attn_beta_factor=1.1,
+        mlp_beta_factor=0.8,
+        max_position_embeddings=4096,
     )
     return transformers.MiniMaxConfig(**(kwargs | changes))
 
@@ -70,7 +83,7 @@ def models(request, tmp_path_factory):
 def test_loaded_layer_pattern(models):
     ref, ours = models
     assert ours.config.layer_types == tuple(ref.config.layer_types)
-    assert ours.config.rotary_dim == ours.config.head_dim   # transformers' full RoPE
+    assert ours.config.rotary_dim == ours.config.head_dim  # transformers' full RoPE
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -87,11 +100,11 @@ def test_left_padded_batch_rows_equal_unpadded_reference(models):
     ids = rng.randint(0, 384, (3, t))
     mask = np.zeros((3, t), np.int32)
     for i, n in enumerate(lengths):
-        mask[i, t - n:] = 1
+        mask[i, t - n :] = 1
     got = ours(ids, mask)
     for i, n in enumerate(lengths):
-        want = ref_logits(ref, ids[i:i + 1, t - n:])[0]
-        assert rel_err(got[i, t - n:], want) <= TOL
+        want = ref_logits(ref, ids[i : i + 1, t - n :])[0]
+        assert rel_err(got[i, t - n :], want) <= TOL
 
 
 def _partial_rope(rotary_dim):
@@ -100,8 +113,10 @@ def _partial_rope(rotary_dim):
 
     def apply(q, k, cos, sin, unsqueeze_dim=1):
         q_rot, k_rot = full(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, unsqueeze_dim)
-        return (torch.cat([q_rot, q[..., rotary_dim:]], -1),
-                torch.cat([k_rot, k[..., rotary_dim:]], -1))
+        return (
+            torch.cat([q_rot, q[..., rotary_dim:]], -1),
+            torch.cat([k_rot, k[..., rotary_dim:]], -1),
+        )
 
     return apply
 
@@ -116,10 +131,10 @@ def test_partial_rope_against_patched_transformers(tmp_path, monkeypatch):
     rd = ours.config.rotary_dim
     assert rd == head_dim // 2
     ids = np.random.RandomState(3).randint(0, 384, (2, 40))
-    unpatched = ref_logits(ref, ids)   # transformers as shipped: RoPE on all 32 dims
+    unpatched = ref_logits(ref, ids)  # transformers as shipped: RoPE on all 32 dims
     inv_freq = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
     ref.model.rotary_emb.inv_freq = inv_freq
     monkeypatch.setattr(modeling_minimax, "apply_rotary_pos_emb", _partial_rope(rd))
     got = ours(ids)
     assert rel_err(got, ref_logits(ref, ids)) <= TOL
-    assert rel_err(got, unpatched) > 1e-3   # the patch mattered: full RoPE is a different model
+    assert rel_err(got, unpatched) > 1e-3  # the patch mattered: full RoPE is a different model

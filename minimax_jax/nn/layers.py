@@ -33,13 +33,20 @@ class LightningAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, stack: int, *, rngs: nnx.Rngs, dtype):
         d, n, h, std = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.initializer_range
-        self.qkv = param(rngs, (stack, d, n, 3, h), ("layers", "embed", "heads", "qkv", "head_dim"),
-                         dtype, std=std)
-        self.gate = param(rngs, (stack, d, n, h), ("layers", "embed", "heads", "head_dim"), dtype,
-                          std=std)
+        self.qkv = param(
+            rngs,
+            (stack, d, n, 3, h),
+            ("layers", "embed", "heads", "qkv", "head_dim"),
+            dtype,
+            std=std,
+        )
+        self.gate = param(
+            rngs, (stack, d, n, h), ("layers", "embed", "heads", "head_dim"), dtype, std=std
+        )
         self.norm = param(rngs, (stack, n, h), ("layers", "heads", "head_dim"), dtype, std=None)
-        self.out = param(rngs, (stack, n, h, d), ("layers", "heads", "head_dim", "embed"), dtype,
-                         std=std)
+        self.out = param(
+            rngs, (stack, n, h, d), ("layers", "heads", "head_dim", "embed"), dtype, std=std
+        )
 
 
 class SoftmaxAttention(nnx.Module):
@@ -48,27 +55,43 @@ class SoftmaxAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, stack: int, *, rngs: nnx.Rngs, dtype):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.initializer_range
-        self.q = param(rngs, (stack, d, n, h), ("layers", "embed", "heads", "head_dim"), dtype,
-                       std=std)
-        self.k = param(rngs, (stack, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), dtype,
-                       std=std)
-        self.v = param(rngs, (stack, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), dtype,
-                       std=std)
-        self.o = param(rngs, (stack, n, h, d), ("layers", "heads", "head_dim", "embed"), dtype,
-                       std=std)
+        self.q = param(
+            rngs, (stack, d, n, h), ("layers", "embed", "heads", "head_dim"), dtype, std=std
+        )
+        self.k = param(
+            rngs, (stack, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), dtype, std=std
+        )
+        self.v = param(
+            rngs, (stack, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), dtype, std=std
+        )
+        self.o = param(
+            rngs, (stack, n, h, d), ("layers", "heads", "head_dim", "embed"), dtype, std=std
+        )
 
 
 class MoE(nnx.Module):
     """router [L,D,E] (always fp32), wi [L,E,D,2,F] (gate, up), wo [L,E,F,D]."""
 
     def __init__(self, cfg: ModelConfig, stack: int, *, rngs: nnx.Rngs, dtype):
-        d, e, f, std = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size, cfg.initializer_range
-        self.router = param(rngs, (stack, d, e), ("layers", "embed", "experts"), jnp.float32,
-                            std=std)
-        self.wi = param(rngs, (stack, e, d, 2, f), ("layers", "experts", "embed", "gate_up", "mlp"),
-                        dtype, std=std)
-        self.wo = param(rngs, (stack, e, f, d), ("layers", "experts", "mlp", "embed"), dtype,
-                        std=std)
+        d, e, f, std = (
+            cfg.hidden_size,
+            cfg.num_experts,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+        )
+        self.router = param(
+            rngs, (stack, d, e), ("layers", "embed", "experts"), jnp.float32, std=std
+        )
+        self.wi = param(
+            rngs,
+            (stack, e, d, 2, f),
+            ("layers", "experts", "embed", "gate_up", "mlp"),
+            dtype,
+            std=std,
+        )
+        self.wo = param(
+            rngs, (stack, e, f, d), ("layers", "experts", "mlp", "embed"), dtype, std=std
+        )
 
 
 class DecoderLayer(nnx.Module):

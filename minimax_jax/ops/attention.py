@@ -14,9 +14,7 @@ from minimax_jax.ops.rope import apply_rope
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def causal_padding_mask(
-    q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array
-) -> jax.Array:
+def causal_padding_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array) -> jax.Array:
     """bool [B, T, S]: key s is visible to query t when kv_index[s] <= q_index[t] and it is valid.
 
     q_index [T] or [B, T], kv_index [S] or [B, S]: slot indices in the sequence/cache;

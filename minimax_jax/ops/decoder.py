@@ -29,23 +29,25 @@ class RunOptions:
     """Static choices that do not change the math: kernels, MoE path, remat."""
 
     lightning_impl: str = "auto"
-    moe_impl: str = "sorted"          # "sorted" (grouped matmul) | "dense" (reference)
-    remat_policy: str | None = None   # None | "full" | "dots" (save matmul outputs)
+    moe_impl: str = "sorted"  # "sorted" (grouped matmul) | "dense" (reference)
+    remat_policy: str | None = None  # None | "full" | "dots" (save matmul outputs)
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense"):
             raise ValueError(f"moe_impl must be 'sorted' or 'dense', got {self.moe_impl!r}")
         if self.remat_policy not in (None, "full", "dots"):
-            raise ValueError(f"remat_policy must be None, 'full' or 'dots', got {self.remat_policy!r}")
+            raise ValueError(
+                f"remat_policy must be None, 'full' or 'dots', got {self.remat_policy!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
     """Per-call arrays shared by every layer."""
 
-    token_mask: jax.Array | None   # [B,T] float, None when there is no padding
-    attn_mask: jax.Array | None    # [B,T,T] bool for softmax layers
-    cos: jax.Array | None          # [B,T,R]
+    token_mask: jax.Array | None  # [B,T] float, None when there is no padding
+    attn_mask: jax.Array | None  # [B,T,T] bool for softmax layers
+    cos: jax.Array | None  # [B,T,R]
     sin: jax.Array | None
 
 
@@ -58,8 +60,13 @@ def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
 def _mixer(config, kind, params, u, slopes, ctx, opts):
     if kind == LIGHTNING:
         y, _ = lightning_attention_layer(
-            params, u, slopes, token_mask=ctx.token_mask, norm_eps=config.lightning_norm_eps,
-            block_size=config.block_size, implementation=opts.lightning_impl,
+            params,
+            u,
+            slopes,
+            token_mask=ctx.token_mask,
+            norm_eps=config.lightning_norm_eps,
+            block_size=config.block_size,
+            implementation=opts.lightning_impl,
         )
         return y
     return softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask)
@@ -110,12 +117,12 @@ def decoder_stack(config: ModelConfig, blocks: list, x: jax.Array, ctx: _Context
     Returns (x [B,T,D], router logits [num_layers, B, T, E] in layer order).
     """
     pattern = config.block_pattern
-    slopes = _slopes_array(config)   # [P, num_blocks, N]; rows of softmax positions are unused
+    slopes = _slopes_array(config)  # [P, num_blocks, N]; rows of softmax positions are unused
 
     def block(x, scanned):
         block_params, block_slopes = scanned
         logits = []
-        for p, kind in enumerate(pattern):   # heterogeneous positions inside one block: static
+        for p, kind in enumerate(pattern):  # heterogeneous positions inside one block: static
             x, lg = decoder_layer(config, kind, block_params[p], x, block_slopes[p], ctx, opts)
             logits.append(lg)
         return x, jnp.stack(logits)

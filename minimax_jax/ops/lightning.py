@@ -35,7 +35,12 @@ def lightning_attention_layer(
         qkv = qkv * token_mask[:, :, None, None, None].astype(qkv.dtype)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
     o, state = lightning_attention(
-        q, k, v, slopes, initial_state=initial_state, block_size=block_size,
+        q,
+        k,
+        v,
+        slopes,
+        initial_state=initial_state,
+        block_size=block_size,
         implementation=implementation,
     )
     o = rms_norm(o.reshape(b, t, n * h), params["norm"].reshape(n * h), norm_eps)

@@ -1,7 +1,7 @@
-"""NeoX-style (rotate_half) rotary position embedding on the first `rotary_dim` dims of each head.
+"""NeoX-style (rotate_half) rotary embedding on the first `rotary_dim` dims of each head.
 
-MiniMax rotates only the first 64 of 128 head dims (partial RoPE); `rotary_dim == head_dim` gives the
-full rotation that transformers' native MiniMax applies. Tables are computed in fp32.
+MiniMax rotates only the first 64 of 128 head dims (partial RoPE); `rotary_dim == head_dim`
+gives the full rotation that transformers' native MiniMax applies. Tables are computed in fp32.
 """
 
 import jax
