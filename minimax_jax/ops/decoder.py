@@ -49,6 +49,7 @@ class _Context:
     attn_mask: jax.Array | None  # [B,T,T] bool for softmax layers
     cos: jax.Array | None  # [B,T,R]
     sin: jax.Array | None
+    segment_ids: jax.Array | None = None  # [B,T] int32, packed sequences
 
 
 def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
@@ -64,6 +65,7 @@ def _mixer(config, kind, params, u, slopes, ctx, opts):
             u,
             slopes,
             token_mask=ctx.token_mask,
+            segment_ids=ctx.segment_ids,
             norm_eps=config.lightning_norm_eps,
             block_size=config.block_size,
             implementation=opts.lightning_impl,
@@ -132,26 +134,41 @@ def decoder_stack(config: ModelConfig, blocks: list, x: jax.Array, ctx: _Context
     return x, logits.reshape(nb * p, *logits.shape[2:])
 
 
-def make_context(config: ModelConfig, attention_mask: jax.Array | None, b: int, t: int) -> _Context:
+def make_context(
+    config: ModelConfig,
+    attention_mask: jax.Array | None,
+    b: int,
+    t: int,
+    segment_ids: jax.Array | None = None,
+) -> _Context:
     """Positions, RoPE tables and masks for a prefill over [B,T] tokens (no cache).
 
-    With left padding, positions count real tokens only (cumsum of the mask), so a padded row
-    computes exactly what the same row computes alone.
+    Positions count real tokens only (left padding is skipped), so a padded row computes exactly
+    what the same row computes alone. With segment_ids [B,T] (packed training sequences) positions
+    restart at every change of id, softmax attention stays inside a segment and the lightning
+    recurrence restarts.
     """
-    if attention_mask is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        valid = jnp.ones((b, t), bool)
-        token_mask = None
+    idx = jnp.arange(t, dtype=jnp.int32)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    token_mask = None if attention_mask is None else valid.astype(jnp.float32)
+    count = jnp.cumsum(valid.astype(jnp.int32), axis=1)  # valid tokens up to t
+    if segment_ids is None:
+        positions = jnp.maximum(count - 1, 0)
     else:
-        valid = attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
-        token_mask = valid.astype(jnp.float32)
+        new = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
+        start = jax.lax.cummax(jnp.where(new, idx[None], 0), axis=1)  # first index of segment
+        before = jnp.take_along_axis(count - valid.astype(jnp.int32), start, axis=1)
+        positions = jnp.maximum(count - before - 1, 0)
     has_softmax = any(kind != LIGHTNING for kind in config.layer_types)
     if not has_softmax:
-        return _Context(token_mask, None, None, None)
+        return _Context(token_mask, None, None, None, segment_ids)
     cos, sin = rope_tables(positions, config.rotary_dim, config.rope_theta)
-    idx = jnp.arange(t, dtype=jnp.int32)
-    return _Context(token_mask, causal_padding_mask(idx, idx, valid), cos, sin)
+    mask = causal_padding_mask(idx, idx, valid)
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return _Context(token_mask, mask, cos, sin, segment_ids)
 
 
 def forward(
@@ -159,19 +176,22 @@ def forward(
     params: dict[str, Any],
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
-    opts: RunOptions = RunOptions(),
+    opts: RunOptions | None = None,
     compute_dtype: Any = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """input_ids [B,T] int32, attention_mask [B,T] (1 token, 0 left padding) -> logits [B,T,V] fp32.
 
     Also returns router logits [L,B,T,E] fp32 for the auxiliary losses. compute_dtype (e.g.
-    bfloat16) casts the weights for the matmuls; the router always runs in fp32.
+    bfloat16) casts the weights for the matmuls; the router always runs in fp32. segment_ids
+    [B,T] int32 marks packed documents (see `make_context`).
     """
+    opts = opts or RunOptions()
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
     b, t = input_ids.shape
     x = jnp.take(params["embed"], input_ids, axis=0)
-    ctx = make_context(config, attention_mask, b, t)
+    ctx = make_context(config, attention_mask, b, t, segment_ids)
     x, router_logits = decoder_stack(config, params["blocks"], x, ctx, opts)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:

@@ -21,6 +21,7 @@ def lightning_attention_layer(
     norm_eps: float,
     block_size: int,
     initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """params: qkv [D,N,3,H], gate [D,N,H], norm [N,H], out [N,H,D]; x [B,T,D]; slopes [N] fp32.
@@ -40,6 +41,7 @@ def lightning_attention_layer(
         v,
         slopes,
         initial_state=initial_state,
+        segment_ids=segment_ids,
         block_size=block_size,
         implementation=implementation,
     )
