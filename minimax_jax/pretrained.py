@@ -104,7 +104,7 @@ def from_pretrained(
       sharding: optional ``leaf path -> Sharding`` (paths as in ``mapping.flatten``, e.g.
         ``("blocks", 0, "moe", "wi")``); each leaf is placed right after it is read.
     Returns:
-      the model, its parameters on the default device.
+      the model; parameters on the default device, or placed by ``sharding``.
     """
     from minimax_jax.model import MiniMaxForCausalLM  # the model imports heavy ops; keep lazy
 

@@ -179,6 +179,15 @@ def test_remote_schema_checkpoint_written_by_hand(hf_model, saved, tmp_path):
     assert bf16[("blocks", 0, "moe", "router")].dtype == np.float32
     assert bf16[("blocks", 0, "moe", "wi")].dtype == jnp.bfloat16
     assert_params_equal({k: v.astype(np.float32) for k, v in bf16.items()}, want)
+    # bf16 load + remote export reproduces the original tensors bit for bit (names, dtypes)
+    save_pretrained(from_pretrained(tmp_path, dtype=jnp.bfloat16), tmp_path / "out")
+    exported = SafetensorsReader(tmp_path / "out")
+    assert sorted(exported.names()) == names
+    for name in names:
+        original = sd[name]
+        again = exported.read(name)
+        assert str(original.dtype).endswith(str(again.dtype)), name
+        assert original.view(torch.uint8).numpy().tobytes() == again.tobytes(), name
 
 
 @pytest.mark.parametrize("schema", ["remote", "native"])
