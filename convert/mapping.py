@@ -151,8 +151,13 @@ def _moe_rules() -> tuple[Rule, ...]:
         per_expert = "original" if module == "block_sparse_moe" else "alias"
         fused = "fused" if module == "mlp" else "alias"
         rules += [
-            Rule(m + "gate.weight", ("moe", ROUTER), ("b",), TRANSPOSE,
-                 naming="original" if module == "block_sparse_moe" else "fused"),
+            Rule(
+                m + "gate.weight",
+                ("moe", ROUTER),
+                ("b",),
+                TRANSPOSE,
+                naming="original" if module == "block_sparse_moe" else "fused",
+            ),
             Rule(x + "w1.weight", ("moe", "wi"), ("b", "e", ":", 0), TRANSPOSE, naming=per_expert),
             Rule(x + "w3.weight", ("moe", "wi"), ("b", "e", ":", 1), TRANSPOSE, naming=per_expert),
             Rule(x + "w2.weight", ("moe", "wo"), ("b", "e"), TRANSPOSE, naming=per_expert),
@@ -197,11 +202,19 @@ def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype)``; the router is always float32."""
     c, nb = config, config.num_blocks
     d, n, k, h, e, f = (
-        c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.num_experts,
         c.intermediate_size,
     )
-    lightning = {"qkv": (nb, d, n, 3, h), "gate": (nb, d, n, h), "norm": (nb, n, h),
-                 "out": (nb, n, h, d)}
+    lightning = {
+        "qkv": (nb, d, n, 3, h),
+        "gate": (nb, d, n, h),
+        "norm": (nb, n, h),
+        "out": (nb, n, h, d),
+    }
     softmax = {"q": (nb, d, n, h), "k": (nb, d, k, h), "v": (nb, d, k, h), "o": (nb, n, h, d)}
     moe = {ROUTER: (nb, d, e), "wi": (nb, e, d, 2, f), "wo": (nb, e, f, d)}
     tree: dict = {"embed": (c.vocab_size, d), "final_norm": (d,)}
@@ -216,10 +229,12 @@ def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
         }
         for p, kind in enumerate(c.block_pattern)
     }
-    return unflatten({
-        path: jax.ShapeDtypeStruct(shape, jnp.float32 if path[-1] == ROUTER else dtype)
-        for path, shape in flatten(tree).items()
-    })
+    return unflatten(
+        {
+            path: jax.ShapeDtypeStruct(shape, jnp.float32 if path[-1] == ROUTER else dtype)
+            for path, shape in flatten(tree).items()
+        }
+    )
 
 
 def num_params(config: ModelConfig) -> int:
@@ -298,7 +313,8 @@ DERIVED: tuple[Derived, ...] = (
     Derived(_L + "self_attn.query_decay", _query_decay, _per_position),
     Derived(_L + "self_attn.key_decay", _key_decay, _per_position),
     Derived(
-        _L + "self_attn.diagonal_decay", _diagonal_decay,
+        _L + "self_attn.diagonal_decay",
+        _diagonal_decay,
         lambda c: (1, c.num_heads, c.block_size, c.block_size),
     ),
 )
@@ -387,7 +403,11 @@ def _leaf_shapes(config: ModelConfig) -> dict[LeafPath, tuple[int, ...]]:
 
 
 def _assign(
-    config: ModelConfig, rule: Rule, name: str, layer: int | None, expert: int | None,
+    config: ModelConfig,
+    rule: Rule,
+    name: str,
+    layer: int | None,
+    expert: int | None,
     leaf_shapes: Mapping[LeafPath, tuple[int, ...]],
 ) -> Assignment | str:
     """Assignment for a matched name, or the reason it does not fit the config."""
@@ -411,7 +431,7 @@ def _assign(
         for t in rule.index
     )
     slot_shape = tuple(n for n, i in zip(shape, slot, strict=False) if isinstance(i, slice))
-    return Assignment(name, leaf, slot, slot_shape + shape[len(slot):], rule.layout)
+    return Assignment(name, leaf, slot, slot_shape + shape[len(slot) :], rule.layout)
 
 
 def export_assignments(

@@ -26,10 +26,20 @@ def m1():
 def tiny_config(**changes) -> ModelConfig:
     """Real structure, tiny sizes: a 7+1 block repeated twice, 4 experts, H*N != D."""
     base = dict(
-        vocab_size=512, hidden_size=64, num_layers=16, num_heads=4, head_dim=32, num_kv_heads=2,
-        intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-        layer_types=(("linear_attention",) * 7 + ("full_attention",)) * 2, rope_theta=1e7,
-        rotary_dim=16, max_position_embeddings=4096, block_size=16,
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=16,
+        num_heads=4,
+        head_dim=32,
+        num_kv_heads=2,
+        intermediate_size=96,
+        num_experts=4,
+        num_experts_per_tok=2,
+        layer_types=(("linear_attention",) * 7 + ("full_attention",)) * 2,
+        rope_theta=1e7,
+        rotary_dim=16,
+        max_position_embeddings=4096,
+        block_size=16,
     )
     return ModelConfig(**(base | changes))
 
@@ -71,8 +81,11 @@ def test_m1_expected_leaf_shapes(m1):
 def test_negative_missing_extra_duplicate_all_reported(m1):
     config, names, _ = m1
     missing = ["model.layers.3.block_sparse_moe.experts.5.w3.weight", "model.norm.weight"]
-    extra = ["model.layers.0.self_attn.rotary.weight", "model.layers.80.input_layernorm.weight",
-             "model.layers.7.self_attn.qkv_proj.weight"]
+    extra = [
+        "model.layers.0.self_attn.rotary.weight",
+        "model.layers.80.input_layernorm.weight",
+        "model.layers.7.self_attn.qkv_proj.weight",
+    ]
     broken = [n for n in names if n not in missing] + extra + [names[10]]
     with pytest.raises(mapping.CheckpointMismatchError) as err:
         mapping.plan_load(config, broken, where="m1")
@@ -153,11 +166,20 @@ def test_tied_embeddings_have_no_lm_head():
         mapping.plan_load(config, names + ["lm_head.weight"])
 
 
-@pytest.mark.parametrize("layout", [
-    mapping.IDENTITY, mapping.IDENTITY_2D, mapping.TRANSPOSE, mapping.QKV_HEAD_MAJOR,
-    mapping.HEADS_IN, mapping.HEADS_OUT, mapping.HEADS_NORM, mapping.FUSED_GATE_UP,
-    mapping.FUSED_DOWN,
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        mapping.IDENTITY,
+        mapping.IDENTITY_2D,
+        mapping.TRANSPOSE,
+        mapping.QKV_HEAD_MAJOR,
+        mapping.HEADS_IN,
+        mapping.HEADS_OUT,
+        mapping.HEADS_NORM,
+        mapping.FUSED_GATE_UP,
+        mapping.FUSED_DOWN,
+    ],
+)
 def test_layouts_are_exact_inverses(layout):
     rng = np.random.default_rng(0)
     slot_shape = (3, 5, 7, 11)[: len(layout.perm)]

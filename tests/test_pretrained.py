@@ -26,11 +26,24 @@ N, H, K, D, E, F, V = 4, 32, 2, 64, 4, 96, 512
 
 def _hf_config(**changes):
     kwargs = dict(
-        vocab_size=V, hidden_size=D, num_hidden_layers=8, layer_types=LAYER_TYPES,
-        num_attention_heads=N, head_dim=H, num_key_value_heads=K, num_local_experts=E,
-        num_experts_per_tok=2, intermediate_size=F, block_size=16, full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3, mlp_alpha_factor=1.7, full_attn_beta_factor=0.9,
-        linear_attn_beta_factor=1.1, mlp_beta_factor=0.8, tie_word_embeddings=False,
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=8,
+        layer_types=LAYER_TYPES,
+        num_attention_heads=N,
+        head_dim=H,
+        num_key_value_heads=K,
+        num_local_experts=E,
+        num_experts_per_tok=2,
+        intermediate_size=F,
+        block_size=16,
+        full_attn_alpha_factor=1.5,
+        linear_attn_alpha_factor=1.3,
+        mlp_alpha_factor=1.7,
+        full_attn_beta_factor=0.9,
+        linear_attn_beta_factor=1.1,
+        mlp_beta_factor=0.8,
+        tie_word_embeddings=False,
         max_position_embeddings=4096,
     )
     return transformers.MiniMaxConfig(**(kwargs | changes))
@@ -57,13 +70,18 @@ def saved(hf_model, tmp_path_factory):
     assert len(list((root / "sharded").glob("model-*.safetensors"))) > 5
     # The two mixed namings transformers also reads (its loader renames block_sparse_moe <-> mlp
     # and fuses any per-expert names); checked by hand to load into transformers too.
-    for name, source, old, new in (("mlp_per_expert", "single", "block_sparse_moe", "mlp"),
-                                   ("bsm_fused", "fused", ".mlp.", ".block_sparse_moe.")):
+    for name, source, old, new in (
+        ("mlp_per_expert", "single", "block_sparse_moe", "mlp"),
+        ("bsm_fused", "fused", ".mlp.", ".block_sparse_moe."),
+    ):
         sd = safetensors_torch.load_file(root / source / "model.safetensors")
         (root / name).mkdir()
         shutil.copy(root / source / "config.json", root / name)
-        safetensors_torch.save_file({k.replace(old, new): v for k, v in sd.items()},
-                                    root / name / "model.safetensors", metadata={"format": "pt"})
+        safetensors_torch.save_file(
+            {k.replace(old, new): v for k, v in sd.items()},
+            root / name / "model.safetensors",
+            metadata={"format": "pt"},
+        )
     names = ("single", "sharded", "fused", "mlp_per_expert", "bsm_fused")
     return {name: root / name for name in names}
 
@@ -77,14 +95,19 @@ def reference_leaves(hf_model) -> dict:
     sd = {k: _np(v) for k, v in hf_model.state_dict().items()}
     n, h3 = np.arange(N)[:, None, None], np.arange(3)[None, :, None] * H
     rows = n * 3 * H + h3 + np.arange(H)[None, None, :]  # head-major qkv rows [N, 3, H]
-    out = {("embed",): sd["model.embed_tokens.weight"], ("final_norm",): sd["model.norm.weight"],
-           ("lm_head",): sd["lm_head.weight"].T}
+    out = {
+        ("embed",): sd["model.embed_tokens.weight"],
+        ("final_norm",): sd["model.norm.weight"],
+        ("lm_head",): sd["lm_head.weight"].T,
+    }
     for layer, kind in enumerate(LAYER_TYPES):
         pre = f"model.layers.{layer}."
         a = pre + "self_attn."
-        leaves = {("input_norm",): sd[pre + "input_layernorm.weight"],
-                  ("post_attn_norm",): sd[pre + "post_attention_layernorm.weight"],
-                  ("moe", "router"): sd[pre + "mlp.gate.weight"].T}
+        leaves = {
+            ("input_norm",): sd[pre + "input_layernorm.weight"],
+            ("post_attn_norm",): sd[pre + "post_attention_layernorm.weight"],
+            ("moe", "router"): sd[pre + "mlp.gate.weight"].T,
+        }
         gate_up = sd[pre + "mlp.experts.gate_up_proj"]  # [E, 2F, D]
         leaves[("moe", "wi")] = np.stack([gate_up[:, :F], gate_up[:, F:]], 2).transpose(0, 3, 2, 1)
         leaves[("moe", "wo")] = sd[pre + "mlp.experts.down_proj"].transpose(0, 2, 1)
@@ -103,8 +126,10 @@ def reference_leaves(hf_model) -> dict:
 
 
 def params_of(model) -> dict:
-    return {k: np.asarray(v) for k, v in mapping.flatten(
-        nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {
+        k: np.asarray(v)
+        for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+    }
 
 
 def assert_params_equal(got: dict, want: dict) -> None:
@@ -136,44 +161,80 @@ def test_transformers_writes_per_expert_names_and_buffers(saved):
 def _remote_config() -> dict:
     """A hand-written remote-code config.json in the shape of the real M1 one."""
     return {
-        "architectures": ["MiniMaxM1ForCausalLM"], "model_type": "minimax_m1",
-        "auto_map": {"AutoConfig": "configuration_minimax_m1.MiniMaxM1Config",
-                     "AutoModelForCausalLM": "modeling_minimax_m1.MiniMaxM1ForCausalLM"},
+        "architectures": ["MiniMaxM1ForCausalLM"],
+        "model_type": "minimax_m1",
+        "auto_map": {
+            "AutoConfig": "configuration_minimax_m1.MiniMaxM1Config",
+            "AutoModelForCausalLM": "modeling_minimax_m1.MiniMaxM1ForCausalLM",
+        },
         "attn_type_list": [int(t == "full_attention") for t in LAYER_TYPES],
-        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None, "head_dim": H,
-        "hidden_act": "silu", "hidden_size": D, "initializer_range": 0.02,
-        "intermediate_size": F, "layernorm_full_attention_alpha": 1.5,
-        "layernorm_full_attention_beta": 0.9, "layernorm_linear_attention_alpha": 1.3,
-        "layernorm_linear_attention_beta": 1.1, "layernorm_mlp_alpha": 1.7,
-        "layernorm_mlp_beta": 0.8, "max_position_embeddings": 4096, "num_attention_heads": N,
-        "num_experts_per_tok": 2, "num_hidden_layers": 8, "num_key_value_heads": K,
-        "num_local_experts": E, "output_router_logits": False, "postnorm": True,
-        "rms_norm_eps": 1e-05, "rope_theta": 10000000, "rotary_dim": H // 2,
-        "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "shared_intermediate_size": 0,
-        "shared_moe_mode": "sigmoid", "sliding_window": None, "tie_word_embeddings": False,
-        "transformers_version": "4.45.2", "use_cache": True, "vocab_size": V, "block_size": 16,
+        "attention_dropout": 0.0,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "head_dim": H,
+        "hidden_act": "silu",
+        "hidden_size": D,
+        "initializer_range": 0.02,
+        "intermediate_size": F,
+        "layernorm_full_attention_alpha": 1.5,
+        "layernorm_full_attention_beta": 0.9,
+        "layernorm_linear_attention_alpha": 1.3,
+        "layernorm_linear_attention_beta": 1.1,
+        "layernorm_mlp_alpha": 1.7,
+        "layernorm_mlp_beta": 0.8,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": N,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 8,
+        "num_key_value_heads": K,
+        "num_local_experts": E,
+        "output_router_logits": False,
+        "postnorm": True,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000000,
+        "rotary_dim": H // 2,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+        "shared_intermediate_size": 0,
+        "shared_moe_mode": "sigmoid",
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.45.2",
+        "use_cache": True,
+        "vocab_size": V,
+        "block_size": 16,
     }
 
 
 def test_remote_schema_checkpoint_written_by_hand(hf_model, saved, tmp_path):
     """As the real M1: remote config, per-expert names, bf16 but fp32 router, 3 shards + index."""
     sd = safetensors_torch.load_file(saved["single"] / "model.safetensors")
-    sd = {k: (v if k.endswith("moe.gate.weight") else v.to(torch.bfloat16)).contiguous()
-          for k, v in sd.items() if "decay" not in k and "slope" not in k}
+    sd = {
+        k: (v if k.endswith("moe.gate.weight") else v.to(torch.bfloat16)).contiguous()
+        for k, v in sd.items()
+        if "decay" not in k and "slope" not in k
+    }
     names = sorted(sd)
     weight_map = {}
     for i, part in enumerate(np.array_split(np.array(names), 3)):
         file = f"model-0000{i}-of-00003.safetensors"
         safetensors_torch.save_file({k: sd[k] for k in part}, tmp_path / file)
         weight_map.update(dict.fromkeys(part.tolist(), file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
-         "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": sum(v.nbytes for v in sd.values())},
+                "weight_map": weight_map,
+            }
+        )
+    )
     (tmp_path / "config.json").write_text(json.dumps(_remote_config()))
     model = from_pretrained(tmp_path)
     assert model.config.schema == "remote" and model.config.rotary_dim == H // 2
-    want = {k: (v if k[-1] == "router" else v.astype(ml_dtypes.bfloat16).astype(np.float32))
-            for k, v in reference_leaves(hf_model).items()}
+    want = {
+        k: (v if k[-1] == "router" else v.astype(ml_dtypes.bfloat16).astype(np.float32))
+        for k, v in reference_leaves(hf_model).items()
+    }
     assert_params_equal(params_of(model), want)
     bf16 = params_of(from_pretrained(tmp_path, dtype=jnp.bfloat16))
     assert bf16[("blocks", 0, "moe", "router")].dtype == np.float32
@@ -269,8 +330,9 @@ def test_bad_checkpoint_lists_every_problem(saved, tmp_path):
     out_proj = "model.layers.4.self_attn.out_proj.weight"
     sd[out_proj] = sd[out_proj].T
     sd["model.layers.5.self_attn.slope_rate"] = sd["model.layers.5.self_attn.slope_rate"] * 1.5
-    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()},
-                                tmp_path / "model.safetensors")
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors"
+    )
     shutil.copy(saved["single"] / "config.json", tmp_path)
     with pytest.raises(mapping.CheckpointMismatchError) as err:
         from_pretrained(tmp_path)
@@ -281,8 +343,9 @@ def test_bad_checkpoint_lists_every_problem(saved, tmp_path):
     for name in drop:
         sd[name] = torch.ones(D) if name == "model.norm.weight" else torch.zeros(D, F)
     sd[out_proj] = sd[out_proj].T
-    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()},
-                                tmp_path / "model.safetensors")
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors"
+    )
     with pytest.raises(mapping.CheckpointMismatchError, match="layers.5.self_attn.slope_rate"):
         from_pretrained(tmp_path)
 
