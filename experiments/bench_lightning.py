@@ -41,23 +41,25 @@ except ImportError:  # pragma: no cover - fallback when the xla module is absent
 FWD_SHAPES = [(2, 8192, 16, 128), (2, 32768, 16, 128), (1, 32768, 64, 128), (1, 131072, 64, 128)]
 DECODE_BATCHES = [1, 64, 256]
 
+_B = {"block": 64, "num_warps": 4, "num_stages": 2}
 SWEEP_FWD = [
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2},
-    {"block": 64, "block_v": 32, "num_warps": 4, "num_stages": 2},
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 3},
-    {"block": 64, "block_v": 64, "num_warps": 8, "num_stages": 2},
-    {"block": 64, "block_v": 128, "num_warps": 8, "num_stages": 2},
-    {"block": 128, "block_v": 64, "num_warps": 8, "num_stages": 2},
-    {"block": 128, "block_v": 32, "num_warps": 4, "num_stages": 2},
-    {"block": 128, "block_v": 128, "num_warps": 8, "num_stages": 2},
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 1},
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 2},
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2, "segments": 8},
+    {**_B, "block_v": 64, "fold": False, "segments": 8},
+    {**_B, "block_v": 64, "segments": 8},
+    {**_B, "block_v": 64, "segments": 16},
+    {**_B, "block_v": 64, "segments": 32},
+    {**_B, "block_v": 64, "segments": 16, "num_stages": 3},
+    {**_B, "block_v": 64, "segments": 16, "num_stages": 1},
+    {**_B, "block_v": 32, "segments": 16},
+    {**_B, "block_v": 128, "segments": 16},
+    {**_B, "block_v": 128, "segments": 32, "num_warps": 8},
+    {**_B, "block": 32, "block_v": 64, "segments": 16},
+    {**_B, "block": 32, "block_v": 128, "segments": 16},
+    {**_B, "block": 128, "block_v": 64, "segments": 16},
 ]
 SWEEP_BWD = [
-    {"block": 64, "block_v": 64, "num_warps": 4, "num_stages": 2},
-    {"block": 64, "block_v": 32, "num_warps": 4, "num_stages": 2},
-    {"block": 128, "block_v": 64, "num_warps": 8, "num_stages": 2},
+    {**_B, "block_v": 64, "segments": 16},
+    {**_B, "block_v": 64, "segments": 32},
+    {**_B, "block_v": 128, "segments": 16},
 ]
 
 
@@ -302,6 +304,37 @@ def main() -> None:
                     "speedup_vs_fla": (fla.get("fwd") or 0) / ms,
                 }
             )
+        if args.sweep:  # where the time goes: the states-only pass alone
+            for seg in (8, 16, 32):
+                nbl = t // 64
+                init = jnp.zeros((b, n, seg, h, h), jnp.float32)
+
+                def states(q, k, v, init=init, seg=seg):
+                    return lgpu.scan_kernel_call(
+                        q,
+                        k,
+                        v,
+                        slopes,
+                        init,
+                        block=64,
+                        block_v=64,
+                        segments=seg,
+                        seq_len=t,
+                        reverse=False,
+                        emit_output=False,
+                    )
+
+                if nbl % seg == 0:
+                    ms = time_jax(jax.jit(states), q, k, v)
+                    emit(
+                        {
+                            **shape,
+                            "impl": f"gpu states pass only (seg {seg})",
+                            "pass": "fwd",
+                            "ms": ms,
+                            "fla_ms": fla.get("fwd"),
+                        }
+                    )
         if not args.skip_bwd:
             if not args.no_fla:
                 emit(

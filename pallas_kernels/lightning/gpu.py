@@ -93,6 +93,7 @@ def _scan_kernel(
     seq_len: int,
     reverse: bool,
     emit_output: bool,
+    fold: bool,
 ):
     if emit_output:
         o_ref, st_ref = out_refs
@@ -106,7 +107,9 @@ def _scan_kernel(
     # forward: o_j sees i <= j with lam^(j-i); reverse: i >= j with lam^(i-j)
     diff = (row - col) if not reverse else (col - row)
     causal = diff >= 0
-    intra_decay = jnp.exp(-s * jnp.maximum(diff, 0).astype(jnp.float32))
+    if not fold:
+        intra_decay = jnp.exp(-s * jnp.maximum(diff, 0).astype(jnp.float32))
+    center = block / 2.0
 
     def body(i, state):
         local = i if not reverse else seg_blocks - 1 - i
@@ -114,17 +117,28 @@ def _scan_kernel(
         t0 = pl.multiple_of(blk * block, block)
         # valid tokens in this block (< block only for the last, zero-padded block)
         m = jnp.clip(seq_len - blk * block, 0, block).astype(jnp.float32)
-        pos = idx if not reverse else (m - 1.0 - idx)  # position along the scan direction
+        # position along the scan direction; clamped so padded rows keep finite factors
+        pos = idx if not reverse else jnp.maximum(m - 1.0 - idx, 0.0)
         k = k_ref[pl.ds(t0, block), :]
         v = v_ref[pl.ds(t0, block), :]
-        k_dec = (k.astype(jnp.float32) * jnp.exp(-s * (m - 1.0 - pos))[:, None]).astype(k.dtype)
+        kf = k.astype(jnp.float32)
+        k_dec = (kf * jnp.exp(-s * jnp.maximum(m - 1.0 - pos, 0.0))[:, None]).astype(k.dtype)
         new_state = state * jnp.exp(-s * m) + _dot(k_dec, v, trans_a=True)
         if emit_output:
             q = q_ref[pl.ds(t0, block), :]
-            a = _dot(q, k, trans_b=True)  # [C, C] fp32
-            a = jnp.where(causal, a * intra_decay, 0.0)
-            q_dec = (q.astype(jnp.float32) * jnp.exp(-s * (pos + 1.0))[:, None]).astype(q.dtype)
-            o = _dot(a.astype(v.dtype), v) + _dot(q_dec, state.astype(q.dtype))
+            if fold:
+                # lam^(pos_j - pos_i) split as lam^(pos_j - c) * lam^(c - pos_i) folded into the
+                # matmul operands (|exponent| <= s * block / 2): no [C, C] exp, no decay matrix
+                qf = q.astype(jnp.float32) * jnp.exp(-s * (pos - center))[:, None]
+                k_inc = (kf * jnp.exp(s * (pos - center))[:, None]).astype(k.dtype)
+                q_c = qf.astype(q.dtype)
+                a = jnp.where(causal, _dot(q_c, k_inc, trans_b=True), 0.0)
+                inter = _dot(q_c, state.astype(q.dtype)) * jnp.exp(-s * (center + 1.0))
+            else:
+                a = jnp.where(causal, _dot(q, k, trans_b=True) * intra_decay, 0.0)
+                q_dec = (q.astype(jnp.float32) * jnp.exp(-s * (pos + 1.0))[:, None]).astype(q.dtype)
+                inter = _dot(q_dec, state.astype(q.dtype))
+            o = _dot(a.astype(v.dtype), v) + inter
             o_ref[pl.ds(t0, block), :] = o.astype(o_ref.dtype)
         return new_state
 
@@ -145,6 +159,7 @@ def _scan_kernel(
         "num_stages",
         "interpret",
         "out_dtype",
+        "fold",
     ),
 )
 def scan_kernel_call(
@@ -164,6 +179,7 @@ def scan_kernel_call(
     num_stages: int = 2,
     interpret: bool = False,
     out_dtype=None,
+    fold: bool = True,
 ):
     """One launch of the scan kernel.
 
@@ -190,6 +206,7 @@ def scan_kernel_call(
         seq_len=seq_len,
         reverse=reverse,
         emit_output=emit_output,
+        fold=fold,
     )
     full_t = lambda width, tile: pl.BlockSpec(  # noqa: E731
         (None, tp, None, width),
@@ -234,6 +251,7 @@ def _auto_config(b: int, n: int, t_pad_blocks: int, hv: int, cfg: dict | None) -
     cfg.setdefault("block_v", _pick(hv, 64))
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
+    cfg.setdefault("fold", True)
     if "segments" not in cfg:
         programs = b * n * (hv // cfg["block_v"])
         target = 2 * _num_sms()
@@ -275,6 +293,7 @@ def _scan(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         interpret=interpret,
+        fold=cfg["fold"],
     )
     init = init.astype(jnp.float32)
     if p == 1:
@@ -441,7 +460,8 @@ def lightning_attention_gpu(
       initial_state: optional ``[B, N, Hk, Hv]`` fp32.
       block_size: tokens per block ``C`` (power of two >= 16; None = the tuned default).
       config / bwd_config: optional overrides ``{"block_v", "segments", "num_warps",
-        "num_stages"}`` for the forward and the backward scans.
+        "num_stages", "fold"}`` for the forward and the backward scans (``fold``: decays folded
+        into the Q K^T operands, needs ``slopes * block_size / 2 < 80``).
       interpret: run the kernels in the Pallas interpreter (CPU testing).
     Returns:
       ``(o [B, T, N, Hv] in q.dtype, final_state [B, N, Hk, Hv] fp32)``.
