@@ -309,7 +309,7 @@ def main() -> None:
                 nbl = t // 64
                 init = jnp.zeros((b, n, seg, h, h), jnp.float32)
 
-                def states(q, k, v, init=init, seg=seg):
+                def states(q, k, v, init=init, seg=seg, slopes=slopes, t=t):
                     return lgpu.scan_kernel_call(
                         q,
                         k,
