@@ -56,3 +56,29 @@ def softmax_attention_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, mask, q.shape[-1] ** -0.5)
     return jnp.einsum("btnh,nhd->btd", out, params["o"])
+
+
+def softmax_attention_cached(
+    params: dict,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    cache: dict,
+    index: jax.Array,
+) -> tuple[jax.Array, dict]:
+    """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
+
+    x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; mask
+    [B,T,S] over cache slots. Returns (y [B,T,D], updated cache).
+    """
+    q = jnp.einsum("btd,dnh->btnh", x, params["q"])
+    k = jnp.einsum("btd,dkh->btkh", x, params["k"])
+    v = jnp.einsum("btd,dkh->btkh", x, params["v"])
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+    out = dot_product_attention(
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5
+    )
+    return jnp.einsum("btnh,nhd->btd", out, params["o"]), {"k": k_all, "v": v_all}

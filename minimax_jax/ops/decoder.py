@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.ops.attention import causal_padding_mask, softmax_attention_layer
+from minimax_jax.ops.attention import (
+    causal_padding_mask,
+    softmax_attention_cached,
+    softmax_attention_layer,
+)
 from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_sorted
 from minimax_jax.ops.norm import rms_norm
@@ -50,6 +54,7 @@ class _Context:
     cos: jax.Array | None  # [B,T,R]
     sin: jax.Array | None
     segment_ids: jax.Array | None = None  # [B,T] int32, packed sequences
+    cache_index: jax.Array | None = None  # int32 slot of the first new token (cached calls)
 
 
 def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
@@ -58,9 +63,10 @@ def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
     return config.full_attn_alpha, config.full_attn_beta
 
 
-def _mixer(config, kind, params, u, slopes, ctx, opts):
+def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
+    """Attention of one layer -> (y [B,T,D], updated layer cache or None)."""
     if kind == LIGHTNING:
-        y, _ = lightning_attention_layer(
+        y, state = lightning_attention_layer(
             params,
             u,
             slopes,
@@ -68,10 +74,15 @@ def _mixer(config, kind, params, u, slopes, ctx, opts):
             segment_ids=ctx.segment_ids,
             norm_eps=config.lightning_norm_eps,
             block_size=config.block_size,
+            initial_state=None if cache is None else cache["state"],
             implementation=opts.lightning_impl,
         )
-        return y
-    return softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask)
+        return y, None if cache is None else {"state": state}
+    if cache is None:
+        return softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask), None
+    return softmax_attention_cached(
+        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index
+    )
 
 
 def _moe(config, params, v, opts):
@@ -81,8 +92,8 @@ def _moe(config, params, v, opts):
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
 
 
-def decoder_layer(config, kind, params, x, slopes, ctx, opts):
-    """One layer. x [B,T,D] -> (x [B,T,D], router logits [B,T,E] fp32).
+def decoder_layer(config, kind, params, x, slopes, ctx, opts, cache=None):
+    """One layer. x [B,T,D] -> (x [B,T,D], router logits [B,T,E] fp32, updated cache or None).
 
     postnorm (released models): the residual is the *normed* input, h = a*u + b*Attn(u) with
     u = rmsnorm(x); otherwise h = a*x + b*Attn(rmsnorm(x)). The same for the MoE half.
@@ -90,12 +101,12 @@ def decoder_layer(config, kind, params, x, slopes, ctx, opts):
     a_attn, b_attn = _residual_factors(config, kind)
     eps = config.rms_norm_eps
     u = rms_norm(x, params["input_norm"], eps)
-    attn = _mixer(config, kind, params["attn"], u, slopes, ctx, opts)
+    attn, cache = _mixer(config, kind, params["attn"], u, slopes, ctx, opts, cache)
     h = a_attn * (u if config.postnorm else x) + b_attn * attn
     v = rms_norm(h, params["post_attn_norm"], eps)
     moe, logits = _moe(config, params["moe"], v, opts)
     out = config.mlp_alpha * (v if config.postnorm else h) + config.mlp_beta * moe
-    return out.astype(x.dtype), logits
+    return out.astype(x.dtype), logits, cache
 
 
 def _remat(fn, policy):
@@ -112,26 +123,39 @@ def _slopes_array(config: ModelConfig) -> jax.Array:
     return jnp.asarray(np.stack([by_pos.get(p, zeros) for p in range(config.period)]))
 
 
-def decoder_stack(config: ModelConfig, blocks: list, x: jax.Array, ctx: _Context, opts: RunOptions):
-    """Scan the repeating block over its stacked parameters.
+def decoder_stack(
+    config: ModelConfig,
+    blocks: list,
+    x: jax.Array,
+    ctx: _Context,
+    opts: RunOptions,
+    caches: list | None = None,
+):
+    """Scan the repeating block over its stacked parameters (and caches, when given).
 
-    blocks: list over block positions p of layer params stacked [num_blocks, ...].
-    Returns (x [B,T,D], router logits [num_layers, B, T, E] in layer order).
+    blocks: list over block positions p of layer params stacked [num_blocks, ...]; caches: the
+    matching list of `cache["blocks"]`. Returns (x [B,T,D], router logits [num_layers,B,T,E] in
+    layer order, updated caches or None).
     """
     pattern = config.block_pattern
     slopes = _slopes_array(config)  # [P, num_blocks, N]; rows of softmax positions are unused
+    caches = [None] * len(pattern) if caches is None else caches
 
     def block(x, scanned):
-        block_params, block_slopes = scanned
-        logits = []
+        block_params, block_slopes, block_caches = scanned
+        logits, new_caches = [], []
         for p, kind in enumerate(pattern):  # heterogeneous positions inside one block: static
-            x, lg = decoder_layer(config, kind, block_params[p], x, block_slopes[p], ctx, opts)
+            x, lg, c = decoder_layer(
+                config, kind, block_params[p], x, block_slopes[p], ctx, opts, block_caches[p]
+            )
             logits.append(lg)
-        return x, jnp.stack(logits)
+            new_caches.append(c)
+        return x, (jnp.stack(logits), new_caches)
 
-    x, logits = jax.lax.scan(_remat(block, opts.remat_policy), x, (blocks, slopes.swapaxes(0, 1)))
+    scanned = (blocks, slopes.swapaxes(0, 1), caches)
+    x, (logits, new_caches) = jax.lax.scan(_remat(block, opts.remat_policy), x, scanned)
     nb, p = logits.shape[:2]
-    return x, logits.reshape(nb * p, *logits.shape[2:])
+    return x, logits.reshape(nb * p, *logits.shape[2:]), new_caches
 
 
 def make_context(
@@ -192,13 +216,62 @@ def forward(
     b, t = input_ids.shape
     x = jnp.take(params["embed"], input_ids, axis=0)
     ctx = make_context(config, attention_mask, b, t, segment_ids)
-    x, router_logits = decoder_stack(config, params["blocks"], x, ctx, opts)
+    x, router_logits, _ = decoder_stack(config, params["blocks"], x, ctx, opts)
+    return _logits(config, params, x), router_logits
+
+
+def _logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """Final norm and the output projection, in fp32."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:
-        logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
-    return logits, router_logits
+        return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def make_cached_context(
+    config: ModelConfig, token_mask: jax.Array, cache: dict
+) -> tuple[_Context, dict]:
+    """Context for T new tokens appended at cache["index"]; also the cache's new bookkeeping.
+
+    token_mask [B,T] (1 token, 0 left padding). New tokens take slots index..index+T-1; their
+    positions continue from cache["positions"] counting real tokens only.
+    """
+    b, t = token_mask.shape
+    s = cache["valid"].shape[1]
+    valid_new = token_mask.astype(bool)
+    index = cache["index"]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_new, index, 1)
+    count = jnp.cumsum(valid_new.astype(jnp.int32), axis=1)
+    positions = jnp.maximum(cache["positions"][:, None] + count - 1, 0)
+    slots = index + jnp.arange(t, dtype=jnp.int32)
+    mask = causal_padding_mask(slots, jnp.arange(s, dtype=jnp.int32), valid)
+    cos, sin = rope_tables(positions, config.rotary_dim, config.rope_theta)
+    ctx = _Context(valid_new.astype(jnp.float32), mask, cos, sin, None, index)
+    book = {"valid": valid, "index": index + t, "positions": cache["positions"] + count[:, -1]}
+    return ctx, book
+
+
+def forward_cached(
+    config: ModelConfig,
+    params: dict[str, Any],
+    input_ids: jax.Array,
+    token_mask: jax.Array,
+    cache: dict,
+    opts: RunOptions | None = None,
+    compute_dtype: Any = None,
+) -> tuple[jax.Array, dict]:
+    """Prefill a chunk or decode a step with caches (see `minimax_jax.cache`).
+
+    input_ids [B,T] int32, token_mask [B,T] -> (logits [B,T,V] fp32, updated cache). Running
+    tokens in several calls equals one call over all of them.
+    """
+    opts = opts or RunOptions()
+    if compute_dtype is not None:
+        params = cast_params(params, compute_dtype)
+    x = jnp.take(params["embed"], input_ids, axis=0)
+    ctx, book = make_cached_context(config, token_mask, cache)
+    x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
+    return _logits(config, params, x), {"blocks": blocks, **book}
 
 
 def cast_params(params: dict, dtype: Any) -> dict:

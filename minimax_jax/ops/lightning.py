@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops.norm import rms_norm
-from pallas_kernels.lightning.api import lightning_attention
+from pallas_kernels.lightning.api import lightning_attention, lightning_decode
 
 
 def lightning_attention_layer(
@@ -35,16 +35,23 @@ def lightning_attention_layer(
     if token_mask is not None:
         qkv = qkv * token_mask[:, :, None, None, None].astype(qkv.dtype)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-    o, state = lightning_attention(
-        q,
-        k,
-        v,
-        slopes,
-        initial_state=initial_state,
-        segment_ids=segment_ids,
-        block_size=block_size,
-        implementation=implementation,
-    )
+    if t == 1 and initial_state is not None and segment_ids is None:
+        # One decode step: a bandwidth-bound update of the fp32 state.
+        o, state = lightning_decode(
+            q[:, 0], k[:, 0], v[:, 0], slopes, initial_state, implementation=implementation
+        )
+        o = o[:, None]
+    else:
+        o, state = lightning_attention(
+            q,
+            k,
+            v,
+            slopes,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            block_size=block_size,
+            implementation=implementation,
+        )
     o = rms_norm(o.reshape(b, t, n * h), params["norm"].reshape(n * h), norm_eps)
     gate = jax.nn.sigmoid(jnp.einsum("btd,dnh->btnh", x, params["gate"]))
     o = (gate * o.reshape(b, t, n, h)).astype(x.dtype)

@@ -1,0 +1,55 @@
+"""Generation caches: explicit pytrees passed into the forward and returned updated.
+
+Layout (one entry per position p of the repeating block, stacked over the block repeats like the
+parameters, so the decoder scan slices them together):
+  blocks[p] = {"state": [NB,B,N,H,H] fp32}                 lightning position
+  blocks[p] = {"k": [NB,B,S,K,H], "v": [NB,B,S,K,H]}       softmax position (post-RoPE K, V)
+  valid     [B,S] bool     slots holding real tokens (False: left padding, not yet written)
+  index     int32 scalar   next slot to write (the same for every row: rows are left-aligned)
+  positions [B] int32      RoPE position of each row's next token (= real tokens seen)
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimax_jax.config import ModelConfig
+
+LIGHTNING = "linear_attention"
+
+
+def _block_shapes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any) -> list[dict]:
+    nb, n, h, k = config.num_blocks, config.num_heads, config.head_dim, config.num_kv_heads
+    out = []
+    for kind in config.block_pattern:
+        if kind == LIGHTNING:
+            out.append({"state": jax.ShapeDtypeStruct((nb, batch, n, h, h), jnp.float32)})
+        else:
+            kv = jax.ShapeDtypeStruct((nb, batch, max_len, k, h), kv_dtype)
+            out.append({"k": kv, "v": kv})
+    return out
+
+
+def cache_shapes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jnp.float32):
+    """The cache as a pytree of ShapeDtypeStructs (nothing allocated)."""
+    return {
+        "blocks": _block_shapes(config, batch, max_len, kv_dtype),
+        "valid": jax.ShapeDtypeStruct((batch, max_len), jnp.bool_),
+        "index": jax.ShapeDtypeStruct((), jnp.int32),
+        "positions": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jnp.float32) -> dict:
+    """An empty cache for `batch` rows and `max_len` slots (prompt + new tokens)."""
+    return jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, max_len, kv_dtype)
+    )
+
+
+def cache_bytes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jnp.float32) -> int:
+    """Bytes the cache occupies."""
+    leaves = jax.tree.leaves(cache_shapes(config, batch, max_len, kv_dtype))
+    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in leaves)
