@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "check_inputs",
+    "match_vma",
     "lightning_attention_quadratic",
     "lightning_attention_reference",
     "segment_runs",
@@ -61,6 +62,24 @@ def segment_runs(segment_ids: jax.Array | None, batch: int, length: int) -> jax.
     )
 
 
+def _varying(x: jax.Array) -> frozenset[str]:
+    """shard_map axes over which x varies (JAX 0.10 spells it `manual_axis_type.varying`)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def match_vma(x: jax.Array, *likes: jax.Array | None) -> jax.Array:
+    """Mark `x` as varying over every shard_map axis that any of `likes` varies over.
+
+    Inside `jax.shard_map` a scan carry that starts as a fresh (invariant) zero state but is
+    updated from sharded inputs must be cast to varying first; outside shard_map this is a no-op.
+    """
+    want = frozenset().union(*(_varying(y) for y in likes if y is not None))
+    missing = tuple(sorted(want - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _zero_state(q: jax.Array, initial_state: jax.Array | None) -> jax.Array:
     b, _, n, h = q.shape
     if initial_state is None:
@@ -94,7 +113,8 @@ def lightning_attention_reference(
         return state, jnp.einsum("bnh,bnhe->bne", qt, state)
 
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)  # noqa: E731  [T, B, ...]
-    state, o = jax.lax.scan(step, _zero_state(q, initial_state), (f32(q), f32(k), f32(v), reset.T))
+    s0 = match_vma(_zero_state(q, initial_state), q, k, v, reset, slopes)
+    state, o = jax.lax.scan(step, s0, (f32(q), f32(k), f32(v), reset.T))
     return jnp.swapaxes(o, 0, 1).astype(q.dtype), state
 
 

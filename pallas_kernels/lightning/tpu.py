@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.lightning.reference import match_vma
 from pallas_kernels.lightning.xla import DEFAULT_BLOCK_SIZE, block_masks, pad_and_prepare
 
 __all__ = ["lightning_attention_tpu"]
@@ -258,8 +259,9 @@ def lightning_attention_tpu(
     p = pad_and_prepare(q, k, v, slopes, initial_state, segment_ids, block)
     seg = None if p.runs is None else _segment_inputs(p.runs, block)
     to_bnth = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, N, H] <-> [B, N, T, H]
+    state = match_vma(p.state, p.q, p.k, p.v, p.runs)  # see xla.lightning_attention_xla
     o, final = _lightning(
-        to_bnth(p.q), to_bnth(p.k), to_bnth(p.v), slopes.astype(jnp.float32), p.state, seg,
+        to_bnth(p.q), to_bnth(p.k), to_bnth(p.v), slopes.astype(jnp.float32), state, seg,
         block, p.length, bool(interpret),
     )  # fmt: skip
     return to_bnth(o)[:, : p.length], final

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.lightning.reference import check_inputs, segment_runs
+from pallas_kernels.lightning.reference import check_inputs, match_vma, segment_runs
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "lightning_attention_xla", "pad_and_prepare"]
 
@@ -168,6 +168,7 @@ def _forward_scan(q, k, v, slopes, state, runs, block, length):
         return new, (o, carry)
 
     xs = (_blocks(q, block), _blocks(k, block), _blocks(v, block), log_decay, seg)
+    state = match_vma(state, q, k, v, slopes, runs)
     final, (o, starts) = jax.lax.scan(body, state, xs)
     return _unblocks(o).astype(q.dtype), final, starts
 
@@ -195,7 +196,8 @@ def _chunked_bwd(block, length, res, cts):
         return d_prev, (dq, dk, dv)
 
     xs = (*(_blocks(x, block) for x in (q, k, v, do)), starts, log_decay, seg)
-    d_init, (dq, dk, dv) = jax.lax.scan(body, d_final.astype(jnp.float32), xs, reverse=True)
+    d_final = match_vma(d_final.astype(jnp.float32), q, k, v, do, starts, slopes, runs)
+    d_init, (dq, dk, dv) = jax.lax.scan(body, d_final, xs, reverse=True)
     dq, dk, dv = (_unblocks(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
     d_runs = None if runs is None else jnp.zeros(runs.shape, jax.dtypes.float0)
     return dq, dk, dv, jnp.zeros_like(slopes), d_init, d_runs
@@ -223,5 +225,8 @@ def lightning_attention_xla(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     block = min(block, q.shape[1])
     p = pad_and_prepare(q, k, v, slopes, initial_state, segment_ids, block)
-    o, final = _chunked(p.q, p.k, p.v, slopes.astype(jnp.float32), p.state, p.runs, block, p.length)
+    # Inside shard_map: make the state vary like the inputs before custom_vjp (its transpose
+    # then sums the state's gradient over those axes).
+    state = match_vma(p.state, p.q, p.k, p.v, p.runs)
+    o, final = _chunked(p.q, p.k, p.v, slopes.astype(jnp.float32), state, p.runs, block, p.length)
     return o[:, : p.length], final
