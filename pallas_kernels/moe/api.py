@@ -1,0 +1,117 @@
+"""Grouped matmul for dropless MoE: dispatcher with a custom VJP.
+
+Letters: M rows (token-expert assignments, sorted so that group e's rows are contiguous), K
+contracting dim, N output dim, E groups (experts).
+
+    grouped_matmul(x [M,K], w [E,K,N], group_sizes [E] int32, *, implementation="auto") -> [M,N]
+    tgmm(x [M,K], dy [M,N], group_sizes [E]) -> [E,K,N]      (per group x_e^T dy_e)
+
+Rows 0..g0-1 use w[0], the next g1 rows w[1], ...; rows past sum(group_sizes) belong to no group:
+their output is zero and they get zero gradient. Empty groups are fine (their w gradient is 0).
+The output has x's dtype (fp32 accumulation inside every backend).
+Backward: dx = grouped_matmul(dy, w^T) (the transposed-RHS kernel), dw = tgmm(x, dy); no
+gradient to group_sizes.
+
+Implementations: "xla" (`jax.lax.ragged_dot` / `ragged_dot_general`: CPU path and fallback),
+"gpu" (Mosaic GPU kernels, `gpu.py`), "tpu" (megablox, `tpu.py`), "tpu_interpret" (megablox in
+Pallas interpret mode, for CPU tests), "reference" (dense loop over experts, tests only).
+"auto": tpu on TPU, gpu on GPU when the kernels import, else xla.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels.moe import gpu as _gpu
+from pallas_kernels.moe import reference as _reference
+from pallas_kernels.moe import tpu as _tpu
+from pallas_kernels.moe import xla as _xla
+
+__all__ = ["IMPLEMENTATIONS", "grouped_matmul", "resolve_implementation", "tgmm"]
+
+IMPLEMENTATIONS = ("auto", "xla", "gpu", "tpu", "tpu_interpret", "reference")
+
+
+def resolve_implementation(implementation: str) -> str:
+    """'auto' -> the backend for the default platform; other names are checked and returned."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"grouped_matmul implementation must be one of {IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    if implementation != "auto":
+        return implementation
+    platform = jax.default_backend()
+    if platform == "tpu" and _tpu.AVAILABLE:
+        return "tpu"
+    if platform in ("gpu", "cuda") and _gpu.AVAILABLE:
+        return "gpu"
+    return "xla"
+
+
+def _gmm(x, w, group_sizes, impl: str, transpose_rhs: bool = False):
+    if impl == "gpu":
+        return _gpu.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs)
+    if impl in ("tpu", "tpu_interpret"):
+        return _tpu.gmm(
+            x, w, group_sizes, transpose_rhs=transpose_rhs, interpret=impl == "tpu_interpret"
+        )
+    if impl == "reference":
+        w = w.swapaxes(1, 2) if transpose_rhs else w
+        return _reference.grouped_matmul_reference(x, w, group_sizes)
+    return _xla.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs)
+
+
+def _tgmm(x, dy, group_sizes, impl: str):
+    if impl == "gpu":
+        return _gpu.tgmm(x, dy, group_sizes)
+    if impl in ("tpu", "tpu_interpret"):
+        return _tpu.tgmm(x, dy, group_sizes, interpret=impl == "tpu_interpret")
+    if impl == "reference":
+        return _reference.tgmm_reference(x, dy, group_sizes)
+    return _xla.tgmm(x, dy, group_sizes)
+
+
+def tgmm(
+    x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, implementation: str = "auto"
+) -> jax.Array:
+    """x [M,K], dy [M,N], group_sizes [E] -> [E,K,N] (per group x_e^T dy_e), x's dtype."""
+    return _tgmm(x, dy, group_sizes, resolve_implementation(implementation))
+
+
+def _check(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> None:
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_matmul needs x [M,K], w [E,K,N]; got {x.shape}, {w.shape}")
+    if group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"group_sizes must be [E={w.shape[0]}], got {group_sizes.shape}")
+
+
+def grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, implementation: str = "auto"
+) -> jax.Array:
+    """x [M,K], w [E,K,N], group_sizes [E] int32 -> [M,N] in x's dtype (see module doc)."""
+    _check(x, w, group_sizes)
+    impl = resolve_implementation(implementation)
+    return _grouped_matmul(impl, x, w.astype(x.dtype), group_sizes.astype("int32"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _grouped_matmul(impl: str, x, w, group_sizes):
+    return _gmm(x, w, group_sizes, impl)
+
+
+def _fwd(impl, x, w, group_sizes):
+    return _gmm(x, w, group_sizes, impl), (x, w, group_sizes)
+
+
+def _bwd(impl, res, dy):
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    dx = _gmm(dy, w, group_sizes, impl, transpose_rhs=True)
+    dw = _tgmm(x, dy, group_sizes, impl).astype(w.dtype)
+    return dx, dw, None
+
+
+_grouped_matmul.defvjp(_fwd, _bwd)

@@ -1,0 +1,124 @@
+"""Grouped matmuls on NVIDIA Hopper: JAX's Mosaic GPU kernels, with padding and masking around them.
+
+Wraps `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` (forward and, with
+`transpose_rhs`, the input gradient) and `transposed_ragged_dot_mgpu.transposed_ragged_dot` (the
+weight gradient). Those kernels need K (and N) to be multiples of their blocks and leave rows that
+belong to no group unwritten; this module pads with zeros and masks so that the contract of
+`api.grouped_matmul` holds for any M, K, N and empty groups. Letters as in `api.py`.
+Imports are guarded: `AVAILABLE` is False when the installed JAX lacks the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+try:  # present in JAX >= 0.6 as example kernels; their signatures move between versions
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _rd
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as _trd
+
+    AVAILABLE = True
+    _HAS_TRANSPOSE_RHS = "transpose_rhs" in inspect.signature(_rd.ragged_dot).parameters
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    _rd = _trd = None
+    AVAILABLE = False
+    _HAS_TRANSPOSE_RHS = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of one Mosaic GPU grouped matmul (block_k also pads the ragged dim of tgmm)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    grid_block_n: int = 4
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {v!r}")
+        if self.block_k % 16 or self.block_n % 8 or self.block_m % 64:
+            raise ValueError(f"BlockSizes need block_m % 64 == block_k % 16 == block_n % 8: {self}")
+
+
+# Best measured config for 32768x2048x4096 bf16 on H200 (ANCHORS.md); tgmm: a safe default.
+GMM_BLOCKS = BlockSizes()
+TGMM_BLOCKS = BlockSizes(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+                         grid_block_n=1)  # fmt: skip
+
+
+def _pad_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = -a.shape[axis] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths)
+
+
+def _mask_rows(y: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Zero rows past sum(group_sizes) (the kernel leaves them unwritten)."""
+    rows = jnp.arange(y.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
+
+
+def gmm(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    blocks: BlockSizes = GMM_BLOCKS,
+) -> jax.Array:
+    """x [M,K], w [E,K,N] (or [E,N,K] with transpose_rhs) -> [M,N] in x's dtype."""
+    if not AVAILABLE:
+        raise RuntimeError("this JAX has no jax.experimental.pallas.ops.gpu.ragged_dot_mgpu")
+    if transpose_rhs and not _HAS_TRANSPOSE_RHS:
+        w, transpose_rhs = w.swapaxes(1, 2), False  # older kernels: materialise w^T
+    w = w.astype(x.dtype)
+    m, n = x.shape[0], (w.shape[1] if transpose_rhs else w.shape[2])
+    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+    xp = _pad_to(_pad_to(x, 1, blocks.block_k), 0, blocks.block_m)
+    wp = _pad_to(_pad_to(w, k_axis, blocks.block_k), n_axis, blocks.block_n * blocks.grid_block_n)
+    kwargs = dict(
+        group_sizes=group_sizes.astype(jnp.int32),
+        block_m=blocks.block_m,
+        block_n=blocks.block_n,
+        block_k=blocks.block_k,
+        max_concurrent_steps=blocks.max_concurrent_steps,
+        grid_block_n=blocks.grid_block_n,
+    )
+    if transpose_rhs:
+        kwargs["transpose_rhs"] = True
+    y = _rd.ragged_dot(xp, wp, **kwargs)
+    return _mask_rows(y[:m, :n], group_sizes)
+
+
+def tgmm(
+    x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, blocks: BlockSizes = TGMM_BLOCKS
+) -> jax.Array:
+    """x [M,K], dy [M,N] -> [E,K,N] = per group x_e^T dy_e in x's dtype; empty groups give 0."""
+    if not AVAILABLE:
+        raise RuntimeError("this JAX has no transposed_ragged_dot_mgpu")
+    k, n = x.shape[1], dy.shape[1]
+    # Rows past sum(group_sizes) may hold anything: zero them so padding blocks add nothing.
+    xp = _pad_to(_pad_to(_mask_rows(x, group_sizes), 0, blocks.block_k), 1, blocks.block_m)
+    dyp = _pad_to(_pad_to(_mask_rows(dy.astype(x.dtype), group_sizes), 0, blocks.block_k),
+                  1, blocks.block_n * blocks.grid_block_n)  # fmt: skip
+    out = _trd.transposed_ragged_dot(
+        xp,
+        dyp,
+        group_sizes=group_sizes.astype(jnp.int32),
+        block_m=blocks.block_m,
+        block_n=blocks.block_n,
+        block_k=blocks.block_k,
+        max_concurrent_steps=blocks.max_concurrent_steps,
+        grid_block_n=blocks.grid_block_n,
+    )[:, :k, :n]
+    return jnp.where(group_sizes[:, None, None] > 0, out, jnp.zeros((), out.dtype))
