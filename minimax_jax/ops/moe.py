@@ -1,30 +1,79 @@
-"""Mixture-of-experts FFN: fp32 router softmax, top-k, renormalise, SwiGLU experts.
+"""Mixture-of-experts FFN: fp32 router softmax, top-k, renormalise, SwiGLU experts; aux losses.
 
 Einsum letters: M tokens (B*T flattened), D model dim, E experts, F expert FFN dim, A = M*top_k
 token-expert assignments.
 Two paths compute the same thing: `moe_dense` runs every expert on every token (a reference
 for tests and tiny models), `moe_sorted` sorts assignments by expert and runs grouped matmuls
-(dropless).
+(dropless, `pallas_kernels.moe.grouped_matmul`). The expert-parallel path is in
+`minimax_jax.ops.moe_parallel` and reuses `sort_by_expert`, `expert_ffn` and `combine`.
+`router_aux` turns router logits into the training losses (Switch load balancing, z-loss) and
+the per-expert load.
 """
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe import grouped_matmul
 
-def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+
+def route(
+    x: jax.Array,
+    router: jax.Array,
+    top_k: int,
+    *,
+    jitter_key: jax.Array | None = None,
+    jitter_noise: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M,D], router [D,E] -> (weights [M,k] fp32, experts [M,k] int32, logits [M,E] fp32).
 
     Logits and softmax are fp32 over all experts; the top-k probabilities are renormalised.
+    With jitter_key and jitter_noise > 0 the router input is scaled by U(1-eps, 1+eps) noise
+    (training only; the experts see the clean x).
     """
+    xr = x.astype(jnp.float32)
+    if jitter_key is not None and jitter_noise > 0:
+        xr = xr * jax.random.uniform(
+            jitter_key, xr.shape, jnp.float32, 1.0 - jitter_noise, 1.0 + jitter_noise
+        )
     logits = jnp.einsum(
-        "md,de->me",
-        x.astype(jnp.float32),
-        router.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
+        "md,de->me", xr, router.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     probs = jax.nn.softmax(logits, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, top_k)
     return top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i.astype(jnp.int32), logits
+
+
+def router_aux(
+    router_logits: jax.Array, top_k: int, token_mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """Training auxiliaries from router logits [..., E] fp32 (e.g. forward's [L,B,T,E]).
+
+    token_mask [...] (1 token, 0 padding; the shape of logits without E) excludes padding.
+    Returns fp32 scalars/vectors averaged over every leading axis (layers included):
+      load_balancing_loss: E * sum_e f_e P_e with f_e the fraction of tokens that pick e among
+        their top-k and P_e the mean router probability (HF Mixtral convention: k when uniform),
+      z_loss: mean logsumexp(logits)^2,
+      expert_load [E]: fraction of the token-expert assignments that go to each expert.
+    """
+    e = router_logits.shape[-1]
+    logits = router_logits.reshape(-1, e).astype(jnp.float32)
+    if token_mask is None:
+        w = jnp.ones((logits.shape[0],), jnp.float32)
+    else:
+        w = jnp.broadcast_to(token_mask, router_logits.shape[:-1]).reshape(-1)
+        w = w.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w), 1.0)
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, top_i = jax.lax.top_k(probs, top_k)
+    picked = jnp.sum(jax.nn.one_hot(top_i, e, dtype=jnp.float32), axis=1)  # [M,E] 0/1
+    f = jnp.sum(picked * w[:, None], axis=0) / count
+    p = jnp.sum(probs * w[:, None], axis=0) / count
+    z = jax.nn.logsumexp(logits, axis=-1)
+    return {
+        "load_balancing_loss": e * jnp.sum(f * p),
+        "z_loss": jnp.sum(z * z * w) / count,
+        "expert_load": f / top_k,
+    }
 
 
 def _swiglu(h: jax.Array) -> jax.Array:
@@ -35,26 +84,51 @@ def _swiglu(h: jax.Array) -> jax.Array:
 def moe_dense(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Every expert on every token, combined by the routing weights: x [M,D] -> ([M,D], logits)."""
     weights, experts, logits = route(x, params["router"], top_k)
-    combine = jnp.sum(jax.nn.one_hot(experts, params["wi"].shape[0]) * weights[..., None], axis=1)
+    combine_w = jnp.sum(jax.nn.one_hot(experts, params["wi"].shape[0]) * weights[..., None], axis=1)
     h = _swiglu(jnp.einsum("md,edcf->mecf", x, params["wi"]))
     y = jnp.einsum("mef,efd->med", h, params["wo"], preferred_element_type=jnp.float32)
-    return jnp.einsum("med,me->md", y, combine).astype(x.dtype), logits
+    return jnp.einsum("med,me->md", y, combine_w).astype(x.dtype), logits
 
 
-def moe_sorted(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E])."""
-    m, d = x.shape
-    wi, wo = params["wi"], params["wo"]
-    e, _, _, f = wi.shape
-    weights, experts, logits = route(x, params["router"], top_k)
-    flat_expert = experts.reshape(-1)  # [A]
-    order = jnp.argsort(flat_expert, stable=True)  # assignments grouped by expert
-    token_of = order // top_k  # source token of each sorted row
-    group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-    xs = jnp.take(x, token_of, axis=0)  # [A,D]
-    h = jax.lax.ragged_dot(xs, wi.reshape(e, d, 2 * f), group_sizes)
+def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """experts [M,k] int32 -> (order [A], token_of [A], group_sizes [E] int32).
+
+    order: the flat assignments (m*k + slot) sorted by expert (stable); token_of: the source token
+    of each sorted row; group_sizes: rows per expert.
+    """
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, order // experts.shape[1], group_sizes
+
+
+def expert_ffn(
+    xs: jax.Array, wi: jax.Array, wo: jax.Array, group_sizes: jax.Array, implementation="auto"
+) -> jax.Array:
+    """Rows sorted by expert xs [A,D], wi [E,D,2,F], wo [E,F,D], group_sizes [E] -> [A,D].
+
+    Rows past sum(group_sizes) give zero. w1/w3 run as one fused grouped matmul.
+    """
+    e, d, _, f = wi.shape
+    h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), group_sizes, implementation=implementation)
     h = _swiglu(h.reshape(-1, 2, f))
-    y = jax.lax.ragged_dot(h, wo, group_sizes, preferred_element_type=jnp.float32)  # [A,D]
-    y = y * weights.reshape(-1)[order][:, None]
-    out = jax.ops.segment_sum(y, token_of, num_segments=m)
-    return out.astype(x.dtype), logits
+    return grouped_matmul(h, wo, group_sizes, implementation=implementation)
+
+
+def combine(ys: jax.Array, weights: jax.Array, order: jax.Array, m: int) -> jax.Array:
+    """Sorted expert outputs ys [A,D] -> weighted sum per token [M,D] fp32 (unsort + combine)."""
+    token_of = order // weights.shape[1]
+    y = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jax.ops.segment_sum(y, token_of, num_segments=m)
+
+
+def moe_sorted(
+    params: dict, x: jax.Array, top_k: int, *, implementation: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
+    """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E])."""
+    e = params["wi"].shape[0]
+    weights, experts, logits = route(x, params["router"], top_k)
+    order, token_of, group_sizes = sort_by_expert(experts, e)
+    xs = jnp.take(x, token_of, axis=0)  # [A,D]
+    ys = expert_ffn(xs, params["wi"], params["wo"], group_sizes, implementation)
+    return combine(ys, weights, order, x.shape[0]).astype(x.dtype), logits
