@@ -41,25 +41,19 @@ except ImportError:  # pragma: no cover - fallback when the xla module is absent
 FWD_SHAPES = [(2, 8192, 16, 128), (2, 32768, 16, 128), (1, 32768, 64, 128), (1, 131072, 64, 128)]
 DECODE_BATCHES = [1, 64, 256]
 
-_B = {"block": 64, "num_warps": 4, "num_stages": 2}
 SWEEP_FWD = [
-    {**_B, "block_v": 64, "fold": False, "segments": 8},
-    {**_B, "block_v": 64, "segments": 8},
-    {**_B, "block_v": 64, "segments": 16},
-    {**_B, "block_v": 64, "segments": 32},
-    {**_B, "block_v": 64, "segments": 16, "num_stages": 3},
-    {**_B, "block_v": 64, "segments": 16, "num_stages": 1},
-    {**_B, "block_v": 32, "segments": 16},
-    {**_B, "block_v": 128, "segments": 16},
-    {**_B, "block_v": 128, "segments": 32, "num_warps": 8},
-    {**_B, "block": 32, "block_v": 64, "segments": 16},
-    {**_B, "block": 32, "block_v": 128, "segments": 16},
-    {**_B, "block": 128, "block_v": 64, "segments": 16},
+    {"segments": 4},
+    {"segments": 8},
+    {"segments": 16},
+    {"states_block": 128, "states_block_v": 64, "states_warps": 4},
+    {"states_block": 256, "states_block_v": 64, "states_warps": 4},
+    {"states_block": 128, "states_block_v": 128, "states_warps": 8},
+    {"states_block": 256, "states_block_v": 128, "states_warps": 8},
+    {"states_block": 128, "states_block_v": 64, "states_warps": 4, "states_stages": 3},
 ]
 SWEEP_BWD = [
-    {**_B, "block_v": 64, "segments": 16},
-    {**_B, "block_v": 64, "segments": 32},
-    {**_B, "block_v": 128, "segments": 16},
+    {"states_block": 128, "states_block_v": 64, "states_warps": 4},
+    {"states_block": 128, "states_block_v": 128, "states_warps": 8},
 ]
 
 
@@ -305,7 +299,7 @@ def main() -> None:
                 }
             )
         if args.sweep:  # where the time goes: the states-only pass alone
-            for seg in (8, 16, 32):
+            for seg in (8,):
                 nbl = t // 64
                 init = jnp.zeros((b, n, seg, h, h), jnp.float32)
 

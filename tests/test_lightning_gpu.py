@@ -137,3 +137,8 @@ def test_gpu_decode_matches_scan(b):
         outs.append(o)
     assert rel(jnp.stack(outs, 1), o_r) < 1e-2
     assert rel(state, fin_r) < 1e-4
+
+
+def test_interpret_cpu_states_tiling_and_fold():
+    cfg = {"segments": 2, "states_block": 32, "states_block_v": 16, "fold": False}
+    _check(1, 250, 1, 32, jnp.float32, 1e-4, interpret=True, block=16, config=cfg)
