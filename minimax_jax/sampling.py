@@ -237,7 +237,8 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sp = SamplingParams(temperature, top_k, top_p)
     ids, mask = _as_batch(input_ids, attention_mask)
-    engine = engine or Engine(model.config, model.pure_params(), options=model.options)
+    if engine is None:
+        engine = Engine(model.config, model.pure_params(), options=model.options)
     if ids.max() >= engine.config.vocab_size or ids.min() < 0:
         raise ValueError(f"token ids must be in [0, {engine.config.vocab_size})")
     plan = engine.plan(ids.shape[0], ids.shape[1], max_new_tokens)

@@ -1,0 +1,205 @@
+"""`python -m minimax_jax.generate`: text generation from a checkpoint, with chat and streaming.
+
+    python -m minimax_jax.generate --prompt "def fibonacci(n):" --max_new_tokens 64
+    python -m minimax_jax.generate --checkpoint DIR --system "Be brief." --prompt "Hi" --stream
+
+With no --checkpoint it runs the small demo model shipped in the package (CPU, seconds).
+Prompts: --prompt (repeatable) or --prompts_file FILE.jsonl with one {"prompt": str} or
+{"messages": [...]} object per line. Stops at the checkpoint's eos tokens (<end_of_sentence>).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+DEMO_DIR = Path(__file__).parent / "demo_model"
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF-style checkpoint dir (default: demo).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL with prompt or messages.")
+_CHAT = flags.DEFINE_boolean("chat", None, "Apply the chat template (default: if it has one).")
+_SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.")
+_TEMPLATE = flags.DEFINE_string("chat_template", None, "Jinja chat template file.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling threshold (1 = off).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
+_GREEDY = flags.DEFINE_boolean("greedy", False, "Greedy decoding (overrides temperature).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights dtype.")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "Prefill chunk length (tokens).")
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | str]:
+    """Plain strings or {"messages": [...]} dicts, in order."""
+    out: list[dict | str] = list(prompts)
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.exists():
+            raise FileNotFoundError(f"--prompts_file {path} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(item, dict) or not ({"prompt", "messages"} & set(item)):
+                raise ValueError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": ...}}')
+            out.append(item["prompt"] if "prompt" in item else {"messages": item["messages"]})
+    if not out:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompts_file FILE.jsonl")
+    return out
+
+
+def render(tok, item, *, chat: bool, system: str | None, template: str | None) -> str:
+    if isinstance(item, dict):
+        messages = list(item["messages"])
+    elif chat:
+        messages = [{"role": "user", "content": item}]
+    else:
+        return item
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return tok.render_chat(messages, template=template)
+
+
+def run_generate(
+    *,
+    checkpoint: str | None,
+    prompts: list[str],
+    prompts_file: str | None = None,
+    chat: bool | None = None,
+    system: str | None = None,
+    chat_template: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float | None = 0.95,
+    top_k: int | None = None,
+    greedy: bool = False,
+    seed: int = 0,
+    stream: bool = False,
+    dtype: str = "float32",
+    prefill_chunk: int = 256,
+    out=None,
+    log=None,
+) -> list[str]:
+    """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
+    out, log = out or sys.stdout, log or sys.stderr
+    from minimax_jax import sampling
+    from minimax_jax.pretrained import from_pretrained
+    from minimax_jax.tokenizer import ChatTokenizer, StreamDecoder
+
+    ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no config.json)")
+    tok = ChatTokenizer.from_dir(ckpt)
+    template = Path(chat_template).read_text() if chat_template else None
+    chat = (template or tok.chat_template) is not None if chat is None else chat
+    items = read_prompts(prompts, prompts_file)
+    texts = [render(tok, it, chat=chat, system=system, template=template) for it in items]
+    model = from_pretrained(ckpt, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+    sp = sampling.SamplingParams(
+        0.0 if greedy else temperature, top_k, None if greedy or top_p == 1.0 else top_p
+    )
+    engine = sampling.Engine(model.config, model.pure_params(), prefill_chunk=prefill_chunk)
+    encoded = [tok.encode(t) for t in texts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("a prompt encodes to zero tokens")
+    plan = engine.plan(len(encoded), max(map(len, encoded)), max_new_tokens)
+    print(
+        f"[{ckpt.name}] {model.config.param_count():,} params; estimated device memory "
+        f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
+        f"{plan['cache'] / 2**20:.1f}); {len(encoded)} prompt(s)",
+        file=log,
+    )
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tok.eos_token_ids or None)
+    results = []
+    start = time.perf_counter()
+    if stream:
+        for ids in encoded:  # one prompt at a time, printed as it decodes
+            dec = StreamDecoder(tok)
+            for step in sampling.generate_stream(engine, [ids], sampling=sp, **kw):
+                if int(step[0]) in tok.eos_token_ids:
+                    break
+                out.write(dec.push(int(step[0])))
+                out.flush()
+            out.write("\n")
+            results.append(tok.decode(dec.ids))
+    else:
+        ids, mask = _left_pad(encoded)
+        tokens = sampling.generate(
+            None,
+            ids,
+            mask,
+            temperature=sp.temperature,
+            top_k=sp.top_k,
+            top_p=sp.top_p,
+            engine=engine,
+            **kw,
+        )
+        for row in tokens:
+            row = list(row)
+            cut = next((i for i, t in enumerate(row) if t in tok.eos_token_ids), len(row))
+            results.append(tok.decode(row[:cut]))
+            print(results[-1], file=out)
+    elapsed = time.perf_counter() - start
+    print(f"[done] {len(results)} completion(s) in {elapsed:.2f}s", file=log)
+    return results
+
+
+def _left_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    t = max(map(len, seqs))
+    ids = np.zeros((len(seqs), t), np.int32)
+    mask = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, t - len(s) :] = s
+        mask[i, t - len(s) :] = 1
+    return ids, mask
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run_generate(
+            checkpoint=_CHECKPOINT.value,
+            prompts=_PROMPT.value,
+            prompts_file=_PROMPTS_FILE.value,
+            chat=_CHAT.value,
+            system=_SYSTEM.value,
+            chat_template=_TEMPLATE.value,
+            max_new_tokens=_MAX_NEW.value,
+            temperature=_TEMPERATURE.value,
+            top_p=_TOP_P.value,
+            top_k=_TOP_K.value,
+            greedy=_GREEDY.value,
+            seed=_SEED.value,
+            stream=_STREAM.value,
+            dtype=_DTYPE.value,
+            prefill_chunk=_CHUNK.value,
+        )
+    except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""`python -m minimax_jax.generate` on a tiny random checkpoint with a tokenizer trained here."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minimax_jax import MiniMaxForCausalLM, ModelConfig, sampling, save_pretrained
+from minimax_jax.generate import run_generate
+from minimax_jax.tokenizer import ChatTokenizer, StreamDecoder
+
+SPECIALS = ["<end_of_sentence>", "<beginning_of_sentence>", "<begin_of_document>"]
+TEXT = ["def add(a, b):\n    return a + b\n", "héllo wörld, 日本語のテキスト ✓", "print('hi')"] * 20
+
+
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TEXT, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    cfg = ModelConfig.preset("tiny-remote")
+    save_pretrained(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), path)
+    train_tokenizer(cfg.vocab_size).save(str(path / "tokenizer.json"))
+    template = json.loads(open("tests/data/minimax-m1/tokenizer_config.json").read())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<end_of_sentence>", "chat_template": template["chat_template"]})
+    )
+    return path
+
+
+def test_greedy_cli_equals_api(checkpoint, capsys):
+    texts = run_generate(
+        checkpoint=str(checkpoint),
+        prompts=["def add(", "print"],
+        chat=False,
+        greedy=True,
+        max_new_tokens=8,
+        prefill_chunk=16,
+    )
+    tok = ChatTokenizer.from_dir(checkpoint)
+    from minimax_jax import from_pretrained
+
+    model = from_pretrained(checkpoint)
+    for prompt, text in zip(["def add(", "print"], texts, strict=True):
+        ids = sampling.generate(
+            model, [tok.encode(prompt)], max_new_tokens=8, eos_token_id=tok.eos_token_ids
+        )[0].tolist()
+        cut = next((i for i, t in enumerate(ids) if t in tok.eos_token_ids), len(ids))
+        assert text == tok.decode(ids[:cut])
+    assert capsys.readouterr().out == "".join(t + "\n" for t in texts)
+
+
+def test_stream_prints_the_same_text(checkpoint, capsys):
+    kw = dict(
+        checkpoint=str(checkpoint),
+        prompts=["héllo"],
+        chat=True,
+        system="be brief",
+        greedy=True,
+        max_new_tokens=10,
+    )
+    plain = run_generate(stream=False, **kw)
+    capsys.readouterr()
+    streamed = run_generate(stream=True, **kw)
+    assert streamed == plain
+    assert capsys.readouterr().out == plain[0] + "\n"
+
+
+def test_stream_decoder_never_splits_a_character(checkpoint):
+    tok = ChatTokenizer.from_dir(checkpoint)
+    text = "日本語 ✓ héllo"
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(t) for t in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_chat_template_accepts_strings_and_parts(checkpoint):
+    tok = ChatTokenizer.from_dir(checkpoint)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    plain = [{"role": "user", "content": "hi"}]
+    rendered = tok.render_chat(parts)
+    assert rendered == tok.render_chat(plain)
+    assert rendered == (
+        "<begin_of_document><beginning_of_sentence>user name=user\nhi<end_of_sentence>\n"
+        "<beginning_of_sentence>ai name=assistant\n"
+    )
+
+
+def test_prompts_file_and_errors(checkpoint, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"prompt": "def"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "x"}]})
+        + "\n"
+    )
+    out = run_generate(
+        checkpoint=str(checkpoint), prompts=[], prompts_file=str(f), greedy=True, max_new_tokens=3
+    )
+    assert len(out) == 2
+    with pytest.raises(ValueError, match="no prompt"):
+        run_generate(checkpoint=str(checkpoint), prompts=[])
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        run_generate(checkpoint=str(tmp_path), prompts=["x"])
+    f.write_text("{not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run_generate(checkpoint=str(checkpoint), prompts=[], prompts_file=str(f))
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minimax_jax.generate",
+            "--checkpoint",
+            str(tmp_path),
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    big = train_tokenizer(512)
+    big.add_tokens([f"<extra_{i}>" for i in range(600)])  # now larger than the model's 512
+    big.save(str(bad / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        run_generate(checkpoint=str(bad), prompts=["x"], max_new_tokens=2)
