@@ -48,12 +48,9 @@ SWEEP_FWD = [
     {"states_block": 128, "states_block_v": 64, "states_warps": 4},
     {"states_block": 256, "states_block_v": 64, "states_warps": 4},
     {"states_block": 128, "states_block_v": 128, "states_warps": 8},
-    {"states_block": 256, "states_block_v": 128, "states_warps": 8},
-    {"states_block": 128, "states_block_v": 64, "states_warps": 4, "states_stages": 3},
 ]
 SWEEP_BWD = [
     {"states_block": 128, "states_block_v": 64, "states_warps": 4},
-    {"states_block": 128, "states_block_v": 128, "states_warps": 8},
 ]
 
 
@@ -242,9 +239,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    shapes = (
-        FWD_SHAPES if args.shapes == "all" else [FWD_SHAPES[int(i)] for i in args.shapes.split(",")]
-    )
+    if args.shapes == "all":
+        shapes = FWD_SHAPES
+    elif args.shapes == "none":
+        shapes = []
+    else:
+        shapes = [FWD_SHAPES[int(i)] for i in args.shapes.split(",")]
     override = json.loads(args.gpu_config) if args.gpu_config else {}
     key = jax.random.PRNGKey(0)
     for b, t, n, h in shapes:
