@@ -50,7 +50,13 @@ try:  # Pallas and its Triton dialect are pure Python: importable on CPU too (in
 except ImportError as e:  # pragma: no cover - only on JAX builds without Pallas
     raise ImportError(f"pallas_kernels.lightning.gpu needs jax.experimental.pallas: {e}") from e
 
-__all__ = ["lightning_attention_gpu", "lightning_decode_gpu", "scan_kernel_call"]
+__all__ = [
+    "lightning_attention",
+    "lightning_attention_gpu",
+    "lightning_decode",
+    "lightning_decode_gpu",
+    "scan_kernel_call",
+]
 
 DEFAULT_BLOCK_SIZE = 64
 _SLOPE_LANES = 16  # slopes are passed broadcast to [N, 16]: vector loads only, no scalar loads
@@ -590,3 +596,33 @@ def lightning_decode_gpu(
         interpret=interpret,
     )
     return (o[:, None] if squeeze else o), st
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Dispatcher-facing adapter with the ``api.lightning_attention`` keyword signature.
+
+    ``segment_ids`` (packed sequences) are not supported: raises ``NotImplementedError`` (use
+    the XLA implementation). ``block_size`` is used only if it is 32, 64 or 128 (the XLA default
+    of 256 would be a poor GPU tile); otherwise the tuned default is used.
+    """
+    if segment_ids is not None:
+        raise NotImplementedError("the GPU lightning kernel has no segment_ids: use 'xla'")
+    if block_size not in (32, 64, 128):
+        block_size = None
+    return lightning_attention_gpu(q, k, v, slopes, initial_state, block_size=block_size)
+
+
+def lightning_decode(
+    q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, state: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Dispatcher-facing alias of :func:`lightning_decode_gpu` (q, k, v ``[B, N, H]``)."""
+    return lightning_decode_gpu(q, k, v, slopes, state)
