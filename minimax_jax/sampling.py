@@ -122,7 +122,8 @@ class Engine:
         step = functools.partial(
             forward_cached, config, opts=options or RunOptions(), compute_dtype=compute_dtype
         )
-        self._prefill = jax.jit(lambda p, ids, m, c: _last(step(p, ids, m, c)), donate_argnums=3)
+        prefill = functools.partial(step, last_only=True)
+        self._prefill = jax.jit(lambda p, i, m, c: _last(prefill(p, i, m, c)), donate_argnums=3)
         self._step = jax.jit(self._decode_step, static_argnums=4, donate_argnums=1)
         self._loop = jax.jit(self._decode_loop, static_argnums=(4, 5), donate_argnums=1)
         self._forward = step

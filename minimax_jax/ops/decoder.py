@@ -259,11 +259,13 @@ def forward_cached(
     cache: dict,
     opts: RunOptions | None = None,
     compute_dtype: Any = None,
+    last_only: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Prefill a chunk or decode a step with caches (see `minimax_jax.cache`).
 
     input_ids [B,T] int32, token_mask [B,T] -> (logits [B,T,V] fp32, updated cache). Running
-    tokens in several calls equals one call over all of them.
+    tokens in several calls equals one call over all of them. last_only: logits of the last
+    position only ([B,1,V]): a long prefill never materialises [B,T,V].
     """
     opts = opts or RunOptions()
     if compute_dtype is not None:
@@ -271,6 +273,8 @@ def forward_cached(
     x = jnp.take(params["embed"], input_ids, axis=0)
     ctx, book = make_cached_context(config, token_mask, cache)
     x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
+    if last_only:
+        x = x[:, -1:]
     return _logits(config, params, x), {"blocks": blocks, **book}
 
 
