@@ -1,4 +1,4 @@
-"""Load and save Hugging Face checkpoints (safetensors) of the MiniMax-01 text models.
+"""Load and save checkpoints of the MiniMax-01 text models: HF safetensors and our Orbax dirs.
 
 ``from_pretrained(path)`` reads ``config.json`` (remote-code or transformers-native schema) and
 ``model.safetensors`` or a sharded ``model.safetensors.index.json`` checkpoint; every tensor name
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert import mapping
+from convert import mapping, orbax_io
 from convert.safetensors_io import SafetensorsReader, write_sharded
 from minimax_jax.config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+ORBAX_PARAMS_DIR = "params"  # the Orbax checkpoint inside a directory written by hf_to_orbax
 
 
 def load_state(
@@ -52,7 +53,7 @@ def load_state(
     reader = SafetensorsReader(path)
     meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
     plan = mapping.plan_load(config, reader.names(), meta=meta, prefix=prefix, where=str(path))
-    _check_buffers(reader, config, plan, str(path))
+    check_buffers(reader, config, plan, str(path))
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
     state = {}
     for leaf, assignments in plan.by_leaf.items():
@@ -72,7 +73,7 @@ def _fill_leaf(
     return out
 
 
-def _check_buffers(
+def check_buffers(
     reader: SafetensorsReader, config: ModelConfig, plan: mapping.LoadPlan, where: str
 ) -> None:
     """Derived lightning buffers in the checkpoint must match our formula (then are dropped)."""
@@ -94,15 +95,17 @@ def from_pretrained(
     prefix: str = "",
     sharding: Callable[[mapping.LeafPath], jax.sharding.Sharding] | None = None,
 ):
-    """Builds ``MiniMaxForCausalLM`` from an HF checkpoint directory.
+    """Builds ``MiniMaxForCausalLM`` from an HF checkpoint directory or our Orbax directory.
 
     Args:
-      path: directory with ``config.json`` and ``model.safetensors`` or
-        ``model.safetensors.index.json`` + shards.
+      path: an HF directory (``config.json`` and ``model.safetensors`` or
+        ``model.safetensors.index.json`` + shards), or a directory written by
+        ``convert.hf_to_orbax`` (``config.json`` + ``params/``, an Orbax checkpoint).
       dtype: parameter dtype (the MoE router stays float32); values are cast on the host.
-      prefix: prefix of every text-model tensor name (``"language_model."`` inside VL-01).
+      prefix: prefix of every text-model tensor name (``"language_model."`` inside VL-01; HF only).
       sharding: optional ``leaf path -> Sharding`` (paths as in ``mapping.flatten``, e.g.
-        ``("blocks", 0, "moe", "wi")``); each leaf is placed right after it is read.
+        ``("blocks", 0, "moe", "wi")``; see ``sharding_from_rules``). HF: each leaf is placed right
+        after it is read. Orbax: each device reads only the chunks of its own shard.
     Returns:
       the model; parameters on the default device, or placed by ``sharding``.
     """
@@ -115,9 +118,87 @@ def from_pretrained(
     )
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     _check_model_layout(nnx.to_pure_dict(params), config, dtype)
-    state = load_state(path, config, dtype=dtype, prefix=prefix, sharding=sharding)
+    if orbax_io.is_orbax_checkpoint(path / ORBAX_PARAMS_DIR):
+        state = load_orbax_state(path / ORBAX_PARAMS_DIR, config, dtype=dtype, sharding=sharding)
+    else:
+        state = load_state(path, config, dtype=dtype, prefix=prefix, sharding=sharding)
     nnx.replace_by_pure_dict(params, mapping.unflatten(state))
     return nnx.merge(graphdef, params, rest)
+
+
+def load_orbax_state(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    *,
+    dtype: Any = jnp.float32,
+    sharding: Callable[[mapping.LeafPath], jax.sharding.Sharding] | None = None,
+) -> dict[mapping.LeafPath, jax.Array]:
+    """Restores our Orbax checkpoint ``path`` (the ``params`` directory) as {leaf path: array}.
+
+    Leaves are checked against ``mapping.expected_leaf_shapes`` first (every leaf named once,
+    shapes equal; stored dtypes may differ and are cast on read, the router stays float32).
+
+    Raises:
+      CheckpointMismatchError: listing unknown, missing and misshapen leaves.
+    """
+    reader = orbax_io.LeafReader(path)
+    expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
+    stored = reader.leaves
+    problems = {
+        "unknown leaves": [orbax_io.leaf_key(p) for p in stored if p not in expected],
+        "missing leaves": [orbax_io.leaf_key(p) for p in expected if p not in stored],
+        "wrong shapes": [
+            f"{orbax_io.leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
+            for p, s in expected.items()
+            if p in stored and stored[p][0] != tuple(s.shape)
+        ],
+    }
+    if any(problems.values()):
+        raise mapping.CheckpointMismatchError(str(path), problems)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        p: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=default if sharding is None else sharding(p)
+        )
+        for p, s in expected.items()
+    }
+    return orbax_io.restore(path, target)
+
+
+def logical_axes(config: ModelConfig) -> dict[mapping.LeafPath, tuple[str, ...]]:
+    """Logical axis names of every parameter leaf, read from the model's parameter metadata."""
+    from minimax_jax.model import MiniMaxForCausalLM
+
+    abstract = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {tuple(p): tuple(v.get_metadata()["logical_axes"]) for p, v in flat}
+
+
+def sharding_from_rules(
+    config: ModelConfig, mesh: jax.sharding.Mesh, rules: Mapping[str, str | tuple[str, ...] | None]
+) -> Callable[[mapping.LeafPath], jax.sharding.NamedSharding]:
+    """``leaf path -> NamedSharding`` from {logical axis: mesh axis (or axes, or None)}.
+
+    E.g. FSDP + expert parallelism: ``{"embed": "fsdp", "experts": "expert"}``. Logical axes
+    without a rule are replicated; a mesh axis is used at most once per leaf (later axes of the
+    leaf that map to an already used mesh axis are replicated).
+    """
+    axes = logical_axes(config)
+
+    def spec(path: mapping.LeafPath) -> jax.sharding.NamedSharding:
+        used: set[str] = set()
+        out = []
+        for name in axes[path]:
+            target = rules.get(name)
+            names = (target,) if isinstance(target, str) else tuple(target or ())
+            if not names or used & set(names):
+                out.append(None)
+                continue
+            used |= set(names)
+            out.append(names[0] if len(names) == 1 else names)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+
+    return spec
 
 
 def _check_model_layout(pure: dict, config: ModelConfig, dtype: Any | None) -> None:

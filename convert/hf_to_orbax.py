@@ -1,0 +1,269 @@
+r"""Convert a Hugging Face MiniMax-Text-01 / MiniMax-M1 checkpoint into an Orbax checkpoint.
+
+    python -m convert.hf_to_orbax --hf_dir IN --out_dir OUT [--dtype bfloat16|float32]
+        [--mesh embed=8,experts=4] [--overwrite]
+
+IN is a HF directory (``config.json`` in the remote-code or transformers-native schema,
+``model.safetensors`` or ``model.safetensors.index.json`` + shards). OUT gets::
+
+    OUT/params/        Orbax PyTree checkpoint (OCDBT, zarr), one array per parameter leaf
+    OUT/config.json    our config as HF config.json (same schema as IN)
+    OUT/conversion.json  what was converted (source, dtype, bytes, versions)
+    OUT/tokenizer files, chat template, generation_config.json copied from IN
+
+Every tensor name, shape and dtype is validated against the config before anything is written;
+derived lightning buffers (``slope_rate``, ``*_decay``) are checked against our formula and
+dropped. Then each HF tensor is read once and streamed into its slot of the stacked leaf
+(``convert.orbax_io``), so host memory stays at about one HF tensor plus a 512 MB write-behind
+window, whatever the model size. Everything is written to a hidden temporary directory next to
+OUT and renamed at the end; a failed or interrupted run removes it and leaves no OUT.
+
+``--mesh`` names how the logical axes will be sharded when the checkpoint is restored
+(``logical_axis=ways``, axes: layers, vocab, embed, heads, kv_heads, head_dim, qkv, experts,
+gate_up, mlp); chunks are cut so each shard is a whole number of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from convert import mapping, orbax_io
+from convert.common import CONFIG_FILE, ConversionError, atomic_output, copy_side_files, run_cli
+from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
+from convert.safetensors_io import SafetensorsReader
+from minimax_jax.config import ModelConfig
+from minimax_jax.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (must not exist).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype (the MoE router stays fp32)."
+)
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Restore-time sharding, 'logical_axis=ways,...', to align chunks with shards."
+)
+_CHUNK_MB = flags.DEFINE_integer("chunk_mb", 128, "Largest chunk of a stored array, in MiB.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT if it exists (atomically).")
+
+PARAMS_DIR = ORBAX_PARAMS_DIR
+INFO_FILE = "conversion.json"
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def parse_mesh(text: str | None, known: set[str]) -> dict[str, int]:
+    """'embed=8,experts=4' -> {'embed': 8, 'experts': 4}; unknown axes or bad ways raise."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        name, _, ways = item.partition("=")
+        if name not in known or not ways.isdigit() or int(ways) < 1:
+            raise ConversionError(
+                f"--mesh item {item!r}: expected logical_axis=ways with an axis in "
+                f"{sorted(known)} and ways >= 1"
+            )
+        out[name] = int(ways)
+    return out
+
+
+def validate(reader: SafetensorsReader, config: ModelConfig, where: str) -> mapping.LoadPlan:
+    """Plans the load (names, shapes, dtypes) and checks derived buffers; raises on problems."""
+    meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
+    plan = mapping.plan_load(config, reader.names(), meta=meta, where=where)
+    check_buffers(reader, config, plan, where)
+    return plan
+
+
+def _unit_axes(assignments: list[mapping.Assignment]) -> tuple[int, ...]:
+    """Axes some slot indexes with an int: the chunk size there must be 1."""
+    return tuple(
+        sorted({i for a in assignments for i, s in enumerate(a.slot) if isinstance(s, int)})
+    )
+
+
+def write_params(
+    reader: SafetensorsReader,
+    config: ModelConfig,
+    plan: mapping.LoadPlan,
+    directory: Path,
+    *,
+    dtype: Any,
+    mesh: dict[str, int],
+    target_chunk_bytes: int,
+    progress: Progress,
+) -> dict[str, int]:
+    """Streams every HF tensor into its slot of the Orbax leaves; returns byte counts."""
+    expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
+    axes = logical_axes(config) if mesh else {}
+    writer = orbax_io.LeafWriter(directory)
+    largest = 0
+    for leaf, assignments in plan.by_leaf.items():
+        spec = expected[leaf]
+        np_dtype = np.dtype(spec.dtype)
+        splits = {i: mesh[name] for i, name in enumerate(axes.get(leaf, ())) if name in mesh}
+        chunks = orbax_io.chunk_shape(
+            spec.shape,
+            np_dtype.itemsize,
+            unit_axes=_unit_axes(assignments),
+            splits=splits,
+            target_bytes=target_chunk_bytes,
+        )
+        writer.create(leaf, spec.shape, np_dtype, chunks)
+        largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
+        for a in assignments:
+            tensor = reader.read(a.name)
+            writer.write(leaf, a.slot, a.layout.to_ours(tensor, a.slot_shape).astype(np_dtype))
+            progress.update(tensor.nbytes, orbax_io.leaf_key(leaf))
+            del tensor
+    writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1}})
+    return {"largest_leaf_bytes": largest}
+
+
+def convert(
+    *,
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    mesh: str | None = None,
+    overwrite: bool = False,
+    target_chunk_bytes: int = orbax_io.DEFAULT_CHUNK_BYTES,
+    stream=sys.stderr,
+) -> dict[str, Any]:
+    """Converts ``hf_dir`` into ``out_dir`` (see the module docstring); returns a summary dict.
+
+    Raises:
+      CheckpointMismatchError: unknown/missing/duplicate tensors, wrong shapes, dtypes or buffers.
+      SafetensorsError: missing or truncated files.
+      ConversionError, ValueError: bad arguments, bad config, ``out_dir`` exists.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
+    config = ModelConfig.from_hf(hf_dir)
+    mesh_ways = parse_mesh(
+        mesh,
+        {
+            "layers",
+            "vocab",
+            "embed",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "qkv",
+            "experts",
+            "gate_up",
+            "mlp",
+        },
+    )
+    reader = SafetensorsReader(hf_dir)
+    plan = validate(reader, config, str(hf_dir))
+    total = sum(reader.info(a.name).nbytes for v in plan.by_leaf.values() for a in v)
+    start_rss = peak_rss_bytes()
+
+    def build(tmp: Path) -> dict[str, Any]:
+        progress = Progress(total, "hf_to_orbax", stream)
+        sizes = write_params(
+            reader,
+            config,
+            plan,
+            tmp / PARAMS_DIR,
+            dtype=DTYPES[dtype],
+            mesh=mesh_ways,
+            target_chunk_bytes=target_chunk_bytes,
+            progress=progress,
+        )
+        progress.close()
+        config.save_hf(tmp / CONFIG_FILE)
+        copied = copy_side_files(hf_dir, tmp)
+        summary = _summary(hf_dir, out_dir, dtype, plan, total, progress.elapsed, tmp, sizes)
+        summary |= {"copied_files": copied, "peak_rss_bytes": peak_rss_bytes()}
+        summary["peak_rss_before_bytes"] = start_rss
+        (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    return atomic_output(out_dir, overwrite, build)
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _summary(
+    hf_dir: Path,
+    out_dir: Path,
+    dtype: str,
+    plan: mapping.LoadPlan,
+    total: int,
+    seconds: float,
+    tmp: Path,
+    sizes: dict[str, int],
+) -> dict[str, Any]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    return {
+        "source": str(hf_dir.resolve()),
+        "output": str(out_dir.resolve()),
+        "dtype": dtype,
+        "leaves": len(plan.by_leaf),
+        "tensors": sum(len(v) for v in plan.by_leaf.values()),
+        "dropped_derived_buffers": len(plan.derived),
+        "bytes_read": total,
+        "bytes_written": _du(tmp / PARAMS_DIR),
+        "seconds": round(seconds, 3),
+        "read_rate_bytes_per_s": round(total / max(seconds, 1e-9)),
+        "versions": {"jax": jax.__version__, "orbax": ocp.__version__},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **sizes,
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Human-readable summary on stdout."""
+    print(
+        f"converted {summary['tensors']} tensors into {summary['leaves']} leaves "
+        f"({summary['dropped_derived_buffers']} derived buffers checked and dropped)\n"
+        f"read {human_bytes(summary['bytes_read'])} in {human_seconds(summary['seconds'])} "
+        f"({human_bytes(summary['read_rate_bytes_per_s'])}/s); wrote "
+        f"{human_bytes(summary['bytes_written'])} to {summary['output']}\n"
+        f"largest stacked leaf {human_bytes(summary['largest_leaf_bytes'])}; "
+        f"peak RSS {human_bytes(summary['peak_rss_bytes'])}"
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _HF_DIR.value or not _OUT_DIR.value:
+        raise app.UsageError("--hf_dir and --out_dir are required")
+
+    def work() -> None:
+        summary = convert(
+            hf_dir=_HF_DIR.value,
+            out_dir=_OUT_DIR.value,
+            dtype=_DTYPE.value,
+            mesh=_MESH.value,
+            overwrite=_OVERWRITE.value,
+            target_chunk_bytes=_CHUNK_MB.value * 2**20,
+        )
+        print_summary(summary)
+
+    run_cli(work)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

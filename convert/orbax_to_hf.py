@@ -1,0 +1,157 @@
+r"""Convert our Orbax checkpoint directory back into a Hugging Face checkpoint.
+
+    python -m convert.orbax_to_hf --orbax_dir IN --out_dir OUT [--schema remote|native]
+        [--max_shard_gb 5]
+
+IN is a directory written by ``convert.hf_to_orbax`` (``config.json`` + ``params/``). OUT gets
+sharded safetensors (at most ``--max_shard_gb`` GB per file; ``model.safetensors`` if one file
+suffices) with ``model.safetensors.index.json``, ``config.json`` in the requested schema (default:
+the schema of IN's config) and the tokenizer files copied from IN. Tensors use the remote-code
+per-expert names (``block_sparse_moe.experts.{e}.w1/w2/w3``), which both the MiniMax remote code
+and transformers read; the native schema also gets the derived lightning buffers transformers
+keeps. Tensors keep the stored dtype (bf16, router fp32): HF -> Orbax -> HF is bit-identical.
+
+Streaming: each HF tensor is read from its slot of the stored leaf (TensorStore reads only the
+chunks of that slot) and written out; host memory holds at most one output shard (<= 5 GB).
+OUT is built in a temporary directory beside it and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from convert import mapping, orbax_io
+from convert.common import CONFIG_FILE, ConversionError, copy_side_files, run_cli
+from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
+from convert.safetensors_io import write_sharded
+from minimax_jax.config import SCHEMAS, ModelConfig
+from minimax_jax.pretrained import ORBAX_PARAMS_DIR
+
+_ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output HF directory.")
+_SCHEMA = flags.DEFINE_enum(
+    "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
+)
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GB (1e9).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT if it exists.")
+
+
+def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -> None:
+    """Stored leaves must be exactly our layout for ``config`` (shapes; float dtypes)."""
+    expected = mapping.flatten(mapping.expected_leaf_shapes(config))
+    stored = reader.leaves
+    problems = {
+        "unknown leaves": [orbax_io.leaf_key(p) for p in stored if p not in expected],
+        "missing leaves": [orbax_io.leaf_key(p) for p in expected if p not in stored],
+        "wrong shapes": [
+            f"{orbax_io.leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
+            for p, s in expected.items()
+            if p in stored and stored[p][0] != tuple(s.shape)
+        ],
+        "wrong dtypes": [
+            f"{orbax_io.leaf_key(p)}: {d}"
+            for p, (_, d) in stored.items()
+            if not np.issubdtype(d, np.floating) and d.kind != "V"
+        ],
+    }
+    if any(problems.values()):
+        raise mapping.CheckpointMismatchError(where, problems)
+
+
+def hf_tensors(
+    reader: orbax_io.LeafReader, config: ModelConfig, schema: str, progress: Progress
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, tensor) one at a time, in leaf order (then the native buffers)."""
+    for a in mapping.export_assignments(config, naming="original"):
+        tensor = a.layout.to_hf(reader.read(a.leaf, a.slot))
+        progress.update(tensor.nbytes, a.name)
+        yield a.name, tensor
+    if schema == "native":
+        yield from mapping.export_buffers(config)
+
+
+def export(
+    *,
+    orbax_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    schema: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+    stream=sys.stderr,
+) -> dict[str, Any]:
+    """Writes the HF checkpoint of ``orbax_dir`` into ``out_dir``; returns a summary dict.
+
+    Raises:
+      OrbaxFormatError: ``orbax_dir`` has no finished checkpoint.
+      CheckpointMismatchError: its leaves do not match its config.
+      ConversionError, ValueError: ``out_dir`` exists (without ``overwrite``), bad schema.
+    """
+    orbax_dir, out_dir = Path(orbax_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
+    if not (orbax_dir / CONFIG_FILE).is_file():
+        raise ConversionError(f"{orbax_dir}: no {CONFIG_FILE}; expected a hf_to_orbax output")
+    config = ModelConfig.from_hf(orbax_dir)
+    schema = config.schema if schema is None else schema
+    hf_config = config.to_hf(schema)  # validates the schema before anything is written
+    reader = orbax_io.LeafReader(orbax_dir / ORBAX_PARAMS_DIR)
+    check_leaves(reader, config, str(orbax_dir / ORBAX_PARAMS_DIR))
+    total = sum(int(np.prod(s)) * d.itemsize for s, d in (reader.leaves[p] for p in reader.paths))
+    progress = Progress(total, "orbax_to_hf", stream)
+    files = write_sharded(
+        out_dir,
+        hf_tensors(reader, config, schema, progress),
+        max_shard_bytes=max_shard_bytes,
+        extra_files={CONFIG_FILE: json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
+    )
+    progress.close()
+    copied = copy_side_files(orbax_dir, out_dir)
+    return {
+        "output": str(out_dir.resolve()),
+        "schema": schema,
+        "files": files + copied,
+        "bytes": total,
+        "seconds": round(progress.elapsed, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _ORBAX_DIR.value or not _OUT_DIR.value:
+        raise app.UsageError("--orbax_dir and --out_dir are required")
+
+    def work() -> None:
+        s = export(
+            orbax_dir=_ORBAX_DIR.value,
+            out_dir=_OUT_DIR.value,
+            schema=_SCHEMA.value,
+            max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9),
+            overwrite=_OVERWRITE.value,
+        )
+        shards = sum(f.endswith(".safetensors") for f in s["files"])
+        print(
+            f"wrote {shards} safetensors file(s), {human_bytes(s['bytes'])} ({s['schema']} "
+            f"schema) to {s['output']} in {human_seconds(s['seconds'])}; "
+            f"peak RSS {human_bytes(s['peak_rss_bytes'])}"
+        )
+
+    run_cli(work)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
