@@ -181,7 +181,8 @@ def lightning_decode(
 
     "reference"/"xla": fused jnp update; "tpu": Pallas kernel over B*N rows; "gpu": the gpu
     module's `lightning_decode_gpu` (xla update when H is not a power of two >= 16). "auto":
-    tpu on TPU, gpu on GPU when that module imports, else xla.
+    tpu on TPU, gpu on GPU when that module imports, else xla. Only the jnp paths ("xla",
+    "reference") are differentiable; the kernels are for inference.
     """
     cfg = LightningConfig(implementation=implementation)
     _decode.check_decode_inputs(q, k, v, slopes, state)
@@ -189,5 +190,9 @@ def lightning_decode(
     if impl == "tpu":
         return _decode.lightning_decode_pallas(q, k, v, slopes, state, interpret=_INTERPRET)
     if impl == "gpu" and _gpu_supports(q, None):
+        if not isinstance(state, jax.core.Tracer):
+            # The gpu kernel donates `state`; an eager caller keeps its array (under jit the
+            # donation of an inner jit is moot, and the caller's jit decides).
+            state = state.copy()
         return _require_gpu().lightning_decode_gpu(q, k, v, slopes, state, interpret=_INTERPRET)
     return _decode.lightning_decode_xla(q, k, v, slopes, state)
