@@ -1,0 +1,132 @@
+"""CLIP vision tower and projector vs transformers' CLIPVisionModel (tiny random, fp32, CPU).
+
+Our tower is loaded from the CLIP state dict through ``convert.vl_mapping`` (the names VL-01
+stores under ``vision_tower.``), so the conversion table is tested along with the math.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert import mapping, vl_mapping
+from minimax_jax import vision
+from minimax_jax.config import ModelConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.torch
+TOL = 1e-5
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a))
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def tiny_clip(seed=0):
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = transformers.CLIPVisionModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return cfg, model
+
+
+def vl_config(clip_cfg, text_dim=64):
+    text = ModelConfig.preset("tiny-remote").replace(hidden_size=text_dim, vocab_size=512)
+    return vision.VLConfig(
+        text=text, vision=vision.VisionConfig.from_hf(clip_cfg.to_dict()), image_token_index=500
+    )
+
+
+def our_vision_params(cfg, state_dict):
+    sd = {vl_mapping.VISION_PREFIX + k: v.detach().numpy() for k, v in state_dict.items()}
+    assignments = [a for a in vl_mapping.vision_assignments(cfg) if a.leaf[0] == "vision_tower"]
+    flat = vl_mapping.fill_leaves(
+        sd.__getitem__, assignments, vl_mapping.vision_leaf_shapes(cfg), np.float32
+    )
+    return mapping.unflatten({k[1:]: jnp.asarray(v) for k, v in flat.items()})
+
+
+@pytest.fixture(scope="module")
+def clip():
+    clip_cfg, model = tiny_clip()
+    cfg = vl_config(clip_cfg)
+    return cfg, model, our_vision_params(cfg, model.state_dict())
+
+
+def test_config_reads_clip_config(clip):
+    cfg, model, _ = clip
+    v = cfg.vision
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.grid, v.num_patches) == (32, 3, 4, 24, 576)
+    assert vision.VisionConfig.from_hf(v.to_hf()) == v
+    with pytest.raises(ValueError, match="gelu"):
+        vision.VisionConfig(hidden_act="quick_gelu")
+
+
+def test_vision_tower_matches_clip_last_hidden_state(clip):
+    cfg, model, params = clip
+    pixels = np.random.RandomState(0).randn(3, 3, 336, 336).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(pixels)).last_hidden_state[:, 1:].numpy()
+    got = jax.jit(vision.vision_tower, static_argnums=0)(cfg.vision, params, pixels)
+    assert got.shape == (3, 576, 32)
+    assert rel_err(got, want) <= TOL
+
+
+def test_no_post_layernorm_and_cls_dropped(clip):
+    """Guard against silently using pooled / post-LN outputs: they differ from ours."""
+    cfg, model, params = clip
+    pixels = np.random.RandomState(1).randn(1, 3, 336, 336).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(pixels))
+        post_ln = getattr(model, "vision_model", model).post_layernorm
+        post = post_ln(out.last_hidden_state)[:, 1:].numpy()
+    got = vision.vision_tower(cfg.vision, params, pixels)
+    assert rel_err(got, post) > 1e-2
+
+
+def test_module_and_projector_match_torch(clip):
+    cfg, model, params = clip
+    tower = vision.VisionTower(cfg.vision, rngs=nnx.Rngs(0))
+    nnx.replace_by_pure_dict(nnx.state(tower, nnx.Param), params)
+    proj = vision.Projector(32, 64, rngs=nnx.Rngs(1), dtype=jnp.float32)
+    pixels = np.random.RandomState(2).randn(2, 3, 336, 336).astype(np.float32)
+    feats = tower(pixels)
+    p = {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(proj)).items()}
+    lin1, lin2 = torch.nn.Linear(32, 64).double(), torch.nn.Linear(64, 64).double()
+    with torch.no_grad():
+        lin1.weight.copy_(torch.from_numpy(p["w1"].T))
+        lin1.bias.copy_(torch.from_numpy(p["b1"]))
+        lin2.weight.copy_(torch.from_numpy(p["w2"].T))
+        lin2.bias.copy_(torch.from_numpy(p["b2"]))
+        x = torch.from_numpy(np.asarray(feats, np.float64))
+        want = lin2(torch.nn.functional.gelu(lin1(x))).numpy()
+    assert rel_err(proj(feats), want) <= TOL
+
+
+def test_bf16_params_close(clip):
+    cfg, model, params = clip
+    pixels = np.random.RandomState(3).randn(1, 3, 336, 336).astype(np.float32)
+    ref = vision.vision_tower(cfg.vision, params, pixels)
+    low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    got = vision.vision_tower(cfg.vision, low, pixels)
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), ref) <= 5e-2
