@@ -29,7 +29,7 @@ from pallas_kernels.moe import reference as _reference
 from pallas_kernels.moe import tpu as _tpu
 from pallas_kernels.moe import xla as _xla
 
-__all__ = ["IMPLEMENTATIONS", "grouped_matmul", "resolve_implementation", "tgmm"]
+__all__ = ["IMPLEMENTATIONS", "grouped_matmul", "match_vma", "resolve_implementation", "tgmm"]
 
 IMPLEMENTATIONS = ("auto", "xla", "gpu", "tpu", "tpu_interpret", "reference")
 
@@ -94,7 +94,23 @@ def grouped_matmul(
     """x [M,K], w [E,K,N], group_sizes [E] int32 -> [M,N] in x's dtype (see module doc)."""
     _check(x, w, group_sizes)
     impl = resolve_implementation(implementation)
-    return _grouped_matmul(impl, x, w.astype(x.dtype), group_sizes.astype("int32"))
+    # Inside shard_map: give x and w the same varying axes, so the custom VJP's cotangents have
+    # the primal types (the pcast outside transposes to the psum of dw over the data axes).
+    x, w = match_vma(x, w), match_vma(w.astype(x.dtype), x)
+    return _grouped_matmul(impl, x, w, match_vma(group_sizes.astype("int32"), x))
+
+
+def _varying(x: jax.Array) -> frozenset:
+    """shard_map axes x varies over (`manual_axis_type.varying` in JAX 0.10, `vma` later)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def match_vma(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Mark x as varying over every shard_map axis that `like` varies over (else a no-op)."""
+    missing = tuple(sorted(_varying(like) - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

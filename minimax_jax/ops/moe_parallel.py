@@ -1,0 +1,201 @@
+"""Expert-parallel MoE: `jax.shard_map` over the mesh, tokens travel to the experts and back.
+
+Letters as in `moe.py` (M tokens, D model dim, E experts, F expert FFN dim, A = M*k rows);
+P = size of the expert mesh axes, El = E / P experts per device.
+
+Mesh axes come from the sharding rules (`minimax_jax.sharding`): tokens are split over the
+`batch` axes, experts over the `experts` axes, the expert FFN width over the `mlp` axes (tensor
+parallel inside each expert: partial sums, one psum of the [M,D] output). Three cases:
+
+* no expert axis: every device runs all experts on its own tokens (`moe_sorted`).
+* tokens split over the expert axis (training, prefill): each device routes its tokens, sorts
+  the assignments by expert and sends each contiguous run to the device holding those experts
+  (`ragged_all_to_all`); the receiver regroups the rows by local expert, runs the grouped
+  matmuls, and the results travel back the same way, landing in the sender's sorted order.
+* tokens replicated over the expert axis (small decode batches): each device computes only its
+  own experts' rows of every token; a psum over the expert axis adds them up.
+
+Dropless: receive buffers hold the worst case (P*A rows). `ragged_all_to_all` has no CPU
+lowering in XLA, so `dispatch="dense"` (the CPU default) emulates it with a padded `all_to_all`
+of [P, A, D] chunks and a scatter; both share the offset bookkeeping, so CPU tests cover it.
+Gradients: through the collectives (the transpose of a ragged all-to-all is the reverse one)
+and the grouped matmul's custom VJP.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from minimax_jax.ops.moe import combine, expert_ffn, route, sort_by_expert
+from pallas_kernels.moe.api import match_vma
+
+DISPATCHES = ("auto", "ragged", "dense")
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _name(axes: tuple[str, ...]):
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, *, axis, chunk):
+    """`lax.ragged_all_to_all` built from a padded all_to_all (works on every backend).
+
+    operand [R,D]: rows in_off[j]..+send[j] go to device j, landing at out_off[j] of its output;
+    recv[i] rows arrive from device i. chunk: an upper bound of every send size.
+    """
+    n, p = operand.shape[0], send.shape[0]
+    cols = jnp.arange(chunk, dtype=jnp.int32)[None]
+    src = jnp.clip(in_off[:, None] + cols, 0, n - 1)
+    chunks = jnp.where((cols < send[:, None])[..., None], operand[src], 0)  # [P,chunk,D]
+    got = jax.lax.all_to_all(chunks, axis, 0, 0)  # got[i]: the chunk device i sent me
+    where = jax.lax.all_to_all(out_off, axis, 0, 0, tiled=True)  # where device i wants it
+    rows = jnp.where(cols < recv[:, None], where[:, None] + cols, output.shape[0])
+    return output.at[rows.reshape(-1)].set(got.reshape(p * chunk, -1), mode="drop")
+
+
+def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk):
+    if dispatch == "ragged":
+        return jax.lax.ragged_all_to_all(operand, output, in_off, send, out_off, recv,
+                                         axis_name=axis)  # fmt: skip
+    return _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, axis=axis, chunk=chunk)
+
+
+def _local_expert_ids(recv_gs: jax.Array, rows: int) -> jax.Array:
+    """recv_gs [P,El] (rows per source chunk and local expert, chunks in source order) -> the
+    local expert of every received row [rows] (El for the unused tail of the buffer)."""
+    p, el = recv_gs.shape
+    ends = jnp.cumsum(recv_gs.reshape(-1))
+    seg = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
+    return jnp.where(seg < p * el, seg % el, el).astype(jnp.int32)
+
+
+def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch):
+    """Sorted rows xs [A,D] with per-expert counts gs [E] -> their expert outputs [A,D]."""
+    a = xs.shape[0]
+    el = gs.shape[0] // p
+    by_dest = gs.reshape(p, el)
+    send = jnp.sum(by_dest, axis=1)  # rows to each device
+    in_off = _exclusive_cumsum(send)
+    all_gs = jax.lax.all_gather(by_dest, axis)  # [P_src, P_dst, El]
+    sizes = jnp.sum(all_gs, axis=2)  # [P_src, P_dst]
+    me = jax.lax.axis_index(axis)
+    out_off = _exclusive_cumsum(sizes, axis=0)[me]  # my chunk's place in each receiver
+    recv = sizes[:, me]
+    recv_off = _exclusive_cumsum(recv)
+    recv_gs = all_gs[:, me, :]  # [P_src, El]
+    # Buffers must vary like the rows they receive (ragged_all_to_all types its result by them).
+    buf = match_vma(jnp.zeros((p * a, xs.shape[1]), xs.dtype), xs)
+    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=a)
+    eid = _local_expert_ids(recv_gs, p * a)
+    order = jnp.argsort(eid, stable=True)
+    ys = expert_ffn(got[order], wi, wo, jnp.sum(recv_gs, axis=0), impl)
+    ys = jnp.zeros_like(ys).at[order].set(ys)  # back to arrival order
+    back_off = _exclusive_cumsum(sizes, axis=1)[:, me]  # where each source keeps my experts' rows
+    out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
+    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=a)
+
+
+def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):
+    """Tokens replicated over the expert axis: my experts' rows of xs [A,D]; the rest zero."""
+    a = xs.shape[0]
+    el = gs.shape[0] // p
+    me = jax.lax.axis_index(axis)
+    start = jnp.sum(jnp.where(jnp.arange(gs.shape[0]) < me * el, gs, 0))
+    mine = jax.lax.dynamic_slice_in_dim(gs, me * el, el)
+    rows = (start + jnp.arange(a)) % a  # my contiguous run first; rows past it give zero
+    ys = expert_ffn(xs[rows], wi, wo, mine, impl)
+    return ys[(jnp.arange(a) - start) % a]
+
+
+def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch):
+    """Per-device view: x [b,T,D] local tokens, wi [El,D,2,Fl], wo [El,Fl,D] local experts."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    weights, experts, logits = route(xf, router, top_k)
+    order, token_of, gs = sort_by_expert(experts, router.shape[1])
+    xs = jnp.take(xf, token_of, axis=0)  # [A,D] sorted by expert
+    if mode == "local":
+        ys = expert_ffn(xs, wi, wo, gs, impl)
+    elif mode == "a2a":
+        ys = _dispatch_a2a(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl, dispatch=dispatch)
+    else:
+        ys = _local_experts_only(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl)
+    y = combine(ys, weights, order, b * t)  # [M,D] fp32
+    if mode == "replicated":
+        y = jax.lax.psum(y, e_axis)
+    if f_axes:
+        y = jax.lax.psum(y, _name(f_axes))  # tensor-parallel partial sums over F
+    return y.astype(x.dtype).reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """'auto' -> 'ragged' (lax.ragged_all_to_all) on GPU/TPU, 'dense' on CPU (no lowering)."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"EP dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    if dispatch != "auto":
+        return dispatch
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+
+
+def moe_ep(
+    params: dict,
+    x: jax.Array,
+    top_k: int,
+    *,
+    mesh: Mesh,
+    rules,
+    implementation: str = "auto",
+    dispatch: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Expert-parallel MoE layer. x [B,T,D] -> (y [B,T,D], router logits [B,T,E] fp32).
+
+    params: router [D,E], wi [E,D,2,F], wo [E,F,D] (any sharding: shard_map gathers what it
+    needs, e.g. FSDP shards of D, and keeps experts split over the `experts` mesh axes and F over
+    the `mlp` axes). rules: `minimax_jax.sharding.ShardingRules`. Same math as `moe_sorted`.
+    """
+    e = params["wi"].shape[0]
+    f = params["wi"].shape[-1]
+    x_spec = rules.spec(("batch", "length", "act_embed"), mesh, x.shape)
+    t_axes = _axes(x_spec[0])
+    e_axes = _axes(rules.spec(("experts",), mesh, (e,))[0])
+    f_axes = tuple(a for a in _axes(rules.spec(("mlp",), mesh, (f,))[0]) if a not in e_axes)
+    if set(f_axes) & set(t_axes):
+        raise ValueError(f"rules split both tokens and the expert FFN width over {f_axes}")
+    if not e_axes:
+        mode = "local"
+    elif set(e_axes) <= set(t_axes):
+        mode = "a2a"
+    elif not set(e_axes) & set(t_axes):
+        mode = "replicated"
+    else:
+        raise ValueError(f"expert axes {e_axes} only partly split the tokens ({t_axes})")
+    p = 1
+    for a in e_axes:
+        p *= mesh.shape[a]
+    e_name, f_name = (_name(e_axes) if e_axes else None), (_name(f_axes) if f_axes else None)
+    body = functools.partial(
+        _body, top_k=top_k, mode=mode, e_axis=e_name, p=p, f_axes=f_axes,
+        impl=implementation, dispatch=resolve_dispatch(dispatch),
+    )  # fmt: skip
+    x_spec = PartitionSpec(x_spec[0], None, None)
+    in_specs = (
+        PartitionSpec(),
+        PartitionSpec(e_name, None, None, f_name),
+        PartitionSpec(e_name, f_name, None),
+        x_spec,
+    )
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(x_spec, x_spec))
+    return fn(params["router"], params["wi"], params["wo"], x)
