@@ -10,10 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from absl import flags
+
 from convert import mapping
 from convert.safetensors_io import SafetensorsError
 
 CONFIG_FILE = "config.json"
+# Flags every conversion CLI has (defined once: absl flags are process-global).
+OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (must not exist).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT if it exists (atomically).")
 # Files copied verbatim from the HF directory (tokenizer, chat template, generation defaults).
 COPIED_FILES = (
     "tokenizer*",

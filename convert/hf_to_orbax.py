@@ -14,7 +14,7 @@ IN is a HF directory (``config.json`` in the remote-code or transformers-native 
 Every tensor name, shape and dtype is validated against the config before anything is written;
 derived lightning buffers (``slope_rate``, ``*_decay``) are checked against our formula and
 dropped. Then each HF tensor is read once and streamed into its slot of the stacked leaf
-(``convert.orbax_io``), so host memory stays at about one HF tensor plus a 512 MB write-behind
+(``convert.orbax_io``), so host memory stays at about one HF tensor plus a 256 MiB write-behind
 window, whatever the model size. Everything is written to a hidden temporary directory next to
 OUT and renamed at the end; a failed or interrupted run removes it and leaves no OUT.
 
@@ -37,14 +37,21 @@ import numpy as np
 from absl import app, flags
 
 from convert import mapping, orbax_io
-from convert.common import CONFIG_FILE, ConversionError, atomic_output, copy_side_files, run_cli
+from convert.common import (
+    CONFIG_FILE,
+    OUT_DIR,
+    OVERWRITE,
+    ConversionError,
+    atomic_output,
+    copy_side_files,
+    run_cli,
+)
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 from convert.safetensors_io import SafetensorsReader
 from minimax_jax.config import ModelConfig
 from minimax_jax.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (must not exist).")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype (the MoE router stays fp32)."
 )
@@ -52,7 +59,6 @@ _MESH = flags.DEFINE_string(
     "mesh", None, "Restore-time sharding, 'logical_axis=ways,...', to align chunks with shards."
 )
 _CHUNK_MB = flags.DEFINE_integer("chunk_mb", 128, "Largest chunk of a stored array, in MiB.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT if it exists (atomically).")
 
 PARAMS_DIR = ORBAX_PARAMS_DIR
 INFO_FILE = "conversion.json"
@@ -97,31 +103,37 @@ def write_params(
     dtype: Any,
     mesh: dict[str, int],
     target_chunk_bytes: int,
+    max_inflight_bytes: int,
     progress: Progress,
 ) -> dict[str, int]:
     """Streams every HF tensor into its slot of the Orbax leaves; returns byte counts."""
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
     axes = logical_axes(config) if mesh else {}
-    writer = orbax_io.LeafWriter(directory)
+    writer = orbax_io.LeafWriter(directory, max_inflight_bytes)
     largest = 0
-    for leaf, assignments in plan.by_leaf.items():
-        spec = expected[leaf]
-        np_dtype = np.dtype(spec.dtype)
-        splits = {i: mesh[name] for i, name in enumerate(axes.get(leaf, ())) if name in mesh}
-        chunks = orbax_io.chunk_shape(
-            spec.shape,
-            np_dtype.itemsize,
-            unit_axes=_unit_axes(assignments),
-            splits=splits,
-            target_bytes=target_chunk_bytes,
-        )
-        writer.create(leaf, spec.shape, np_dtype, chunks)
-        largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
-        for a in assignments:
-            tensor = reader.read(a.name)
-            writer.write(leaf, a.slot, a.layout.to_ours(tensor, a.slot_shape).astype(np_dtype))
-            progress.update(tensor.nbytes, orbax_io.leaf_key(leaf))
-            del tensor
+    try:
+        for leaf, assignments in plan.by_leaf.items():
+            spec = expected[leaf]
+            np_dtype = np.dtype(spec.dtype)
+            splits = {i: mesh[n] for i, n in enumerate(axes.get(leaf, ())) if n in mesh}
+            chunks = orbax_io.chunk_shape(
+                spec.shape,
+                np_dtype.itemsize,
+                unit_axes=_unit_axes(assignments),
+                splits=splits,
+                target_bytes=target_chunk_bytes,
+            )
+            writer.create(leaf, spec.shape, np_dtype, chunks)
+            largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
+            for a in assignments:
+                tensor = reader.read(a.name)
+                value = a.layout.to_ours(tensor, a.slot_shape).astype(np_dtype, copy=False)
+                writer.write(leaf, a.slot, value)
+                progress.update(tensor.nbytes, orbax_io.leaf_key(leaf))
+                del tensor, value
+    except BaseException:
+        writer.abort()  # no write may land after the caller removes the directory
+        raise
     writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1}})
     return {"largest_leaf_bytes": largest}
 
@@ -134,6 +146,7 @@ def convert(
     mesh: str | None = None,
     overwrite: bool = False,
     target_chunk_bytes: int = orbax_io.DEFAULT_CHUNK_BYTES,
+    max_inflight_bytes: int = orbax_io.DEFAULT_INFLIGHT_BYTES,
     stream=sys.stderr,
 ) -> dict[str, Any]:
     """Converts ``hf_dir`` into ``out_dir`` (see the module docstring); returns a summary dict.
@@ -179,6 +192,7 @@ def convert(
             dtype=DTYPES[dtype],
             mesh=mesh_ways,
             target_chunk_bytes=target_chunk_bytes,
+            max_inflight_bytes=max_inflight_bytes,
             progress=progress,
         )
         progress.close()
@@ -243,16 +257,16 @@ def print_summary(summary: dict[str, Any]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _HF_DIR.value or not _OUT_DIR.value:
+    if not _HF_DIR.value or not OUT_DIR.value:
         raise app.UsageError("--hf_dir and --out_dir are required")
 
     def work() -> None:
         summary = convert(
             hf_dir=_HF_DIR.value,
-            out_dir=_OUT_DIR.value,
+            out_dir=OUT_DIR.value,
             dtype=_DTYPE.value,
             mesh=_MESH.value,
-            overwrite=_OVERWRITE.value,
+            overwrite=OVERWRITE.value,
             target_chunk_bytes=_CHUNK_MB.value * 2**20,
         )
         print_summary(summary)

@@ -42,7 +42,7 @@ LeafPath = tuple[str | int, ...]
 METADATA_FILE = "_METADATA"
 CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 DEFAULT_CHUNK_BYTES = 128 * 2**20
-DEFAULT_INFLIGHT_BYTES = 512 * 2**20
+DEFAULT_INFLIGHT_BYTES = 256 * 2**20
 _ZARR_DTYPES = {
     np.dtype(ml_dtypes.bfloat16): "bfloat16",
     np.dtype(np.float32): "<f4",
@@ -151,6 +151,7 @@ class LeafWriter:
     def write(self, path: LeafPath, slot: tuple, value: np.ndarray) -> None:
         """Stores ``value`` at ``leaf[slot]`` (asynchronously, bounded by the in-flight window)."""
         store = self._stores[path]
+        # A C-order copy here is faster than TensorStore's strided copy of a transposed view.
         value = np.ascontiguousarray(value, dtype=store.dtype.numpy_dtype)
         future = store[slot].write(value)
         self._pending.append((future, value))
@@ -167,6 +168,17 @@ class LeafWriter:
         """Waits until every pending write is committed."""
         while self._pending:
             self._wait_oldest()
+
+    def abort(self) -> None:
+        """Waits for pending writes, ignoring their errors, so the directory can be removed."""
+        while self._pending:
+            future, _ = self._pending.popleft()
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - already failing; the directory is discarded
+                pass
+        self._pending_bytes = 0
+        self._stores.clear()
 
     def finish(self, custom_metadata: dict | None = None) -> None:
         """Flushes and writes the Orbax metadata files: the directory becomes a checkpoint."""

@@ -29,19 +29,24 @@ import numpy as np
 from absl import app, flags
 
 from convert import mapping, orbax_io
-from convert.common import CONFIG_FILE, ConversionError, copy_side_files, run_cli
+from convert.common import (
+    CONFIG_FILE,
+    OUT_DIR,
+    OVERWRITE,
+    ConversionError,
+    copy_side_files,
+    run_cli,
+)
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 from convert.safetensors_io import write_sharded
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.pretrained import ORBAX_PARAMS_DIR
 
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output HF directory.")
 _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
 )
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GB (1e9).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT if it exists.")
 
 
 def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -> None:
@@ -127,16 +132,16 @@ def export(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _ORBAX_DIR.value or not _OUT_DIR.value:
+    if not _ORBAX_DIR.value or not OUT_DIR.value:
         raise app.UsageError("--orbax_dir and --out_dir are required")
 
     def work() -> None:
         s = export(
             orbax_dir=_ORBAX_DIR.value,
-            out_dir=_OUT_DIR.value,
+            out_dir=OUT_DIR.value,
             schema=_SCHEMA.value,
             max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9),
-            overwrite=_OVERWRITE.value,
+            overwrite=OVERWRITE.value,
         )
         shards = sum(f.endswith(".safetensors") for f in s["files"])
         print(
