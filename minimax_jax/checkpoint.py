@@ -1,0 +1,127 @@
+"""Training checkpoints with Orbax, and the params-only export that ``from_pretrained`` loads.
+
+A checkpoint ``WORKDIR/checkpoints/<step>/`` holds three items:
+
+* ``state``: the train state pytree {params (fp32), opt_state, step} (Orbax StandardSave; every
+  process writes its shards, restore places them with the shardings of the abstract target);
+* ``data``: the grain iterator state of this process (JSON);
+* ``config``: the run config and the model's HF config (JSON), checked on restore.
+
+Saves are asynchronous (the device-to-host copy happens before ``save`` returns, so the train
+state may be donated right after); only finished checkpoints are ever restored, so a run killed
+in the middle of a save restarts from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "config")
+
+
+class Checkpointer:
+    """Save every ``every`` steps (and when forced), keep the ``keep`` newest, restore latest."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, *, force=False) -> bool:
+        """Starts a save of ``step`` if it is due (or ``force``); returns whether it started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(state placed like ``abstract_state``'s shardings, data iterator state, config)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        out = self.manager.restore(step, args=args)
+        return out["state"], out["data"], out["config"]
+
+    def restore_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            "config"
+        ]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restore targets."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def export_pretrained(
+    params: dict,
+    model_config: Any,
+    out_dir: str,
+    *,
+    dtype: Any = jnp.float32,
+    tokenizer_dir: str | None = None,
+    schema: str | None = None,
+) -> list[str]:
+    """Writes params (our nested layout) as an HF directory loadable by ``from_pretrained``.
+
+    Floating weights are cast to ``dtype`` (the MoE router stays fp32, as the model keeps it);
+    ``tokenizer.json`` / ``tokenizer_config.json`` are copied from ``tokenizer_dir`` when given.
+    Returns the file names written.
+    """
+    from flax import nnx
+
+    from minimax_jax.model import MiniMaxForCausalLM
+    from minimax_jax.pretrained import save_pretrained
+
+    model = nnx.eval_shape(
+        lambda: MiniMaxForCausalLM(model_config, rngs=nnx.Rngs(0), param_dtype=dtype)
+    )
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    abstract = nnx.to_pure_dict(state)
+
+    def cast(spec, value):
+        return jnp.asarray(jax.device_get(value)).astype(spec.dtype)
+
+    pure = dict(params)
+    pure["blocks"] = {i: b for i, b in enumerate(params["blocks"])}
+    nnx.replace_by_pure_dict(state, jax.tree.map(cast, abstract, pure))
+    written = save_pretrained(nnx.merge(graphdef, state, rest), out_dir, schema=schema)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
+            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+            written.append(name)
+    return written
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,297 @@
+"""Grain input pipeline: documents -> tokens -> packed fixed-length rows with segment ids.
+
+Sources (each a random-access list of documents, one string each):
+
+* ``text``: every file matched by a glob is one document;
+* ``jsonl``: every line of every matched file is a JSON object whose ``text_field`` is a document;
+* ``arrayrecord``: every record of every matched ArrayRecord file is a UTF-8 document (or a JSON
+  object when ``text_field`` is set).
+
+The held-out split is a seeded choice of whole documents, so no eval text is ever trained on.
+Training order: seeded per-epoch shuffle of the training documents -> this process's shard
+(``process_index::process_count``) -> repeat forever -> tokenise (+ eos) -> concat-then-split
+packing into rows of ``seq_len`` tokens with segment ids (documents longer than a row continue
+as a new segment in the next row) -> batches of ``batch_size // process_count`` rows.
+The iterator's state (``get_state()``, a JSON-able dict) is saved with every checkpoint, so a
+restored run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from tokenizers import Tokenizer
+
+SOURCE_TYPES = ("text", "jsonl", "arrayrecord")
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (missing path, empty dataset, bad record)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One data source: ``type`` in SOURCE_TYPES, ``path`` a file, directory or glob."""
+
+    type: str
+    path: str
+    text_field: str | None = None
+
+    def __post_init__(self):
+        if self.type not in SOURCE_TYPES:
+            raise DataError(f"data source type must be one of {SOURCE_TYPES}, got {self.type!r}")
+
+
+def _expand(path: str, suffix: str | None) -> list[str]:
+    """Sorted files of a path: a file, every file under a directory (recursively), or a glob."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        pattern = os.path.join(path, "**", f"*{suffix or ''}")
+        files = glob.glob(pattern, recursive=True)
+    else:
+        files = glob.glob(path, recursive=True)
+    files = sorted(f for f in files if os.path.isfile(f))
+    if not files:
+        raise DataError(f"data path {path!r} matches no files: check data.sources[].path")
+    return files
+
+
+class TextFiles:
+    """Each file is one document (read lazily, UTF-8 with replacement of bad bytes)."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.files[i], encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def num_chars_hint(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+
+class JsonlTexts:
+    """Each JSON line's ``text_field`` is one document (all held in memory)."""
+
+    def __init__(self, files: Sequence[str], field: str):
+        self.texts: list[str] = []
+        for name in files:
+            with open(name, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        self.texts.append(_field(line, field, f"{name}:{n}"))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.texts[i]
+
+    def num_chars_hint(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+
+def _field(raw: str | bytes, field: str, where: str) -> str:
+    try:
+        value = json.loads(raw)[field]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: expected a JSON object with a string {field!r} ({e})") from e
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+    return value
+
+
+class ArrayRecordTexts:
+    """Each ArrayRecord record is a UTF-8 document, or JSON with ``field`` when one is given."""
+
+    def __init__(self, files: Sequence[str], field: str | None):
+        self.source = grain.sources.ArrayRecordDataSource(list(files))
+        self.field = field
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> str:
+        raw = self.source[i]
+        if self.field is None:
+            return raw.decode("utf-8", errors="replace")
+        return _field(raw, self.field, f"arrayrecord record {i}")
+
+    def num_chars_hint(self) -> int:
+        return len(self.source)  # records are not read up front
+
+
+class Documents:
+    """Concatenation of several sources as one random-access list of strings."""
+
+    def __init__(self, parts: Sequence[Any]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> str:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][int(i - self.offsets[k])]
+
+
+def open_documents(specs: Sequence[SourceSpec]) -> Documents:
+    """Opens every source; raises DataError for no sources, missing paths or no text at all."""
+    if not specs:
+        raise DataError("data.sources is empty: give at least one {type, path}")
+    parts = []
+    for s in specs:
+        if s.type == "text":
+            parts.append(TextFiles(_expand(s.path, None)))
+        elif s.type == "jsonl":
+            parts.append(JsonlTexts(_expand(s.path, ".jsonl"), s.text_field or "text"))
+        else:
+            parts.append(ArrayRecordTexts(_expand(s.path, ".array_record"), s.text_field))
+    docs = Documents(parts)
+    if len(docs) == 0 or sum(p.num_chars_hint() for p in parts) == 0:
+        paths = ", ".join(s.path for s in specs)
+        raise DataError(f"the dataset is empty: no text in {paths}")
+    return docs
+
+
+def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, eval) document indices; at least one of each when eval_fraction > 0."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = 0 if eval_fraction == 0 else max(1, int(round(n * eval_fraction)))
+    if n - n_eval < 1:
+        raise DataError(f"{n} document(s) cannot be split into train and eval: add documents")
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+class _Tokenize(grain.transforms.Map):
+    """document string -> {"tokens": int32 [len+1]} (ids followed by eos)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_id: int):
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return {"tokens": np.asarray([*ids, self.eos_id], np.int32)}
+
+
+def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"tokens": batch["tokens"], "segment_ids": batch["tokens_segment_ids"]}
+
+
+def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    return grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"tokens": seq_len}
+    ).map(_rename)
+
+
+def train_dataset(
+    docs: Documents,
+    indices: np.ndarray,
+    tokenizer: Tokenizer,
+    eos_id: int,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite packed batches {"tokens", "segment_ids"}: int32 [batch_size // process_count, T].
+
+    Segment ids start at 1 per row and 0 marks padding (none in training rows).
+    """
+    if batch_size % process_count:
+        raise DataError(f"batch size {batch_size} must divide over {process_count} processes")
+    ds = grain.MapDataset.source(_Subset(docs, indices)).seed(seed).shuffle()
+    ds = ds[process_index::process_count].repeat(None).map(_Tokenize(tokenizer, eos_id))
+    packed = _pack(ds.to_iter_dataset(), seq_len)
+    return packed.batch(batch_size // process_count, drop_remainder=True)
+
+
+def eval_batches(
+    docs: Documents,
+    indices: np.ndarray,
+    tokenizer: Tokenizer,
+    eos_id: int,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The held-out split packed once, in order, as at most ``max_batches`` full batches.
+
+    The last batch is padded with empty rows (segment id 0, weight 0).
+    """
+    ds = grain.MapDataset.source(_Subset(docs, indices))[process_index::process_count]
+    ds = ds.map(_Tokenize(tokenizer, eos_id))
+    rows = _pack(ds.to_iter_dataset(), seq_len)
+    per_process = batch_size // process_count
+    out: list[dict[str, np.ndarray]] = []
+    pending: list[dict[str, np.ndarray]] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == per_process:
+            out.append(_stack(pending, per_process, seq_len))
+            pending = []
+            if len(out) == max_batches:
+                return out
+    if pending:
+        out.append(_stack(pending, per_process, seq_len))
+    return out
+
+
+def _stack(rows: list[dict[str, np.ndarray]], n: int, seq_len: int) -> dict[str, np.ndarray]:
+    pad = {"tokens": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32)}
+    rows = rows + [pad] * (n - len(rows))
+    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in pad}
+
+
+class _Subset:
+    """A view of ``docs`` restricted to ``indices`` (a grain random-access source)."""
+
+    def __init__(self, docs: Documents, indices: np.ndarray):
+        self.docs = docs
+        self.indices = np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        return self.docs[int(self.indices[i])]
+
+
+def iterator_state(it: Iterator) -> dict:
+    """The JSON-able state of a grain dataset iterator."""
+    return json.loads(json.dumps(it.get_state(), default=_jsonable))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"cannot store {type(x).__name__} in the data iterator state")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A ``tokenizers`` tokenizer from ``tokenizer.json`` or a directory holding one."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise DataError(f"tokenizer {path!r} not found: give a tokenizer.json or its directory")
+    return Tokenizer.from_file(file)

@@ -1,0 +1,392 @@
+"""Train a MiniMax-01 model: one command, a YAML run config, exact resume after preemption.
+
+    python -m minimax_jax.train --config configs/train/demo.yaml --workdir /tmp/demo \
+        [--steps N] [--set optim.lr=1e-3 ...]
+    python -m minimax_jax.train --export DIR --workdir /tmp/demo [--export_dtype bfloat16]
+
+The run writes ``WORKDIR/metrics.jsonl`` (one JSON line per logged step: step, loss, lr,
+grad_norm, tokens_per_s, mfu, ...; eval lines carry eval_loss and eval_ppl), TensorBoard events
+under ``WORKDIR/tb`` (when tensorboardX is installed) and Orbax checkpoints under
+``WORKDIR/checkpoints``. Starting again with the same WORKDIR restores the newest checkpoint
+(params, optimizer state, step, data iterator) and continues bit-for-bit. SIGTERM (preemption)
+saves a checkpoint and returns cleanly. Everything the user can get wrong (config keys, data
+paths, empty data, tokenizer vs model vocabulary) is checked before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from minimax_jax import checkpoint as ckpt
+from minimax_jax import data as data_lib
+from minimax_jax import sharding as shard_lib
+from minimax_jax import train_config as tc
+from minimax_jax.config import ModelConfig
+from minimax_jax.ops.decoder import RunOptions
+from minimax_jax.train_log import MetricsLog
+from minimax_jax.train_step import (
+    build_optimizer,
+    flops_per_token,
+    make_eval_step,
+    make_train_step,
+    measure_peak_flops,
+)
+
+_CONFIG = flags.DEFINE_string("config", None, "YAML run config (configs/train/*.yaml).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, events, checkpoints.")
+_STEPS = flags.DEFINE_integer("steps", None, "Override train.steps.")
+_SET = flags.DEFINE_multi_string("set", [], "Override one key: section.key=value (YAML value).")
+_EXPORT = flags.DEFINE_string(
+    "export", None, "Write the newest checkpoint of --workdir as an HF directory and exit."
+)
+_EXPORT_DTYPE = flags.DEFINE_string("export_dtype", "float32", "Weight dtype of --export.")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything checked and opened before compilation."""
+
+    config: tc.TrainConfig
+    model_config: ModelConfig
+    tokenizer: Any
+    eos_id: int
+    docs: data_lib.Documents
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+    mesh: jax.sharding.Mesh
+    rules: shard_lib.ShardingRules
+    steps: int
+
+
+def _dtype(name: str | None, key: str) -> Any:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise tc.ConfigError(f"{key} must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_model_config(section: tc.ModelSection) -> ModelConfig:
+    """The ModelConfig of the run: preset, config file or init_from dir, then overrides."""
+    if section.preset is not None:
+        cfg = ModelConfig.preset(section.preset)
+    else:
+        cfg = ModelConfig.from_hf(section.config or section.init_from)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(section.overrides) - fields)
+    if unknown:
+        raise tc.ConfigError(f"unknown key model.overrides.{unknown[0]}: not a ModelConfig field")
+    return cfg.replace(**section.overrides)
+
+
+def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
+    """Validates the run against its model, tokenizer, data and devices (no compilation)."""
+    model_config = resolve_model_config(config.model)
+    _dtype(config.model.param_dtype, "model.param_dtype")
+    _dtype(config.model.compute_dtype, "model.compute_dtype")
+    RunOptions(config.model.lightning_impl, config.model.moe_impl, config.model.remat)
+    d = config.data
+    tokenizer = data_lib.load_tokenizer(d.tokenizer)
+    n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_vocab > model_config.vocab_size:
+        raise data_lib.DataError(
+            f"tokenizer {d.tokenizer!r} has {n_vocab} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}: use a matching tokenizer or set "
+            "model.overrides.vocab_size"
+        )
+    eos_id = tokenizer.token_to_id(d.eos_token)
+    if eos_id is None:
+        raise data_lib.DataError(f"tokenizer {d.tokenizer!r} has no eos token {d.eos_token!r}")
+    docs = data_lib.open_documents(d.sources)
+    train_idx, eval_idx = data_lib.split_documents(len(docs), d.eval_fraction, d.seed)
+    rules, mesh_cfg = shard_lib.load_rules(config.mesh.rules)
+    sizes = {a: getattr(config.mesh, a) for a in shard_lib.MESH_AXES}
+    mesh_cfg = dataclasses.replace(mesh_cfg, **{a: s for a, s in sizes.items() if s is not None})
+    mesh = shard_lib.make_mesh(mesh_cfg)
+    rows = d.batch_size // d.grad_accum
+    batch_ways = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+    if rows % batch_ways:
+        raise tc.ConfigError(
+            f"data.batch_size / grad_accum = {rows} rows must divide over the {batch_ways} "
+            "devices the batch is sharded on"
+        )
+    return Setup(config, model_config, tokenizer, eos_id, docs, train_idx, eval_idx, mesh,
+                 rules, steps or config.train.steps)  # fmt: skip
+
+
+def _param_shardings(setup: Setup, param_dtype: Any) -> dict:
+    from minimax_jax.model import MiniMaxForCausalLM
+
+    abstract = nnx.eval_shape(
+        lambda: MiniMaxForCausalLM(setup.model_config, rngs=nnx.Rngs(0), param_dtype=param_dtype)
+    )
+    return shard_lib.pure_param_shardings(nnx.state(abstract, nnx.Param), setup.mesh, setup.rules)
+
+
+def init_state(setup: Setup, tx) -> dict:
+    """Fresh (or init_from) train state placed by the sharding rules."""
+    from minimax_jax.model import MiniMaxForCausalLM
+    from minimax_jax.pretrained import from_pretrained
+
+    m = setup.config.model
+    dtype = _dtype(m.param_dtype, "model.param_dtype")
+    p_shard = _param_shardings(setup, dtype)
+    if m.init_from is not None:
+        fn = shard_lib.leaf_sharding_fn(p_shard)
+        params = from_pretrained(m.init_from, dtype=dtype, sharding=fn).pure_params()
+    else:
+        seed = setup.config.train.seed
+
+        def make():
+            model = MiniMaxForCausalLM(setup.model_config, rngs=nnx.Rngs(seed), param_dtype=dtype)
+            return model.pure_params()
+
+        params = jax.jit(make, out_shardings=p_shard)()
+    opt_state = jax.jit(tx.init)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(setup.mesh, PartitionSpec()))
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _batch_sharding(setup: Setup) -> NamedSharding:
+    """[A,B,T]: microbatch axis unsharded, rows over the rules' batch axes."""
+    row_spec = setup.rules.spec(("batch", "length"), setup.mesh)
+    return NamedSharding(setup.mesh, PartitionSpec(None, *row_spec))
+
+
+def _to_global(batch: dict, sharding: NamedSharding, accum: int) -> dict:
+    """This process's rows [B_local,T] -> global arrays [A, B_global/A, T]."""
+
+    def one(x):
+        local = x.reshape(accum, x.shape[0] // accum, x.shape[1])
+        return jax.make_array_from_process_local_data(sharding, local)
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def run_eval(setup: Setup, eval_fn, params, batches: list, sharding: NamedSharding) -> dict:
+    """Mean token NLL and perplexity over the held-out batches."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        nll, n = eval_fn(params, {k: v[0] for k, v in _to_global(b, sharding, 1).items()})
+        total, count = total + float(nll), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)), "eval_tokens": count}
+
+
+class _Preemption:
+    """Sets a flag on SIGTERM (only installable from the main thread)."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _run_config(setup: Setup) -> dict:
+    return {"train": setup.config.to_dict(), "model": setup.model_config.to_hf()}
+
+
+def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, int]:
+    state = init_state(setup, tx)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return state, 0
+    saved = checkpointer.restore_config(latest)
+    if ModelConfig.from_hf(saved["model"]) != ModelConfig.from_hf(setup.model_config.to_hf()):
+        raise tc.ConfigError(
+            f"the checkpoint in {checkpointer.directory} is of a different model: use a new "
+            "--workdir or the same model config"
+        )
+    state, data_state, _ = checkpointer.restore(latest, ckpt.abstract_like(state))
+    data_iter.set_state(data_state)
+    return state, latest
+
+
+def train(
+    *,
+    config: tc.TrainConfig,
+    workdir: str,
+    steps: int | None = None,
+    setup: Setup | None = None,
+) -> dict:
+    """Runs (or resumes) training; returns a summary {step, loss, eval_loss, preempted, ...}."""
+    setup = setup or prepare(config, steps)
+    cfg, d = setup.config, setup.config.data
+    os.makedirs(workdir, exist_ok=True)
+    tx, schedule = build_optimizer(cfg.optim, setup.steps)
+    opts = RunOptions(cfg.model.lightning_impl, cfg.model.moe_impl, cfg.model.remat)
+    compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
+    pid, pcount = jax.process_index(), jax.process_count()
+    dataset = data_lib.train_dataset(
+        setup.docs, setup.train_idx, setup.tokenizer, setup.eos_id, seq_len=d.seq_len,
+        batch_size=d.batch_size, seed=d.seed, process_index=pid, process_count=pcount,
+    )  # fmt: skip
+    data_iter = iter(dataset)
+    checkpointer = ckpt.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
+        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+    )  # fmt: skip
+    with shard_lib.use_mesh(setup.mesh):
+        state, start = _restore_or_init(setup, tx, checkpointer, data_iter)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        step_fn = jax.jit(
+            make_train_step(setup.model_config, opts, compute, cfg.optim, tx),
+            donate_argnums=0, out_shardings=(shardings, None),
+        )  # fmt: skip
+        eval_fn = jax.jit(make_eval_step(setup.model_config, opts, compute))
+        eval_data = data_lib.eval_batches(
+            setup.docs, setup.eval_idx, setup.tokenizer, setup.eos_id, seq_len=d.seq_len,
+            batch_size=d.batch_size // d.grad_accum, max_batches=d.eval_batches,
+            process_index=pid, process_count=pcount,
+        ) if len(setup.eval_idx) else []  # fmt: skip
+        log = MetricsLog(
+            workdir, start, setup.steps, is_main=pid == 0, every=cfg.train.log_every
+        )
+        try:
+            return _loop(setup, locals())
+        finally:
+            log.close()
+            checkpointer.close()
+
+
+def _loop(setup: Setup, env: dict) -> dict:
+    """The step loop (see `train`): env holds the objects `train` built."""
+    cfg, d = setup.config, setup.config.data
+    state, start, log = env["state"], env["start"], env["log"]
+    data_iter, checkpointer = env["data_iter"], env["checkpointer"]
+    sharding = _batch_sharding(setup)
+    peak = _peak_flops(cfg, env["compute"])
+    flops_tok = flops_per_token(setup.model_config, d.seq_len)
+    run_cfg, summary = _run_config(setup), {"step": start, "preempted": False}
+    bad_in_row, t_last = 0, time.perf_counter()
+    with _Preemption() as preempt:
+        for step in range(start + 1, setup.steps + 1):
+            batch = _to_global(next(data_iter), sharding, d.grad_accum)
+            state, metrics = env["step_fn"](state, batch)
+            data_state = data_lib.iterator_state(data_iter)
+            last = step == setup.steps
+            checkpointer.save(step, state, data_state, run_cfg, force=last or preempt.flag)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            tok_s = d.batch_size * d.seq_len / (now - t_last)
+            t_last = now
+            m.update(step=step, lr=float(env["schedule"](step - 1)), tokens_per_s=tok_s,
+                     mfu=tok_s * flops_tok / (peak * jax.device_count()))  # fmt: skip
+            bad_in_row = bad_in_row + 1 if m["skipped"] else 0
+            log.step(m, force=last or bool(m["skipped"]))
+            summary.update(step=step, loss=m["loss"])
+            if _eval_due(cfg.train.eval_every, step, last) and env["eval_data"]:
+                ev = run_eval(setup, env["eval_fn"], state["params"], env["eval_data"], sharding)
+                log.eval(step, ev)
+                summary.update(ev)
+            if bad_in_row >= cfg.train.max_nonfinite:
+                checkpointer.wait()
+                raise TrainError(
+                    f"{bad_in_row} non-finite steps in a row (last at step {step}): lower "
+                    "optim.lr, enable clipping or check the data; the last checkpoint is kept"
+                )
+            if preempt.flag:
+                checkpointer.wait()
+                log.note(f"SIGTERM: saved checkpoint {step}, exiting")
+                summary["preempted"] = True
+                break
+    summary["state"] = state
+    return summary
+
+
+def _eval_due(every: int, step: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+def _peak_flops(cfg: tc.TrainConfig, compute: Any) -> float:
+    if cfg.train.peak_tflops is not None:
+        return cfg.train.peak_tflops * 1e12
+    return measure_peak_flops(compute or _dtype(cfg.model.param_dtype, "model.param_dtype"))
+
+
+def export(*, workdir: str, out_dir: str, dtype: str = "float32") -> list[str]:
+    """Writes the newest checkpoint's params as an HF directory (+ the run's tokenizer files)."""
+    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints to export")
+    saved = checkpointer.restore_config(step)
+    config = tc.from_dict(saved["train"])
+    model_config = ModelConfig.from_hf(saved["model"])
+    restored = checkpointer.manager.restore(step, args=ckpt.ocp.args.Composite(
+        state=ckpt.ocp.args.StandardRestore()))["state"]  # fmt: skip
+    checkpointer.close()
+    params = restored["params"]
+    params["blocks"] = _as_list(params["blocks"])
+    tok = config.data.tokenizer
+    tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
+    return ckpt.export_pretrained(
+        params, model_config, out_dir, dtype=_dtype(dtype, "--export_dtype"), tokenizer_dir=tok_dir
+    )
+
+
+def _as_list(blocks: Any) -> list:
+    if isinstance(blocks, dict):
+        return [blocks[k] for k in sorted(blocks, key=int)]
+    return list(blocks)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        print(f"train: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        if not _WORKDIR.value:
+            raise tc.ConfigError("--workdir is required")
+        if _EXPORT.value:
+            files = export(workdir=_WORKDIR.value, out_dir=_EXPORT.value, dtype=_EXPORT_DTYPE.value)
+            print(f"exported {', '.join(files)} to {_EXPORT.value}")
+            return
+        if not _CONFIG.value:
+            raise tc.ConfigError("--config is required")
+        config = tc.load(_CONFIG.value, _SET.value)
+        summary = train(config=config, workdir=_WORKDIR.value, steps=_STEPS.value)
+    except (ValueError, OSError, TrainError) as e:  # ConfigError and DataError are ValueErrors
+        print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    summary.pop("state", None)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)
