@@ -22,27 +22,42 @@ from minimax_jax.ops.attention import (
 )
 from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_sorted
+from minimax_jax.ops.moe_parallel import moe_ep
 from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.rope import rope_tables
+from minimax_jax.sharding import constrain
 
 LIGHTNING = "linear_attention"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """Static choices that do not change the math: kernels, MoE path, remat."""
+    """Static choices that do not change the math: kernels, MoE path, remat, device mesh.
+
+    With `mesh` and `rules` (`minimax_jax.sharding`), activations are constrained at block
+    boundaries and the MoE runs under shard_map (`moe_parallel.moe_ep`): "sorted" and "ep" both
+    sort each device's own tokens; experts are split over the mesh only where the rules say so.
+    """
 
     lightning_impl: str = "auto"
-    moe_impl: str = "sorted"  # "sorted" (grouped matmul) | "dense" (reference)
+    moe_impl: str = "sorted"  # "sorted" (grouped matmul) | "dense" (reference) | "ep"
     remat_policy: str | None = None  # None | "full" | "dots" (save matmul outputs)
+    mesh: Any = None  # jax.sharding.Mesh with axes (data, fsdp, expert, tensor)
+    rules: Any = None  # minimax_jax.sharding.ShardingRules
+    gmm_impl: str = "auto"  # pallas_kernels.moe implementation
+    ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
 
     def __post_init__(self):
-        if self.moe_impl not in ("sorted", "dense"):
-            raise ValueError(f"moe_impl must be 'sorted' or 'dense', got {self.moe_impl!r}")
+        if self.moe_impl not in ("sorted", "dense", "ep"):
+            raise ValueError(f"moe_impl must be 'sorted', 'dense' or 'ep', got {self.moe_impl!r}")
         if self.remat_policy not in (None, "full", "dots"):
             raise ValueError(
                 f"remat_policy must be None, 'full' or 'dots', got {self.remat_policy!r}"
             )
+        if (self.mesh is None) != (self.rules is None):
+            raise ValueError("RunOptions: give both mesh and rules, or neither")
+        if self.moe_impl == "ep" and self.mesh is None:
+            raise ValueError("RunOptions(moe_impl='ep') needs mesh and rules")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +102,14 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
 
 def _moe(config, params, v, opts):
     b, t, d = v.shape
-    fn = moe_sorted if opts.moe_impl == "sorted" else moe_dense
-    y, logits = fn(params, v.reshape(b * t, d), config.num_experts_per_tok)
+    k = config.num_experts_per_tok
+    if opts.mesh is not None and opts.moe_impl != "dense":
+        return moe_ep(params, v, k, mesh=opts.mesh, rules=opts.rules,
+                      implementation=opts.gmm_impl, dispatch=opts.ep_dispatch)  # fmt: skip
+    if opts.moe_impl == "dense":
+        y, logits = moe_dense(params, v.reshape(b * t, d), k)
+    else:
+        y, logits = moe_sorted(params, v.reshape(b * t, d), k, implementation=opts.gmm_impl)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
 
 
@@ -143,6 +164,7 @@ def decoder_stack(
 
     def block(x, scanned):
         block_params, block_slopes, block_caches = scanned
+        x = constrain(x, ("batch", "length", "act_embed"), opts.mesh, opts.rules)
         logits, new_caches = [], []
         for p, kind in enumerate(pattern):  # heterogeneous positions inside one block: static
             x, lg, c = decoder_layer(
@@ -150,6 +172,7 @@ def decoder_stack(
             )
             logits.append(lg)
             new_caches.append(c)
+        x = constrain(x, ("batch", "length", "act_embed"), opts.mesh, opts.rules)
         return x, (jnp.stack(logits), new_caches)
 
     scanned = (blocks, slopes.swapaxes(0, 1), caches)
