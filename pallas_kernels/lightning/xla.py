@@ -99,12 +99,19 @@ def block_masks(runs: jax.Array, block: int) -> SegmentMasks:
     return SegmentMasks(rb, sees_prev, in_last, sees_prev[:, :, -1])
 
 
-def _block_terms(log_decay, seg):
+def intra_decay_mask(slopes: jax.Array, block: int) -> jax.Array:
+    """M [N, C, C] fp32: exp(-s (j - i)) for i <= j else 0. The same for every block: entries
+    that touch padded tokens multiply zero q/k/v (or a zero cotangent), so they never count."""
+    pos = jnp.arange(block, dtype=jnp.float32)
+    diff = pos[:, None] - pos[None, :]
+    causal = diff >= 0
+    decay = jnp.exp(-slopes.astype(jnp.float32)[:, None, None] * jnp.where(causal, diff, 0.0))
+    return jnp.where(causal[None], decay, 0.0)
+
+
+def _block_terms(mask, log_decay, seg):
     """Decay factors of one block: M [B|1, N, C, C], qd/kd [B|1, C, N], sd [B|1, N]."""
-    c = log_decay.shape[0]
-    causal = jnp.tril(jnp.ones((c, c), bool))[:, :, None]
-    diff = log_decay[:, None, :] - log_decay[None, :, :]  # [C(j), C(i), N]
-    m = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0).transpose(2, 0, 1)[None]
+    m = mask[None]
     last = log_decay[-1]
     qd = jnp.exp(log_decay)[None]
     kd = jnp.exp(last[None, :] - log_decay)[None]
@@ -119,35 +126,45 @@ def _block_terms(log_decay, seg):
     return m, qd, kd, sd
 
 
-def _fwd_block(state, q, k, v, log_decay, seg):
-    """One block forward. q, k, v [B, C, N, H] fp32; state [B, N, H, H] -> (o, new_state)."""
-    m, qd, kd, sd = _block_terms(log_decay, seg)
-    scores = jnp.einsum("bjnh,binh->bnji", q, k) * m
-    o = jnp.einsum("bnji,bine->bjne", scores, v)
-    o = o + jnp.einsum("bjnh,bnhe->bjne", q * qd[..., None], state)
-    new_state = sd[:, :, None, None] * state + jnp.einsum("binh,bine->bnhe", k * kd[..., None], v)
-    return o, new_state
+# Intra-block (C x C) matmuls take the input dtype with fp32 accumulation (bf16 on the hot
+# path); everything touching the state is fp32.
+_F32 = jnp.float32
 
 
-def _bwd_block(d_state, q, k, v, do, state, log_decay, seg):
+def _mm(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=_F32)
+
+
+def _fwd_block(state, q, k, v, terms):
+    """One block forward. q, k, v [B, C, N, H]; state [B, N, H, H] fp32 -> (o f32, new_state)."""
+    m, qd, kd, sd = terms
+    scores = (_mm("bjnh,binh->bnji", q, k) * m).astype(v.dtype)
+    o = _mm("bnji,bine->bjne", scores, v)
+    o = o + _mm("bjnh,bnhe->bjne", q.astype(_F32) * qd[..., None], state)
+    kv = _mm("binh,bine->bnhe", k.astype(_F32) * kd[..., None], v.astype(_F32))
+    return o, sd[:, :, None, None] * state + kv
+
+
+def _bwd_block(d_state, q, k, v, do, state, terms):
     """One block backward given dS_new; returns (dS_prev, dq, dk, dv), all fp32."""
-    m, qd, kd, sd = _block_terms(log_decay, seg)
-    dp = jnp.einsum("bjne,bine->bnji", do, v) * m
-    p = jnp.einsum("bjnh,binh->bnji", q, k) * m
-    dq = jnp.einsum("bnji,binh->bjnh", dp, k)
-    dq = dq + jnp.einsum("bjne,bnhe->bjnh", do, state) * qd[..., None]
-    dk = jnp.einsum("bnji,bjnh->binh", dp, q)
-    dk = dk + jnp.einsum("bine,bnhe->binh", v, d_state) * kd[..., None]
-    dv = jnp.einsum("bnji,bjne->bine", p, do)
-    dv = dv + jnp.einsum("binh,bnhe->bine", k * kd[..., None], d_state)
-    d_prev = sd[:, :, None, None] * d_state + jnp.einsum("bjnh,bjne->bnhe", q * qd[..., None], do)
+    m, qd, kd, sd = terms
+    dp = (_mm("bjne,bine->bnji", do, v) * m).astype(q.dtype)
+    p = (_mm("bjnh,binh->bnji", q, k) * m).astype(do.dtype)
+    do32 = do.astype(_F32)
+    dq = _mm("bnji,binh->bjnh", dp, k) + _mm("bjne,bnhe->bjnh", do32, state) * qd[..., None]
+    dk = _mm("bnji,bjnh->binh", dp, q)
+    dk = dk + _mm("bine,bnhe->binh", v.astype(_F32), d_state) * kd[..., None]
+    dv = _mm("bnji,bjne->bine", p, do)
+    dv = dv + _mm("binh,bnhe->bine", k.astype(_F32) * kd[..., None], d_state)
+    d_prev = sd[:, :, None, None] * d_state
+    d_prev = d_prev + _mm("bjnh,bjne->bnhe", q.astype(_F32) * qd[..., None], do32)
     return d_prev, dq, dk, dv
 
 
 def _blocks(x, block):
-    """[B, nb*C, ...] -> [nb, B, C, ...] in fp32."""
+    """[B, nb*C, ...] -> [nb, B, C, ...]."""
     b, tp = x.shape[:2]
-    x = x.astype(jnp.float32).reshape(b, tp // block, block, *x.shape[2:])
+    x = x.reshape(b, tp // block, block, *x.shape[2:])
     return jnp.swapaxes(x, 0, 1)
 
 
@@ -160,17 +177,18 @@ def _unblocks(x):
 def _forward_scan(q, k, v, slopes, state, runs, block, length):
     log_decay = block_log_decays(slopes, length, block)
     seg = None if runs is None else block_masks(runs, block)
+    mask = intra_decay_mask(slopes, block)
 
     @jax.checkpoint  # keep only the carried states if someone differentiates this directly
     def body(carry, xs):
         qb, kb, vb, ld, sg = xs
-        o, new = _fwd_block(carry, qb, kb, vb, ld, sg)
-        return new, (o, carry)
+        o, new = _fwd_block(carry, qb, kb, vb, _block_terms(mask, ld, sg))
+        return new, (o.astype(qb.dtype), carry)
 
     xs = (_blocks(q, block), _blocks(k, block), _blocks(v, block), log_decay, seg)
     state = match_vma(state, q, k, v, slopes, runs)
     final, (o, starts) = jax.lax.scan(body, state, xs)
-    return _unblocks(o).astype(q.dtype), final, starts
+    return _unblocks(o), final, starts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -189,16 +207,18 @@ def _chunked_bwd(block, length, res, cts):
     do, d_final = cts
     log_decay = block_log_decays(slopes, length, block)
     seg = None if runs is None else block_masks(runs, block)
+    mask = intra_decay_mask(slopes, block)
 
     def body(d_state, xs):
         qb, kb, vb, dob, sb, ld, sg = xs
-        d_prev, dq, dk, dv = _bwd_block(d_state, qb, kb, vb, dob, sb, ld, sg)
-        return d_prev, (dq, dk, dv)
+        d_prev, dq, dk, dv = _bwd_block(d_state, qb, kb, vb, dob, sb, _block_terms(mask, ld, sg))
+        return d_prev, (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype))
 
+    do = do.astype(q.dtype)
     xs = (*(_blocks(x, block) for x in (q, k, v, do)), starts, log_decay, seg)
     d_final = match_vma(d_final.astype(jnp.float32), q, k, v, do, starts, slopes, runs)
     d_init, (dq, dk, dv) = jax.lax.scan(body, d_final, xs, reverse=True)
-    dq, dk, dv = (_unblocks(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+    dq, dk, dv = _unblocks(dq), _unblocks(dk), _unblocks(dv)
     d_runs = None if runs is None else jnp.zeros(runs.shape, jax.dtypes.float0)
     return dq, dk, dv, jnp.zeros_like(slopes), d_init, d_runs
 
