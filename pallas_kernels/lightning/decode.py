@@ -50,14 +50,12 @@ def lightning_decode_xla(
 
 
 def _decode_kernel(decay_ref, q_ref, k_ref, v_ref, s_ref, o_ref, s_out_ref):
-    # Refs: decay [G, 1, 1]; q/k/v [G, 1, H]; state [G, H, H]; o [G, 1, H].
-    q = q_ref[...].astype(jnp.float32)
-    k = k_ref[...].astype(jnp.float32)
-    v = v_ref[...].astype(jnp.float32)
-    kv = jnp.einsum("gxh,gxe->ghe", k, v, preferred_element_type=jnp.float32)
-    new_state = decay_ref[...] * s_ref[...] + kv
+    # Refs: decay [G, 1, 1]; q, k as columns [G, H, 1]; v as a row [G, 1, H]; state [G, H, H];
+    # o [G, 1, H]. Broadcasts and a sublane reduction only: no matmul with a unit dimension.
+    f32 = jnp.float32
+    new_state = decay_ref[...] * s_ref[...] + k_ref[...].astype(f32) * v_ref[...].astype(f32)
     s_out_ref[...] = new_state
-    o = jnp.einsum("gxh,ghe->gxe", q, new_state, preferred_element_type=jnp.float32)
+    o = jnp.sum(q_ref[...].astype(f32) * new_state, axis=1, keepdims=True)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -87,14 +85,16 @@ def lightning_decode_pallas(
     g = _rows_per_step(rows, h)
     decay = jnp.broadcast_to(jnp.exp(-slopes.astype(jnp.float32))[None], (b, n))
     decay = decay.reshape(rows, 1, 1)
-    q3, k3, v3 = (x.reshape(rows, 1, h) for x in (q, k, v))
-    vec = pl.BlockSpec((g, 1, h), lambda i: (i, 0, 0))
+    q_col, k_col = q.reshape(rows, h, 1), k.reshape(rows, h, 1)
+    v_row = v.reshape(rows, 1, h)
+    row = pl.BlockSpec((g, 1, h), lambda i: (i, 0, 0))
+    col = pl.BlockSpec((g, h, 1), lambda i: (i, 0, 0))
     mat = pl.BlockSpec((g, h, h), lambda i: (i, 0, 0))
     o, new_state = pl.pallas_call(
         _decode_kernel,
         grid=(rows // g,),
-        in_specs=[pl.BlockSpec((g, 1, 1), lambda i: (i, 0, 0)), vec, vec, vec, mat],
-        out_specs=[vec, mat],
+        in_specs=[pl.BlockSpec((g, 1, 1), lambda i: (i, 0, 0)), col, col, row, mat],
+        out_specs=[row, mat],
         out_shape=[
             jax.ShapeDtypeStruct((rows, 1, h), q.dtype),
             jax.ShapeDtypeStruct((rows, h, h), jnp.float32),
@@ -102,5 +102,5 @@ def lightning_decode_pallas(
         input_output_aliases={4: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=pltpu.InterpretParams() if interpret else False,
-    )(decay, q3, k3, v3, state.astype(jnp.float32).reshape(rows, h, h))
+    )(decay, q_col, k_col, v_row, state.astype(jnp.float32).reshape(rows, h, h))
     return o.reshape(b, n, h), new_state.reshape(b, n, h, h)
