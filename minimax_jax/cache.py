@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from minimax_jax.config import ModelConfig
 
@@ -47,9 +46,3 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jn
     return jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, max_len, kv_dtype)
     )
-
-
-def cache_bytes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jnp.float32) -> int:
-    """Bytes the cache occupies."""
-    leaves = jax.tree.leaves(cache_shapes(config, batch, max_len, kv_dtype))
-    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in leaves)

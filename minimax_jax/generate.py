@@ -122,7 +122,8 @@ def run_generate(
     print(
         f"[{ckpt.name}] {model.config.param_count():,} params; estimated device memory "
         f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
-        f"{plan['cache'] / 2**20:.1f}); {len(encoded)} prompt(s)",
+        f"{plan['cache'] / 2**20:.1f} + activations {plan['activations'] / 2**20:.1f}); "
+        f"{len(encoded)} prompt(s)",
         file=log,
     )
     kw = dict(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tok.eos_token_ids or None)

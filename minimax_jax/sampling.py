@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minimax_jax.cache import cache_bytes, init_cache
+from minimax_jax import memory
+from minimax_jax.cache import init_cache
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops.decoder import RunOptions, forward_cached
 
@@ -75,13 +76,6 @@ def _bucket_prompt(t: int, chunk: int) -> tuple[int, int]:
     return -(-t // chunk) * chunk, chunk
 
 
-def estimate_bytes(params: Any, config: ModelConfig, batch: int, max_len: int, kv_dtype) -> dict:
-    """Device bytes for weights and caches (activations of one prefill chunk are extra)."""
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    cache = cache_bytes(config, batch, max_len, kv_dtype)
-    return {"weights": int(weights), "cache": int(cache), "total": int(weights + cache)}
-
-
 def device_memory_limit() -> int | None:
     """Bytes of memory on the first device (host RAM for CPU), or None if unknown."""
     dev = jax.devices()[0]
@@ -132,15 +126,34 @@ class Engine:
         """Bucketed shapes and the memory estimate for a request."""
         padded, chunk = _bucket_prompt(prompt_len, self.prefill_chunk)
         max_len = -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
-        est = estimate_bytes(self.params, self.config, batch, max_len, self.kv_dtype)
-        return {"padded_prompt": padded, "chunk": chunk, "max_len": max_len, **est}
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        mem = memory.plan_inference(
+            self.config,
+            batch=batch,
+            prompt_len=padded,
+            max_len=max_len,
+            weights=int(weights),
+            param_dtype=self.params["embed"].dtype,
+            kv_dtype=self.kv_dtype,
+            prefill_chunk=chunk,
+        )
+        return {
+            "padded_prompt": padded,
+            "chunk": chunk,
+            "max_len": max_len,
+            "weights": mem.weights,
+            "cache": mem.cache,
+            "activations": mem.activations,
+            "total": mem.total,
+        }
 
     def check_memory(self, plan: dict) -> None:
         limit = device_memory_limit()
         if limit is not None and plan["total"] > limit:
             raise MemoryError(
                 f"estimated {plan['total'] / 2**30:.2f} GiB (weights {plan['weights'] / 2**30:.2f}"
-                f" + cache {plan['cache'] / 2**30:.2f}) exceeds device memory "
+                f" + cache {plan['cache'] / 2**30:.2f} + activations "
+                f"{plan['activations'] / 2**30:.2f}) exceeds device memory "
                 f"{limit / 2**30:.2f} GiB: lower the batch, prompt or max_new_tokens, or use a mesh"
             )
 

@@ -1,0 +1,204 @@
+"""Memory planner: bytes per device for weights, caches, activations and optimizer state.
+
+Used by `generate` (printed before compiling, and a refusal when it will not fit) and by training
+plans. Weights, gradients, optimizer state and caches are exact: every parameter's shard shape
+comes from its logical axes and the same `ShardingRules.spec` the model is placed with.
+Activations are a model of the peak of one jitted call (documented per term below), not a
+measurement; `experiments/fullscale/` compares the plan with measured peaks.
+
+Einsum letters: B batch, T tokens per call, S cache slots, D model, N heads, K kv heads, H head
+dim, E experts, F expert FFN, V vocab, C lightning block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.sharding import MESH_AXES, ShardingRules
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device."""
+
+    weights: int
+    cache: int = 0
+    activations: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.activations + self.gradients + self.optimizer
+
+    def report(self) -> str:
+        parts = [
+            f"{k} {getattr(self, k) / GiB:.2f}"
+            for k in ("weights", "cache", "activations", "gradients", "optimizer")
+            if getattr(self, k)
+        ]
+        return f"{self.total / GiB:.2f} GiB per device (" + ", ".join(parts) + ")"
+
+
+def _mesh_like(mesh_shape: Mapping[str, int] | None):
+    shape = {a: 1 for a in MESH_AXES} | dict(mesh_shape or {})
+    return types.SimpleNamespace(shape=shape)
+
+
+def _shard_elems(shape, axes, mesh, rules: ShardingRules | None) -> int:
+    if rules is None:
+        return math.prod(shape)
+    spec = rules.spec(axes, mesh, shape)
+    div = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            div *= mesh.shape[axis]
+    return math.prod(shape) // div
+
+
+def param_leaves(config: ModelConfig, param_dtype: Any = jnp.bfloat16) -> list[tuple]:
+    """[(shape, dtype, logical_axes)] of every parameter, from eval_shape (nothing allocated)."""
+    from minimax_jax.model import MiniMaxForCausalLM
+
+    abstract = nnx.eval_shape(
+        lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype)
+    )
+    leaves = jax.tree.leaves(
+        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return [
+        (v.get_value().shape, v.get_value().dtype, v.get_metadata()["logical_axes"]) for v in leaves
+    ]
+
+
+def weight_bytes(config, mesh_shape=None, rules=None, param_dtype=jnp.bfloat16) -> int:
+    """Parameter bytes on one device."""
+    mesh = _mesh_like(mesh_shape)
+    return sum(
+        _shard_elems(s, a, mesh, rules) * np.dtype(d).itemsize
+        for s, d, a in param_leaves(config, param_dtype)
+    )
+
+
+def cache_bytes(config, batch, max_len, mesh_shape=None, rules=None, kv_dtype=jnp.bfloat16) -> int:
+    """Lightning states [NB,B,N,H,H] fp32, softmax K/V [NB,B,S,K,H] and bookkeeping, per device."""
+    mesh = _mesh_like(mesh_shape)
+    nb, n, h, k = config.num_blocks, config.num_heads, config.head_dim, config.num_kv_heads
+    local_batch = _split(batch, ("batch",), mesh, rules)
+    total = local_batch * max_len + 4 + 4 * local_batch  # valid [B,S] bool, index, positions [B]
+    for kind in config.block_pattern:
+        if kind == "linear_attention":
+            shape, axes, size = (nb, batch, n, h, h), ("layers", "batch", "heads", None, None), 4
+            total += _shard_elems(shape, axes, mesh, rules) * size
+        else:
+            shape, axes = (nb, batch, max_len, k, h), ("layers", "batch", None, "kv_heads", None)
+            total += 2 * _shard_elems(shape, axes, mesh, rules) * np.dtype(kv_dtype).itemsize
+    return total
+
+
+def _split(n: int, axes: tuple[str, ...], mesh, rules) -> int:
+    """n divided by the mesh axes a logical dimension maps to (when they divide it)."""
+    return _shard_elems((n,), axes, mesh, rules) if rules else n
+
+
+def softmax_score_bytes(config, batch, t, s, mesh, rules) -> int:
+    """The softmax layer's fp32 scores and probabilities [B,N,T,S] (materialised: no flash
+    kernel yet, so this term dominates long prefills; the prefill chunk bounds T)."""
+    n = _split(config.num_heads, ("heads",), mesh, rules)
+    return 2 * batch * n * t * s * 4
+
+
+def layer_activation_bytes(config, tokens, mesh, rules, compute_bytes) -> int:
+    """Peak live bytes inside one layer for `tokens` tokens on this device.
+
+    Lightning: q, k, v [T,N,H] + output and gate [T,N*H] (compute dtype) + the fp32 intra-block
+    score tiles [T/C, N, C, C] and per-block states [T/C, N, H, H]. MoE: the sorted copies
+    [T*k, D], the fused gate/up product [T*k, 2F] and the fp32 expert output [T*k, D].
+    """
+    n = _split(config.num_heads, ("heads",), mesh, rules)
+    h, d, c = config.head_dim, config.hidden_size, config.block_size
+    f = _split(config.intermediate_size, ("mlp",), mesh, rules)
+    k = config.num_experts_per_tok
+    blocks = -(-tokens // c)
+    lightning = tokens * n * h * 5 * compute_bytes + blocks * n * (c * c + h * h) * 4
+    moe = tokens * k * (d * compute_bytes + 2 * f * compute_bytes + d * 4)
+    return max(lightning, moe) + 4 * tokens * d * compute_bytes  # + residual stream copies
+
+
+def plan_inference(
+    config,
+    *,
+    batch,
+    prompt_len,
+    max_len,
+    mesh_shape=None,
+    rules=None,
+    param_dtype=jnp.bfloat16,
+    kv_dtype=jnp.bfloat16,
+    prefill_chunk=None,
+    weights: int | None = None,
+):
+    """Weights + caches + the peak of one prefill chunk (last-position logits only).
+
+    weights: bytes already known (e.g. of loaded params) instead of computing them.
+    """
+    mesh = _mesh_like(mesh_shape)
+    local_batch = _split(batch, ("batch",), mesh, rules)
+    chunk = min(prompt_len, prefill_chunk or prompt_len)
+    cb = np.dtype(param_dtype).itemsize
+    act = layer_activation_bytes(config, local_batch * chunk, mesh, rules, cb)
+    act = max(act, softmax_score_bytes(config, local_batch, chunk, max_len, mesh, rules))
+    act += local_batch * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
+    return MemoryPlan(
+        weights=weight_bytes(config, mesh_shape, rules, param_dtype)
+        if weights is None
+        else weights,
+        cache=cache_bytes(config, batch, max_len, mesh_shape, rules, kv_dtype),
+        activations=int(act),
+    )
+
+
+def plan_training(
+    config,
+    *,
+    batch,
+    seq_len,
+    mesh_shape=None,
+    rules=None,
+    param_dtype=jnp.float32,
+    compute_dtype=jnp.bfloat16,
+    optimizer_moments=2,
+    remat="full",
+):
+    """fp32 params, grads and AdamW moments (sharded like the params), and activations.
+
+    With remat="full" (per block) the saved activations are one [T,D] residual per block plus
+    one block recomputed in the backward (its 8 layers' intermediates); without remat every
+    layer's intermediates are kept. Logits and their gradient are [T,V] fp32.
+    """
+    mesh = _mesh_like(mesh_shape)
+    tokens = _split(batch, ("batch",), mesh, rules) * seq_len
+    cb = np.dtype(compute_dtype).itemsize
+    w = weight_bytes(config, mesh_shape, rules, param_dtype)
+    layer = layer_activation_bytes(config, tokens, mesh, rules, cb)
+    residual = tokens * config.hidden_size * cb
+    local_batch = _split(batch, ("batch",), mesh, rules)
+    layer = max(layer, softmax_score_bytes(config, local_batch, seq_len, seq_len, mesh, rules))
+    if remat == "full":
+        act = config.num_blocks * residual + config.period * layer
+    else:
+        act = config.num_layers * (layer + residual)
+    act += 2 * tokens * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
+    return MemoryPlan(weights=w, activations=int(act), gradients=w, optimizer=optimizer_moments * w)
