@@ -22,8 +22,8 @@ Reference schemas:
   off (then partial-RoPE models are expected to fail). The slope formulas of the two schemas
   differ by <= 1e-5 relative for power-of-two head counts, below the default thresholds.
 
-Tokens: ``--prompt`` is tokenized with the reference's tokenizer files (offline) when present;
-otherwise (or without ``--prompt``) ``--num_tokens`` random ids from ``--seed`` are used.
+Tokens: ``--prompt`` is tokenized with the reference's tokenizer files (offline); without it
+``--num_tokens`` random ids from ``--seed`` are used.
 The real 456B models need ~1.9 TB of host memory in fp32 for this check: run it on a truncated
 config, or on a machine that size.
 """
@@ -137,6 +137,7 @@ def reference_logits(hf_dir: Path, ids: np.ndarray, patch_rope: bool) -> np.ndar
     import torch
     import transformers
 
+    transformers.utils.logging.set_verbosity_error()  # the load report lists derived buffers
     config = ModelConfig.from_hf(hf_dir)
     with native_view(hf_dir, config) as path:
         model = transformers.MiniMaxForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -159,18 +160,21 @@ def candidate_logits(path: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def token_ids(reference: Path, prompt: str | None, num_tokens: int, seed: int, vocab: int):
-    """[1, T] ids: the tokenized prompt, or random ids when no prompt/tokenizer is given."""
-    has_tokenizer = any(reference.glob("tokenizer*"))
-    if prompt is not None and has_tokenizer:
-        import transformers
+    """([1, T] ids, source): the tokenized prompt, else ``num_tokens`` random ids."""
+    if prompt is None:
+        return np.random.default_rng(seed).integers(0, vocab, (1, num_tokens)), "random"
+    import transformers
 
+    try:
         tok = transformers.AutoTokenizer.from_pretrained(reference, local_files_only=True)
-        ids = np.asarray([tok(prompt)["input_ids"]], np.int64)
-        if ids.size and ids.max() < vocab:
-            return ids, "prompt"
-    if prompt is not None and not has_tokenizer:
-        print(f"note: no tokenizer files in {reference}; using {num_tokens} random tokens")
-    return np.random.default_rng(seed).integers(0, vocab, (1, num_tokens)), "random"
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load the tokenizer in {reference} ({e}); drop --prompt to use random tokens"
+        ) from None
+    ids = np.asarray([tok(prompt)["input_ids"]], np.int64)
+    if ids.size == 0 or ids.max() >= vocab:
+        raise ValueError(f"--prompt gives {ids.size} tokens, ids must be in [0, {vocab})")
+    return ids, "prompt"
 
 
 def check(
