@@ -195,7 +195,7 @@ def main(argv):
         )
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def run():

@@ -124,6 +124,12 @@ class Engine:
 
     def plan(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
         """Bucketed shapes and the memory estimate for a request."""
+        limit = self.config.max_position_embeddings
+        if prompt_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's max_position_embeddings ({limit}): shorten the prompt or generate less"
+            )
         padded, chunk = _bucket_prompt(prompt_len, self.prefill_chunk)
         max_len = -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))

@@ -101,6 +101,11 @@ def test_chat_template_accepts_strings_and_parts(checkpoint):
     )
 
 
+def test_prompt_beyond_max_positions_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        run_generate(checkpoint=str(checkpoint), prompts=["x"], max_new_tokens=5000)
+
+
 def test_prompts_file_and_errors(checkpoint, tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(
@@ -137,7 +142,7 @@ def test_cli_error_is_one_line(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in proc.stderr
 
