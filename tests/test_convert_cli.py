@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from absl import flags
 
 from convert import check_logits, hf_to_orbax, orbax_to_hf
 from convert.safetensors_io import SafetensorsReader, write_sharded
@@ -117,16 +118,20 @@ def _swap_experts(orbax_dir: Path, leaf: str, block: int, e0: int, e1: int) -> N
     store[block, e1].write(a).result()
 
 
-def test_check_logits_fails_on_a_corrupted_conversion(native, tmp_path):
+def test_check_logits_fails_on_a_corrupted_conversion(native, tmp_path, capsys):
     shutil.copytree(native / "orbax", tmp_path / "bad")
     _swap_experts(tmp_path / "bad", "blocks.3.moe.wi", 0, 1, 2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "convert.check_logits", "--reference", str(native / "hf"),
-         "--candidate", str(tmp_path / "bad"), "--num_tokens", "40"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("FAIL") and "max rel err" in proc.stdout
+    argv = ["check_logits", "--reference", str(native / "hf"), "--candidate", str(tmp_path / "bad")]
+    flags.FLAGS(argv)  # the CLI in-process (saves a second interpreter start)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            check_logits.main(argv[:1])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert out.strip().endswith("FAIL") and "max rel err" in out
+    print(out.strip().splitlines()[-2])
 
 
 def _remote_checkpoint(path: Path, native_dir: Path, rotary_dim: int) -> None:

@@ -299,3 +299,23 @@ def test_memory_is_bounded_by_a_leaf(small, tmp_path):
     # Streaming keeps the growth near the write window (measured: 37 MB for a 67 MB leaf, 16 MiB
     # window); the bound leaves room for allocator noise.
     assert growth < 2 * r["largest"] + 64 * 2**20
+
+
+@pytest.mark.heavy
+@pytest.mark.slow
+def test_scale_several_gb_many_shards(tmp_path):
+    """Run by hand: ~3.3 GB remote-schema checkpoint in ~50 shards, default write window."""
+    config = config_of(num_blocks=4, d=1024, f=2048, e=8, v=32768)
+    write_checkpoint(tmp_path / "big", config, max_shard_bytes=64 * 2**20)
+    (tmp_path / "out").mkdir()
+    small = tmp_path / "small"
+    write_checkpoint(small, config_of())
+    r = measure_conversion(small, tmp_path / "big", tmp_path / "out", 256 * 2**20)
+    growth = max(r["after"] - r["before"], 0)
+    shards = len(list((tmp_path / "big").glob("model-*.safetensors")))
+    print(
+        f"\nscale: {r['total'] / 1e9:.2f} GB in {shards} shards, {r['seconds']:.1f} s "
+        f"({r['total'] / r['seconds'] / 1e9:.3f} GB/s); peak RSS {r['after'] / 1e9:.2f} GB, "
+        f"growth {growth / 1e6:.0f} MB; largest stacked leaf {r['largest'] / 1e6:.0f} MB"
+    )
+    assert r["after"] < 1.5e9 + r["largest"]
