@@ -1,0 +1,186 @@
+"""Benchmark: generation speed of minimax_jax beside transformers' `generate` on the same weights.
+
+    PYTHONUNBUFFERED=1 python3 experiments/bench_generate.py --out results.jsonl
+    python3 experiments/bench_generate.py --tiny --no_hf    # CPU smoke run of the script
+
+Config (ANCHORS.md "Model-level anchors"): a ~1.5B-parameter hybrid MoE, hidden 2048, 16 layers
+(two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 1408, top-2, vocab 32000, bf16 random
+weights. Rows (JSON lines, with device and versions):
+- decode: tokens/s at batch 1 and 16 (median of timed jitted decode loops after warm-up), the step
+  time against its memory floor (weights read + lightning states read/written + KV read, over
+  the copy bandwidth measured in the same run), and transformers' `generate` on the same weights;
+- prefill: time per token at 16K..128K tokens for the whole model and for an all-lightning model
+  of the same width (the difference is the softmax layers' share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
+from minimax_jax.sampling import Engine, SamplingParams, sample_token  # noqa: E402
+
+LIN, FULL = "linear_attention", "full_attention"
+
+
+def bench_config(tiny: bool, layer_types=None) -> ModelConfig:
+    if tiny:
+        cfg = ModelConfig.preset("tiny-remote")
+        return cfg if layer_types is None else cfg.replace(layer_types=layer_types(cfg.num_layers))
+    types_ = ([LIN] * 7 + [FULL]) * 2 if layer_types is None else layer_types(16)
+    return ModelConfig(
+        vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, head_dim=128,
+        num_kv_heads=4, intermediate_size=1408, num_experts=8, num_experts_per_tok=2,
+        layer_types=tuple(types_), rope_theta=1e7, rotary_dim=64, max_position_embeddings=1 << 20,
+        schema="native", slope_formula="native", architecture="MiniMaxForCausalLM",
+    )  # fmt: skip
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() (which must block) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    x = jnp.ones((1 << 28,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    sec = timed(lambda: f(x).block_until_ready(), 10)
+    return 2 * x.size * 2 / sec
+
+
+def decode_floor_bytes(cfg: ModelConfig, params, batch: int, kv_len: int) -> int:
+    """Bytes one decode step must read: non-expert weights, the experts the batch can touch,
+    lightning states (read + write) and the softmax K/V up to kv_len."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    expert = sum(
+        x.nbytes for p, x in leaves if any(getattr(k, "key", "") in ("wi", "wo") for k in p)
+    )
+    other = sum(x.nbytes for _, x in leaves) - expert
+    touched = min(cfg.num_experts, batch * cfg.num_experts_per_tok) / cfg.num_experts
+    n_lin = sum(t == LIN for t in cfg.layer_types)
+    states = 2 * n_lin * batch * cfg.num_heads * cfg.head_dim**2 * 4
+    kv = (cfg.num_layers - n_lin) * 2 * batch * kv_len * cfg.num_kv_heads * cfg.head_dim * 2
+    return int(other + expert * touched + states + kv)
+
+
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, base):
+    params = model.pure_params()
+    engine = Engine(cfg, params, prefill_chunk=min(prompt, 2048))
+    ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt))
+    plan = engine.plan(batch, prompt, new)
+    sp, eos = SamplingParams(), jnp.asarray([-1], jnp.int32)
+
+    def run():
+        logits, cache = engine.prefill(ids, np.ones_like(ids), plan)
+        first = sample_token(logits, jax.random.key(0), sp)
+        jax.block_until_ready(first)
+        t0 = time.perf_counter()
+        out, _ = engine._loop(engine.params, cache, first, jax.random.key(1), new, sp, eos)
+        out.block_until_ready()
+        return time.perf_counter() - t0
+
+    run()
+    sec = statistics.median(run() for _ in range(reps))
+    step = sec / (new - 1)
+    floor = decode_floor_bytes(cfg, params, batch, prompt + new) / bw
+    return base | {"impl": "minimax_jax", "batch": batch, "prompt": prompt, "new_tokens": new,
+                   "tokens_per_s": batch / step, "step_ms": step * 1e3,
+                   "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
+
+
+def bench_hf(cfg, model, batch, prompt, new, base):
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(model, d, schema="native")
+        ref = transformers.MiniMaxForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    def run():
+        with torch.no_grad():
+            ref.generate(ids, **kw)
+        torch.cuda.synchronize()
+
+    sec = timed(run, 2)
+    return base | {"impl": "transformers.generate", "batch": batch, "prompt": prompt,
+                   "new_tokens": new, "tokens_per_s": batch * new / sec,
+                   "step_ms": sec / new * 1e3}  # fmt: skip
+
+
+def bench_prefill(cfg, model, length, chunk, base, label):
+    engine = Engine(cfg, model.pure_params(), prefill_chunk=chunk)
+    ids = np.random.RandomState(length).randint(0, cfg.vocab_size, (1, length))
+    plan = engine.plan(1, length, 1)
+
+    def run():
+        logits, _ = engine.prefill(ids, np.ones_like(ids), plan)
+        logits.block_until_ready()
+
+    sec = timed(run, 2)
+    return base | {"impl": f"minimax_jax.prefill[{label}]", "batch": 1, "tokens": length,
+                   "chunk": chunk, "ms": sec * 1e3, "us_per_token": sec / length * 1e6}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny preset (CPU smoke run)")
+    ap.add_argument("--no_hf", action="store_true", help="skip transformers")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--prefill", default="16384,32768,65536,131072")
+    ap.add_argument("--chunk", type=int, default=8192)
+    args = ap.parse_args()
+    if args.tiny:
+        args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128
+    dev = jax.devices()[0]
+    base = {"bench": "generate", "device": dev.device_kind, "platform": dev.platform,
+            "jax": jax.__version__, "dtype": "bfloat16"}  # fmt: skip
+    cfg = bench_config(args.tiny)
+    model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    base["params"] = cfg.param_count()
+    bw = copy_bandwidth()
+    base["copy_GBps"] = bw / 1e9
+
+    def emit(row):  # as soon as measured: a run cut short keeps what it has
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for b in map(int, args.batches.split(",")):
+        emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base))
+        if not args.no_hf:
+            emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, base))
+    lin_cfg = bench_config(args.tiny, layer_types=lambda n: [LIN] * n)
+    lin_model = MiniMaxForCausalLM(lin_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    for t in map(int, args.prefill.split(",")):
+        emit(bench_prefill(cfg, model, t, args.chunk, base, "hybrid"))
+        emit(bench_prefill(lin_cfg, lin_model, t, args.chunk, base, "lightning_only"))
+
+
+if __name__ == "__main__":
+    main()
