@@ -166,6 +166,15 @@ class SafetensorsReader:
             raise SafetensorsError(f"{info.file}: short read of {name!r} ({got}/{info.nbytes})")
         return out
 
+    def memmap(self, name: str) -> np.ndarray:
+        """Read-only memory map of one tensor: slicing it reads only the pages it touches."""
+        info = self.info(name)
+        if info.nbytes == 0:
+            return np.empty(info.shape, numpy_dtype(info.dtype))
+        return np.memmap(
+            info.file, numpy_dtype(info.dtype), mode="r", offset=info.start, shape=info.shape
+        )
+
 
 def _shard_bytes(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, int]:
     """Serialized header for ``tensors`` (in order) and the size of their data."""

@@ -42,8 +42,10 @@ def load_state(
 ) -> dict[mapping.LeafPath, jax.Array]:
     """Reads a checkpoint into {leaf path: array} in our layout (``mapping.expected_leaf_shapes``).
 
-    Every leaf is cast to ``dtype`` except the MoE router (float32). ``sharding(leaf_path)``, if
-    given, places each leaf as soon as it is filled (else: the default device).
+    Every leaf is cast to ``dtype`` except the MoE router (float32). Without ``sharding`` each
+    leaf is filled on the host (one leaf at a time) and put on the default device. With
+    ``sharding(leaf_path)`` each device's shard is built from memory-mapped tensors, so the host
+    holds the addressable shards of one leaf, never a full replica of a sharded leaf.
 
     Raises:
       CheckpointMismatchError: listing every unknown, missing, duplicated, misshapen or mistyped
@@ -57,10 +59,57 @@ def load_state(
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
     state = {}
     for leaf, assignments in plan.by_leaf.items():
-        host = _fill_leaf(reader, expected[leaf], assignments)
-        state[leaf] = jax.device_put(host, None if sharding is None else sharding(leaf))
-        del host  # host memory: one leaf at a time
+        if sharding is None:
+            host = _fill_leaf(reader, expected[leaf], assignments)
+            state[leaf] = jax.device_put(host)
+            del host  # host memory: one leaf at a time
+        else:
+            state[leaf] = _sharded_leaf(reader, expected[leaf], assignments, sharding(leaf))
     return state
+
+
+def _sharded_leaf(
+    reader: SafetensorsReader,
+    spec: jax.ShapeDtypeStruct,
+    assignments: list[mapping.Assignment],
+    sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """One leaf placed by ``sharding``; each distinct shard is read once, from memory maps."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple) -> np.ndarray:
+        bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, spec.shape, strict=True))
+        if bounds not in cache:
+            cache[bounds] = _fill_region(reader, spec, assignments, bounds)
+        return cache[bounds]
+
+    return jax.make_array_from_callback(spec.shape, sharding, shard)
+
+
+def _fill_region(
+    reader: SafetensorsReader,
+    spec: jax.ShapeDtypeStruct,
+    assignments: list[mapping.Assignment],
+    bounds: tuple[tuple[int, int], ...],
+) -> np.ndarray:
+    """``leaf[lo:hi, ...]`` for ``bounds`` = ((lo, hi), ...) per axis, read through memory maps
+    (only the pages a region touches are read)."""
+    out = np.empty([hi - lo for lo, hi in bounds], np.dtype(spec.dtype))
+    for a in assignments:
+        src, dst = [], []
+        for axis, (lo, hi) in enumerate(bounds):
+            s = a.slot[axis] if axis < len(a.slot) else slice(None)
+            if isinstance(s, int):
+                if not lo <= s < hi:
+                    break
+                dst.append(s - lo)
+            else:  # slots only use whole axes
+                src.append(slice(lo, hi))
+                dst.append(slice(None))
+        else:
+            view = a.layout.to_ours(reader.memmap(a.name), a.slot_shape)
+            out[tuple(dst)] = view[tuple(src)]
+    return out
 
 
 def _fill_leaf(

@@ -169,6 +169,13 @@ def test_restore_fsdp_ep_mesh_on_8_devices(small, tmp_path):
     want = _params(from_pretrained(root / "hf"))
     for k, v in state.items():
         np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=str(k))
+    # the HF path builds each shard from memory maps: same shardings, same values
+    hf_state = mapping.flatten(
+        nnx.to_pure_dict(nnx.state(from_pretrained(root / "hf", sharding=sharding), nnx.Param))
+    )
+    for k, v in hf_state.items():
+        assert v.sharding == state[k].sharding, k
+        np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=str(k))
 
 
 def test_export_of_a_checkpoint_saved_by_orbax(small, tmp_path):
