@@ -16,6 +16,8 @@ else per block): a reverse scan over blocks carrying dS,
     dK  = dP^T Q + (V dS_new^T) * kd ;  dV = ((Q K^T) * M)^T dO + (K * kd) dS_new
     dS_prev = sd dS_new + (Q * qd)^T dO
 
+Dtypes: the C x C matmuls (Q K^T, P V and their backward twins) take the input dtype with fp32
+accumulation; decays, masks, the state and every matmul touching it are fp32.
 The helpers `pad_and_prepare` / `block_masks` are shared with the Pallas TPU wrapper.
 """
 
