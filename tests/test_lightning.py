@@ -433,3 +433,23 @@ def test_batch_sharded_inside_shard_map():
     ref = grad(lambda q, k, v, s0: ref_fn(q, k, v, initial_state=s0), q, k, v, s0)
     for g, r in zip(got, ref, strict=True):
         assert rel(g, r) < GRAD_TOL
+
+
+def test_gpu_dispatch_interpret():
+    """implementation="gpu" reaches the gpu module (Pallas Triton kernels, interpreted on CPU)."""
+    pytest.importorskip("pallas_kernels.lightning.gpu")
+    b, t, n, h = 1, 40, 2, 16
+    q, k, v, s0 = make_inputs(60, b, t, n, h)
+    slopes = minimax_slopes(n)
+    with interpret_mode():
+        o, s = lightning_attention(
+            q, k, v, slopes, initial_state=s0, implementation="gpu", block_size=32
+        )
+        od, sd = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, s0, implementation="gpu")
+    o_ref, s_ref = lightning_attention_reference(q, k, v, slopes, initial_state=s0)
+    assert rel(o, o_ref) < FWD_TOL and rel(s, s_ref) < FWD_TOL
+    od_ref, sd_ref = lightning_decode_xla(q[:, 0], k[:, 0], v[:, 0], slopes, s0)
+    assert rel(od, od_ref) < FWD_TOL and rel(sd, sd_ref) < FWD_TOL
+    seg = jnp.zeros((b, t), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids"):
+        lightning_attention(q, k, v, slopes, segment_ids=seg, implementation="gpu")

@@ -15,8 +15,9 @@ zero gradient. Any T (padded internally with identity steps).
 
 Implementations: "reference" (token scan, tests only), "xla" (chunked scan; the CPU path and
 always-working fallback), "tpu" (Pallas Mosaic kernel), "gpu" (`pallas_kernels.lightning.gpu`,
-owned separately: `lightning_attention_gpu(q, k, v, slopes, initial_state, *, block_size,
-interpret)` and `lightning_decode_gpu(q, k, v, slopes, state, *, interpret)`). "auto": tpu on TPU,
+owned separately: its adapters `lightning_attention(q, k, v, slopes, *, initial_state,
+segment_ids, block_size)` and `lightning_decode(q, k, v, slopes, state)`; in interpret mode
+`lightning_attention_gpu` / `lightning_decode_gpu` with `interpret=True`). "auto": tpu on TPU,
 gpu on GPU when that module imports, else xla; "auto" also falls back to xla for inputs the gpu
 kernels do not support (segment_ids, head dims that are not powers of two >= 16).
 Pallas kernels run on CPU in interpret mode inside `with interpret_mode():` (or
@@ -157,8 +158,15 @@ def lightning_attention(
             'implementation="gpu" supports neither segment_ids nor head dims that are not powers '
             f'of two >= 16 (got H={q.shape[-1]}); use implementation="auto" or "xla"'
         )
-    return _require_gpu().lightning_attention_gpu(
-        q, k, v, slopes, initial_state, block_size=cfg.block_size, interpret=_INTERPRET
+    gpu = _require_gpu()
+    if _INTERPRET:  # the adapter has no interpret flag; same block policy as the adapter
+        block = cfg.block_size if cfg.block_size in (32, 64, 128) else None
+        return gpu.lightning_attention_gpu(
+            q, k, v, slopes, initial_state, block_size=block, interpret=True
+        )
+    # The adapter keeps its tuned block unless block_size is 32/64/128 (256 is a poor GPU tile).
+    return gpu.lightning_attention(
+        q, k, v, slopes, initial_state=initial_state, block_size=cfg.block_size
     )
 
 
@@ -194,5 +202,8 @@ def lightning_decode(
             # The gpu kernel donates `state`; an eager caller keeps its array (under jit the
             # donation of an inner jit is moot, and the caller's jit decides).
             state = state.copy()
-        return _require_gpu().lightning_decode_gpu(q, k, v, slopes, state, interpret=_INTERPRET)
+        gpu = _require_gpu()
+        if _INTERPRET:
+            return gpu.lightning_decode_gpu(q, k, v, slopes, state, interpret=True)
+        return gpu.lightning_decode(q, k, v, slopes, state)
     return _decode.lightning_decode_xla(q, k, v, slopes, state)
