@@ -29,6 +29,7 @@ from pallas_kernels.lightning.reference import (
     lightning_attention_reference,
 )
 from pallas_kernels.lightning.sharded import lightning_attention_seq_sharded
+from pallas_kernels.lightning.tpu import lightning_attention_tpu
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 BF16_FWD_TOL, BF16_GRAD_TOL = 2e-2, 5e-2
@@ -453,3 +454,24 @@ def test_gpu_dispatch_interpret():
     seg = jnp.zeros((b, t), jnp.int32)
     with pytest.raises(ValueError, match="segment_ids"):
         lightning_attention(q, k, v, slopes, segment_ids=seg, implementation="gpu")
+
+
+def test_tpu_kernels_lower_for_tpu():
+    """Cross-lowering to TPU (jax.export, no TPU needed) catches Mosaic lowering errors early."""
+    b, t, n, h = 1, 256, 2, 128
+    x = jnp.ones((b, t, n, h), jnp.bfloat16)
+    slopes, s0 = minimax_slopes(n), jnp.zeros((b, n, h, h), jnp.float32)
+    seg = jnp.zeros((b, t), jnp.int32)
+
+    def loss(q, k, v, s0, seg):
+        fn = functools.partial(lightning_attention_tpu, block_size=128, segment_ids=seg)
+        o, s = fn(q, k, v, slopes, initial_state=s0)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    for seg_ids in (None, seg):
+        exported = jax.export.export(jax.jit(grad), platforms=["tpu"])(x, x, x, s0, seg_ids)
+        assert exported.mlir_module().count("tpu_custom_call") == 2  # forward + backward kernel
+    step = jax.jit(lambda q, s: lightning_decode_pallas(q, q, q, slopes, s))
+    exported = jax.export.export(step, platforms=["tpu"])(x[:, 0], s0)
+    assert "tpu_custom_call" in exported.mlir_module()
