@@ -11,8 +11,9 @@ per-expert names (``block_sparse_moe.experts.{e}.w1/w2/w3``), which both the Min
 and transformers read; the native schema also gets the derived lightning buffers transformers
 keeps. Tensors keep the stored dtype (bf16, router fp32): HF -> Orbax -> HF is bit-identical.
 
-Streaming: each HF tensor is read from its slot of the stored leaf (TensorStore reads only the
-chunks of that slot) and written out; host memory holds at most one output shard (<= 5 GB).
+Streaming: shards are planned from the leaf metadata, then each HF tensor is read from its slot
+of the stored leaf (TensorStore reads only the chunks of that slot) and appended to its shard
+file at once; host memory holds one HF tensor.
 OUT is built in a temporary directory beside it and moved into place at the end.
 """
 
@@ -38,7 +39,7 @@ from convert.common import (
     run_cli,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from convert.safetensors_io import write_sharded
+from convert.safetensors_io import TensorSpec, write_sharded
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.pretrained import ORBAX_PARAMS_DIR
 
@@ -83,6 +84,20 @@ def hf_tensors(
         yield from mapping.export_buffers(config)
 
 
+def hf_specs(
+    reader: orbax_io.LeafReader, config: ModelConfig, schema: str
+) -> list[tuple[str, TensorSpec]]:
+    """(name, TensorSpec) of every tensor ``hf_tensors`` yields, in the same order."""
+    leaves = reader.leaves
+    out = [
+        (a.name, TensorSpec(a.hf_shape, leaves[a.leaf][1]))
+        for a in mapping.export_assignments(config, naming="original")
+    ]
+    if schema == "native":
+        out += [(name, TensorSpec(x.shape, x.dtype)) for name, x in mapping.export_buffers(config)]
+    return out
+
+
 def export(
     *,
     orbax_dir: str | os.PathLike,
@@ -114,6 +129,7 @@ def export(
     files = write_sharded(
         out_dir,
         hf_tensors(reader, config, schema, progress),
+        specs=hf_specs(reader, config, schema),
         max_shard_bytes=max_shard_bytes,
         extra_files={CONFIG_FILE: json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
     )

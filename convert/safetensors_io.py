@@ -176,6 +176,18 @@ class SafetensorsReader:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor to be produced later (``write_sharded(..., specs=...)``)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
 def _shard_bytes(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, int]:
     """Serialized header for ``tensors`` (in order) and the size of their data."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -192,13 +204,38 @@ def _shard_bytes(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, int]:
     return struct.pack("<Q", len(raw)) + raw, offset
 
 
-def write_file(file: Path, tensors: list[tuple[str, np.ndarray]]) -> None:
-    """Writes one safetensors file holding ``tensors`` (C-contiguous copies are made if needed)."""
+def write_file(
+    file: Path,
+    tensors: list[tuple[str, np.ndarray | TensorSpec]],
+    source: Iterator[tuple[str, np.ndarray]] | None = None,
+) -> None:
+    """Writes one safetensors file holding ``tensors`` (C-contiguous copies are made if needed).
+
+    With ``source``, ``tensors`` may be specs: the header is written from them and each tensor's
+    data is then pulled from ``source`` (which must yield the same names, shapes and dtypes in
+    order), so only one tensor is in memory at a time.
+    """
     header, _ = _shard_bytes(tensors)
     with open(file, "wb") as f:
         f.write(header)
-        for _, arr in tensors:
+        for name, arr in tensors:
+            if source is not None:
+                arr = _next_matching(source, name, arr)
             f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+
+def _next_matching(
+    source: Iterator[tuple[str, np.ndarray]], name: str, spec: np.ndarray | TensorSpec
+) -> np.ndarray:
+    """The next tensor of ``source``; it must be ``name`` with the planned shape and dtype."""
+    got_name, arr = next(source, (None, None))
+    if got_name != name or arr.shape != tuple(spec.shape) or arr.dtype != np.dtype(spec.dtype):
+        got = None if arr is None else (list(arr.shape), str(arr.dtype))
+        raise SafetensorsError(
+            f"streamed tensor {got_name!r} {got} does not match the plan: {name!r} "
+            f"{[list(spec.shape), str(np.dtype(spec.dtype))]}"
+        )
+    return arr
 
 
 def _group_shards(
@@ -224,6 +261,7 @@ def write_sharded(
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: dict[str, str] | None = None,
+    specs: Iterable[tuple[str, TensorSpec]] | None = None,
 ) -> list[str]:
     """Writes a HF-style safetensors checkpoint to directory ``path``; returns the file names.
 
@@ -232,12 +270,21 @@ def write_sharded(
     one shard's tensors are held at a time. Everything is written to a temporary directory next
     to ``path`` and then moved in; previous ``model*.safetensors``/index files in ``path`` are
     removed. ``extra_files`` ({file name: text}, e.g. config.json) are written alongside.
+    With ``specs`` ((name, TensorSpec) in the order ``tensors`` will yield them), shards are
+    planned from the specs and each tensor is written as soon as it is produced: host memory
+    holds one tensor instead of one shard.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        files = _write_shards_into(tmp, tensors, max_shard_bytes)
+        if specs is None:
+            files = _write_shards_into(tmp, tensors, max_shard_bytes)
+        else:
+            source = iter(tensors)
+            files = _write_shards_into(tmp, specs, max_shard_bytes, source)
+            if next(source, None) is not None:
+                raise SafetensorsError("more tensors were streamed than planned in specs")
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
             files.append(fname)
@@ -248,7 +295,10 @@ def write_sharded(
 
 
 def _write_shards_into(
-    tmp: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+    tmp: Path,
+    tensors: Iterable[tuple[str, np.ndarray | TensorSpec]],
+    max_shard_bytes: int,
+    source: Iterator[tuple[str, np.ndarray]] | None = None,
 ) -> list[str]:
     """Writes shards as ``part-i`` into ``tmp``, renames them once their count is known."""
     weight_map: dict[str, int] = {}
@@ -260,7 +310,7 @@ def _write_shards_into(
                 raise SafetensorsError(f"tensor {name!r} written twice")
             weight_map[name] = count
             total += arr.nbytes
-        write_file(tmp / f"part-{count}", shard)
+        write_file(tmp / f"part-{count}", shard, source)
     if count <= 1:
         if count == 1:
             os.replace(tmp / "part-1", tmp / SINGLE_FILE)

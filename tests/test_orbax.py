@@ -15,7 +15,7 @@ import pytest
 
 from convert import hf_to_orbax, mapping, orbax_io, orbax_to_hf
 from convert.common import ConversionError
-from convert.safetensors_io import SafetensorsError, SafetensorsReader, write_sharded
+from convert.safetensors_io import SafetensorsError, SafetensorsReader, TensorSpec, write_sharded
 from minimax_jax.config import ModelConfig
 from minimax_jax.pretrained import from_pretrained, sharding_from_rules
 
@@ -240,6 +240,16 @@ def test_missing_tensor_and_truncated_shard_give_clear_errors(small, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_streamed_shards_must_follow_the_plan(tmp_path):
+    x = np.ones((2, 3), np.float32)
+    specs = [("a", TensorSpec((2, 3), np.float32)), ("b", TensorSpec((3,), np.float32))]
+    write_sharded(tmp_path / "ok", iter([("a", x), ("b", x[0])]), specs=specs, max_shard_bytes=20)
+    assert SafetensorsReader(tmp_path / "ok").read("b").tolist() == [1, 1, 1]
+    with pytest.raises(SafetensorsError, match="does not match the plan"):
+        write_sharded(tmp_path / "bad", iter([("a", x), ("b", x)]), specs=specs)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_chunk_shape():
     assert orbax_io.chunk_shape((10, 32, 6144, 2, 9216), 2, unit_axes=(0, 1, 3)) == (
         1,
@@ -255,7 +265,7 @@ def test_chunk_shape():
 
 _MEMORY_SCRIPT = r"""
 import json, re, sys
-from convert import hf_to_orbax
+from convert import hf_to_orbax, orbax_to_hf
 def status(key):  # kB values of /proc/self/status
     text = open("/proc/self/status").read()
     return int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024
@@ -265,8 +275,16 @@ with open("/proc/self/clear_refs", "w") as f:
 before = status("VmRSS")
 s = hf_to_orbax.convert(hf_dir=sys.argv[2], out_dir=sys.argv[3] + "/big", stream=None,
                         max_inflight_bytes=int(sys.argv[4]))
-print(json.dumps({"before": before, "after": status("VmHWM"), "largest": s["largest_leaf_bytes"],
-                  "total": s["bytes_read"], "seconds": s["seconds"]}))
+after = status("VmHWM")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+export_before = status("VmRSS")
+e = orbax_to_hf.export(orbax_dir=sys.argv[3] + "/big", out_dir=sys.argv[3] + "/back", stream=None,
+                       max_shard_bytes=64 * 2**20)
+print(json.dumps({"before": before, "after": after, "largest": s["largest_leaf_bytes"],
+                  "total": s["bytes_read"], "seconds": s["seconds"],
+                  "export_growth": status("VmHWM") - export_before,
+                  "export_seconds": e["seconds"]}))
 """
 
 
@@ -302,7 +320,11 @@ def test_memory_is_bounded_by_a_leaf(small, tmp_path):
         f"peak RSS growth {growth / 1e6:.1f} MB; largest leaf {r['largest'] / 1e6:.1f} MB; "
         f"checkpoint {r['total'] / 1e6:.1f} MB in {r['seconds']:.1f} s"
     )
+    print(
+        f"export: peak RSS growth {r['export_growth'] / 1e6:.1f} MB in {r['export_seconds']:.1f} s"
+    )
     assert r["total"] > 10 * r["largest"]
+    assert r["export_growth"] < r["largest"] + 64 * 2**20  # one tensor at a time, not a shard
     # Streaming keeps the growth near the write window (measured: 37 MB for a 67 MB leaf, 16 MiB
     # window); the bound leaves room for allocator noise.
     assert growth < 2 * r["largest"] + 64 * 2**20
@@ -323,6 +345,7 @@ def test_scale_several_gb_many_shards(tmp_path):
     print(
         f"\nscale: {r['total'] / 1e9:.2f} GB in {shards} shards, {r['seconds']:.1f} s "
         f"({r['total'] / r['seconds'] / 1e9:.3f} GB/s); peak RSS {r['after'] / 1e9:.2f} GB, "
-        f"growth {growth / 1e6:.0f} MB; largest stacked leaf {r['largest'] / 1e6:.0f} MB"
+        f"growth {growth / 1e6:.0f} MB; largest stacked leaf {r['largest'] / 1e6:.0f} MB; "
+        f"export {r['export_seconds']:.1f} s, RSS growth {r['export_growth'] / 1e6:.0f} MB"
     )
     assert r["after"] < 1.5e9 + r["largest"]
