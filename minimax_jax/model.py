@@ -7,6 +7,7 @@ The module holds parameters only; `__call__` gathers them into a pure dict and r
     logits = jax.jit(model_forward, static_argnums=0)(config, pure_params, ids, mask)
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 from minimax_jax.config import ModelConfig
 from minimax_jax.nn.layers import DecoderLayer, param
 from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.sharding import ShardingRules, param_shardings
 
 
 class MiniMaxForCausalLM(nnx.Module):
@@ -27,6 +29,8 @@ class MiniMaxForCausalLM(nnx.Module):
       rngs: random streams for initialisation (`nnx.Rngs(seed)`).
       param_dtype: dtype of every weight except the MoE router (always fp32).
       options: kernels / MoE path / remat (no effect on the math).
+      mesh, rules: create the parameters sharded by `rules` (`minimax_jax.sharding`) on mesh
+        and run with activation constraints and the MoE under shard_map (set in `options`).
     """
 
     def __init__(
@@ -36,9 +40,18 @@ class MiniMaxForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype: Any = jnp.float32,
         options: RunOptions | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: ShardingRules | None = None,
     ):
+        options = options or RunOptions()
+        if (mesh is None) != (rules is None):
+            raise ValueError("MiniMaxForCausalLM: give both mesh and rules, or neither")
+        if mesh is not None:
+            options = dataclasses.replace(options, mesh=mesh, rules=rules)
+            self._init_sharded(config, rngs, param_dtype, options)
+            return
         self.config = config
-        self.options = options or RunOptions()
+        self.options = options
         d, v, std = config.hidden_size, config.vocab_size, config.initializer_range
         self.embed = param(rngs, (v, d), ("vocab", "embed"), param_dtype, std=std)
         self.blocks = nnx.List(
@@ -50,6 +63,36 @@ class MiniMaxForCausalLM(nnx.Module):
         self.final_norm = param(rngs, (d,), ("embed",), param_dtype, std=None)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (d, v), ("embed", "vocab"), param_dtype, std=std)
+
+    def _init_sharded(self, config, rngs, param_dtype, options) -> None:
+        """Create every parameter directly in its shards (a jitted init with out_shardings).
+
+        Same values as the unsharded init with the same rngs; no full copy on any one device.
+        """
+
+        def make(r):
+            return MiniMaxForCausalLM(config, rngs=r, param_dtype=param_dtype)
+
+        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+        shardings = nnx.to_pure_dict(
+            param_shardings(nnx.state(abstract, nnx.Param), options.mesh, options.rules)
+        )
+        rng_graph, rng_state = nnx.split(rngs)
+
+        def init(rng_state):
+            r = nnx.merge(rng_graph, rng_state)
+            values = nnx.to_pure_dict(nnx.state(make(r), nnx.Param))
+            return values, nnx.state(r)
+
+        values, rng_state = jax.jit(init, out_shardings=(shardings, None))(rng_state)
+        nnx.update(rngs, rng_state)
+        self.config, self.options = config, options
+        for name in ("embed", "blocks", "final_norm", "lm_head"):
+            if hasattr(abstract, name):
+                setattr(self, name, getattr(abstract, name))
+        state = nnx.state(self, nnx.Param)
+        nnx.replace_by_pure_dict(state, values)
+        nnx.update(self, state)
 
     def pure_params(self) -> dict:
         """The parameters as a nested dict of arrays (block positions as a list)."""
