@@ -124,7 +124,8 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     rules, mesh_cfg = shard_lib.load_rules(config.mesh.rules)
     sizes = {a: getattr(config.mesh, a) for a in shard_lib.MESH_AXES}
     mesh_cfg = dataclasses.replace(mesh_cfg, **{a: s for a, s in sizes.items() if s is not None})
-    mesh = shard_lib.make_mesh(mesh_cfg)
+    n = config.mesh.num_devices
+    mesh = shard_lib.make_mesh(mesh_cfg, None if n is None else jax.devices()[:n])
     rows = d.batch_size // d.grad_accum
     batch_ways = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
     if rows % batch_ways:

@@ -97,6 +97,7 @@ class MeshSection:
     """
 
     rules: str = "fsdp"
+    num_devices: int | None = None  # use only the first N devices (default: all)
     data: int | None = None
     fsdp: int | None = None
     expert: int | None = None

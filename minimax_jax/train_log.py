@@ -38,6 +38,7 @@ class MetricsLog:
 
     def __init__(self, workdir: str, start: int, total: int, *, is_main: bool, every: int = 1):
         self.is_main = is_main
+        self.start = start
         self.every = every
         self.path = os.path.join(workdir, METRICS_FILE)
         self.tb = None
@@ -77,7 +78,7 @@ class MetricsLog:
             self.bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
             )
-        if step % self.every and not force:
+        if step % self.every and not force and step != self.start + 1:
             return
         self._write(metrics)
         if metrics.get("skipped"):
