@@ -65,6 +65,10 @@ INFO_FILE = "conversion.json"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
+def _splits(names: tuple[str, ...], ways: dict[str, int]) -> dict[int, int]:
+    return {i: ways[n] for i, n in enumerate(names) if n in ways}
+
+
 def parse_mesh(text: str | None, known: set[str]) -> dict[str, int]:
     """'embed=8,experts=4' -> {'embed': 8, 'experts': 4}; unknown axes or bad ways raise."""
     out: dict[str, int] = {}
@@ -101,26 +105,26 @@ def write_params(
     directory: Path,
     *,
     dtype: Any,
-    mesh: dict[str, int],
+    splits: dict[mapping.LeafPath, dict[int, int]],
     target_chunk_bytes: int,
     max_inflight_bytes: int,
     progress: Progress,
 ) -> dict[str, int]:
-    """Streams every HF tensor into its slot of the Orbax leaves; returns byte counts."""
+    """Streams every HF tensor into its slot of the Orbax leaves; returns byte counts.
+
+    ``splits[leaf]`` = {axis: ways} cuts chunks so each shard is a whole number of chunks."""
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
-    axes = logical_axes(config) if mesh else {}
     writer = orbax_io.LeafWriter(directory, max_inflight_bytes)
     largest = 0
     try:
         for leaf, assignments in plan.by_leaf.items():
             spec = expected[leaf]
             np_dtype = np.dtype(spec.dtype)
-            splits = {i: mesh[n] for i, n in enumerate(axes.get(leaf, ())) if n in mesh}
             chunks = orbax_io.chunk_shape(
                 spec.shape,
                 np_dtype.itemsize,
                 unit_axes=_unit_axes(assignments),
-                splits=splits,
+                splits=splits.get(leaf),
                 target_bytes=target_chunk_bytes,
             )
             writer.create(leaf, spec.shape, np_dtype, chunks)
@@ -162,25 +166,11 @@ def convert(
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
     config = ModelConfig.from_hf(hf_dir)
-    mesh_ways = parse_mesh(
-        mesh,
-        {
-            "layers",
-            "vocab",
-            "embed",
-            "heads",
-            "kv_heads",
-            "head_dim",
-            "qkv",
-            "experts",
-            "gate_up",
-            "mlp",
-        },
-    )
+    axes = logical_axes(config) if mesh else {}
+    mesh_ways = parse_mesh(mesh, {name for names in axes.values() for name in names})
     reader = SafetensorsReader(hf_dir)
     plan = validate(reader, config, str(hf_dir))
     total = sum(reader.info(a.name).nbytes for v in plan.by_leaf.values() for a in v)
-    start_rss = peak_rss_bytes()
 
     def build(tmp: Path) -> dict[str, Any]:
         progress = Progress(total, "hf_to_orbax", stream)
@@ -190,7 +180,7 @@ def convert(
             plan,
             tmp / PARAMS_DIR,
             dtype=DTYPES[dtype],
-            mesh=mesh_ways,
+            splits={leaf: _splits(names, mesh_ways) for leaf, names in axes.items()},
             target_chunk_bytes=target_chunk_bytes,
             max_inflight_bytes=max_inflight_bytes,
             progress=progress,
@@ -200,7 +190,6 @@ def convert(
         copied = copy_side_files(hf_dir, tmp)
         summary = _summary(hf_dir, out_dir, dtype, plan, total, progress.elapsed, tmp, sizes)
         summary |= {"copied_files": copied, "peak_rss_bytes": peak_rss_bytes()}
-        summary["peak_rss_before_bytes"] = start_rss
         (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
