@@ -24,8 +24,8 @@ Reference schemas:
 
 Tokens: ``--prompt`` is tokenized with the reference's tokenizer files (offline); without it
 ``--num_tokens`` random ids from ``--seed`` are used.
-The real 456B models need ~1.9 TB of host memory in fp32 for this check: run it on a truncated
-config, or on a machine that size.
+Memory: both models are held in fp32 on the host, ~2 x 4 bytes per parameter (~3.6 TB for the
+456B models): check real checkpoints on a machine that size; there is no truncated-layer mode.
 """
 
 from __future__ import annotations
