@@ -74,9 +74,13 @@ def gmm(
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
-    blocks: BlockSizes = GMM_BLOCKS,
+    blocks: BlockSizes | None = None,
 ) -> jax.Array:
-    """x [M,K], w [E,K,N] (or [E,N,K] with transpose_rhs) -> [M,N] in x's dtype."""
+    """x [M,K], w [E,K,N] (or [E,N,K] with transpose_rhs) -> [M,N] in x's dtype.
+
+    blocks: None reads the module default `GMM_BLOCKS` at trace time (benchmarks may set it).
+    """
+    blocks = blocks or GMM_BLOCKS
     if not AVAILABLE:
         raise RuntimeError("this JAX has no jax.experimental.pallas.ops.gpu.ragged_dot_mgpu")
     if transpose_rhs and not _HAS_TRANSPOSE_RHS:
@@ -101,9 +105,10 @@ def gmm(
 
 
 def tgmm(
-    x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, blocks: BlockSizes = TGMM_BLOCKS
+    x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, blocks: BlockSizes | None = None
 ) -> jax.Array:
     """x [M,K], dy [M,N] -> [E,K,N] = per group x_e^T dy_e in x's dtype; empty groups give 0."""
+    blocks = blocks or TGMM_BLOCKS
     if not AVAILABLE:
         raise RuntimeError("this JAX has no transposed_ragged_dot_mgpu")
     k, n = x.shape[1], dy.shape[1]

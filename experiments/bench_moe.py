@@ -1,0 +1,303 @@
+"""Benchmark: the MoE layer and its grouped matmul at MiniMax width, against a dense matmul.
+
+Run on the lent GPU machine (one command; H100/H200, bf16)::
+
+    PYTHONUNBUFFERED=1 python3 experiments/bench_moe.py            # 1 GPU
+    PYTHONUNBUFFERED=1 python3 experiments/bench_moe.py --ep       # + EP=2 rows (>= 2 GPUs)
+
+E=32 experts, top-2, D=6144, F=9216, bf16, M in {4K, 16K, 64K} tokens (A = 2M routed rows).
+Rows (one JSON line each, appended to experiments/results/bench_moe.jsonl):
+
+* what="gmm": the fused w1/w3 grouped matmul alone, A x D x 2F, for this repo's
+  `grouped_matmul` (auto = Mosaic GPU kernels), `jax.lax.ragged_dot` and a dense matmul of the
+  same M, K, N; forward and forward+backward (dx via the transposed-RHS kernel, dw via tgmm).
+* what="layer": the whole MoE layer (`moe_sorted`: route, sort, gmm w1/w3, SwiGLU, gmm w2,
+  combine) beside a dense SwiGLU FFN over the same A rows and the layer built on ragged_dot.
+* what="layer_ep": `moe_ep` on a (expert=2) mesh at the same global token count, per-GPU
+  TFLOP/s, and the time of routing + sort + both all-to-alls (FFN replaced by identity).
+
+TFLOP/s count routed tokens only: forward 2*A*D*2F + 2*A*F*D = 6*A*D*F, fwd+bwd 3x that.
+Goals (issue 4): layer fwd >= 70% and fwd+bwd >= 60% of the dense TFLOP/s, >= 10x ragged_dot,
+EP=2 per-GPU >= 80% of one GPU at 64K tokens. `--sweep` times several gmm block configs first
+and uses the best. `--small` shrinks every dimension for a CPU smoke run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+
+from minimax_jax import sharding  # noqa: E402
+from minimax_jax.ops import moe_parallel  # noqa: E402
+from minimax_jax.ops.moe import moe_sorted, route, sort_by_expert  # noqa: E402
+from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
+from pallas_kernels.moe.api import grouped_matmul, resolve_implementation  # noqa: E402
+
+ANCHOR = {"gmm_mgpu_tflops_32768x2048x4096": 385, "dense_tflops_32768x2048x4096": 547}
+SWEEP = [
+    moe_gpu.BlockSizes(128, 128, 64, 4, 4),
+    moe_gpu.BlockSizes(128, 128, 64, 4, 1),
+    moe_gpu.BlockSizes(128, 256, 64, 4, 2),
+    moe_gpu.BlockSizes(64, 128, 64, 4, 4),
+    moe_gpu.BlockSizes(128, 128, 64, 6, 8),
+    moe_gpu.BlockSizes(192, 128, 64, 4, 4),
+]
+
+
+def time_ms(fn, *args, iters: int = 10) -> float:
+    """Median ms per call after two warm-up calls (compile included in the first)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def safe_time(fn, *args) -> tuple[float | None, str | None]:
+    """(ms, None) or (None, error) when the implementation fails (e.g. ragged_dot OOM)."""
+    try:
+        return time_ms(fn, *args), None
+    except Exception as e:  # noqa: BLE001 - record any failure as a row, keep benchmarking
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def make_problem(m: int, d: int, f: int, e: int, k: int, dtype, seed: int = 0):
+    """Random MoE params and tokens; the router is random, so loads are mildly skewed."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    params = {
+        "router": jax.random.normal(ks[0], (d, e), jnp.float32) * d**-0.5,
+        "wi": (jax.random.normal(ks[1], (e, d, 2, f), jnp.float32) * d**-0.5).astype(dtype),
+        "wo": (jax.random.normal(ks[2], (e, f, d), jnp.float32) * f**-0.5).astype(dtype),
+    }
+    x = jax.random.normal(ks[3], (m, d), jnp.float32).astype(dtype)
+    return params, x
+
+
+def sorted_rows(params, x, k):
+    """The gmm operands of the layer: rows sorted by expert [A,D] and group sizes [E]."""
+    _, experts, _ = route(x, params["router"], k)
+    _, token_of, gs = sort_by_expert(experts, params["wi"].shape[0])
+    return jnp.take(x, token_of, axis=0), gs
+
+
+def fwd_and_bwd(fn):
+    """fn(x, w) -> y; returns (jitted fwd, jitted fwd+bwd w.r.t. x and w with a fixed dy)."""
+
+    def loss(x, w, dy):
+        return jnp.sum((fn(x, w) * dy).astype(jnp.float32))
+
+    fwd = jax.jit(fn)
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return fwd, bwd
+
+
+def gmm_rows(xs, gs, w, impl_names, emit, base):
+    """Time the A x D x 2F grouped matmul per implementation and the dense matmul."""
+    a, d = xs.shape
+    n = w.shape[2]
+    flops = 2.0 * a * d * n
+    dy = jnp.ones((a, n), xs.dtype)
+    fns = {
+        "dense": lambda x, w: jnp.dot(x, w[0]),
+        "ragged_dot": lambda x, w: jax.lax.ragged_dot(x, w, gs),
+    }
+    for name in impl_names:
+        fns[name] = functools.partial(_gmm_impl, gs=gs, impl=name)
+    results = {}
+    for name, fn in fns.items():
+        fwd, bwd = fwd_and_bwd(fn)
+        fwd_bwd = functools.partial(_call_with_dy, bwd, dy=dy)
+        for mode, f, mult in (("fwd", fwd, 1), ("fwd_bwd", fwd_bwd, 3)):
+            ms, err = safe_time(f, xs, w)
+            tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
+            results[(name, mode)] = tf
+            emit({**base, "what": "gmm", "impl": name, "mode": mode, "shape_MKN": [a, d, n],
+                  "ms": ms, "tflops": tf, "error": err})  # fmt: skip
+    return results
+
+
+def _call_with_dy(bwd, x, w, *, dy):
+    return bwd(x, w, dy)
+
+
+def _gmm_impl(x, w, *, gs, impl):
+    return grouped_matmul(x, w, gs, implementation=impl)
+
+
+def layer_rows(params, x, k, impl, emit, base):
+    """Time the whole MoE layer (ours and on ragged_dot) and a dense FFN over the same rows."""
+    m, d = x.shape
+    e, _, _, f = params["wi"].shape
+    a = m * k
+    flops = 6.0 * a * d * f
+    xs, _ = sorted_rows(params, x, k)
+    dense_p = {"wi": params["wi"][0], "wo": params["wo"][0]}
+
+    def dense_ffn(p, rows):
+        h = jnp.einsum("ad,dcf->acf", rows, p["wi"])
+        return (jax.nn.silu(h[:, 0]) * h[:, 1]) @ p["wo"]
+
+    variants = {
+        "dense_ffn": (dense_ffn, dense_p, xs),
+        impl: (lambda p, x: moe_sorted(p, x, k, implementation=impl)[0], params, x),
+        "ragged_dot": (lambda p, x: moe_sorted(p, x, k, implementation="xla")[0], params, x),
+    }
+    out = {}
+    for name, (fn, p, inp) in variants.items():
+        fwd = jax.jit(fn)
+        bwd = jax.jit(jax.grad(lambda p, i, fn=fn: jnp.sum(fn(p, i).astype(jnp.float32) ** 2),
+                               argnums=(0, 1)))  # fmt: skip
+        for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
+            ms, err = safe_time(g, p, inp)
+            tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
+            out[(name, mode)] = tf
+            emit({**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
+                  "routed_rows": a, "ms": ms, "tflops": tf, "error": err})  # fmt: skip
+    return out
+
+
+def ratio_rows(res: dict, ours: str, what: str, emit, base) -> None:
+    """Derived figures of one run: ours vs dense and vs ragged_dot."""
+    for mode in ("fwd", "fwd_bwd"):
+        dense = res.get(("dense" if what == "gmm" else "dense_ffn", mode))
+        o, r = res.get((ours, mode)), res.get(("ragged_dot", mode))
+        emit({**base, "what": f"{what}_ratio", "mode": mode,
+              "vs_dense": None if not (o and dense) else o / dense,
+              "vs_ragged_dot": None if not (o and r) else o / r,
+              "goal_vs_dense": 0.7 if mode == "fwd" else 0.6,
+              "goal_vs_ragged_dot": 10.0})  # fmt: skip
+
+
+def ep_rows(params, x, k, impl, emit, base, single_tflops):
+    """EP=2 layer on 2 devices (global tokens = x's rows) and its dispatch-only time."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, expert=2, tensor=1),
+                              devices=jax.devices()[:2])  # fmt: skip
+    rules, _ = sharding.load_rules("fsdp_ep")
+    m, d = x.shape
+    f = params["wi"].shape[-1]
+    x3 = x.reshape(2, m // 2, d)
+    place = {
+        "router": rules.sharding(mesh, ("embed", "experts")),
+        "wi": rules.sharding(mesh, ("experts", "embed", "gate_up", "mlp"), params["wi"].shape),
+        "wo": rules.sharding(mesh, ("experts", "mlp", "embed"), params["wo"].shape),
+    }
+    p = jax.device_put(params, place)
+    x3 = jax.device_put(x3, rules.sharding(mesh, ("batch", "length", "act_embed"), x3.shape))
+
+    def layer(p, x):
+        return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl)[0]
+
+    flops = 6.0 * m * k * d * f
+    fwd = jax.jit(layer)
+    bwd = jax.jit(jax.grad(lambda p, x: jnp.sum(layer(p, x).astype(jnp.float32) ** 2), (0, 1)))
+    for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
+        ms, err = safe_time(g, p, x3)
+        per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
+        one = single_tflops.get(mode)
+        emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "tokens": m, "ms": ms,
+              "tflops_per_gpu": per_gpu, "single_gpu_tflops": one, "error": err,
+              "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one,
+              "goal": 0.8})  # fmt: skip
+    real_ffn = moe_parallel.expert_ffn
+    moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
+    try:
+        ms, err = safe_time(jax.jit(layer), p, x3)
+    finally:
+        moe_parallel.expert_ffn = real_ffn
+    emit(
+        {
+            **base,
+            "what": "layer_ep_dispatch",
+            "mode": "fwd",
+            "ep": 2,
+            "tokens": m,
+            "ms": ms,
+            "note": "route + sort + 2 all-to-alls + combine, FFN skipped",
+            "error": err,
+        }
+    )
+
+
+def sweep_blocks(xs, gs, w, emit, base) -> None:
+    """Time gmm forward per block config; make the best the default for the rest of the run."""
+    best = (float("inf"), None)
+    for blocks in SWEEP:
+        fn = jax.jit(lambda x, w, b=blocks: moe_gpu.gmm(x, w, gs, blocks=b))
+        ms, err = safe_time(fn, xs, w)
+        emit({**base, "what": "gmm_sweep", "blocks": dataclasses.asdict(blocks), "ms": ms,
+              "error": err})  # fmt: skip
+        if ms is not None and ms < best[0]:
+            best = (ms, blocks)
+    if best[1] is not None:
+        moe_gpu.GMM_BLOCKS = best[1]
+        emit({**base, "what": "gmm_sweep_best", "blocks": dataclasses.asdict(best[1])})
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="experiments/results/bench_moe.jsonl")
+    ap.add_argument("--tokens", default="4096,16384,65536")
+    ap.add_argument("--ep", action="store_true", help="also EP=2 rows (needs 2 devices)")
+    ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
+    ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    e, k, d, f = (32, 2, 6144, 9216) if not args.small else (8, 2, 128, 192)
+    tokens = [int(t) for t in args.tokens.split(",")] if not args.small else [256]
+    dtype = jnp.bfloat16
+    impl = resolve_implementation("auto")
+    dev = jax.devices()[0]
+    base = {"device": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "E": e, "top_k": k, "D": d, "F": f, "dtype": "bfloat16", "gmm_impl": impl,
+            "anchor": ANCHOR,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    out = open(args.out, "a")
+
+    def emit(row):
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        keys = ("what", "impl", "mode", "tokens", "ms", "tflops", "vs_dense", "vs_ragged_dot",
+                "tflops_per_gpu", "per_gpu_vs_single", "error")  # fmt: skip
+        print({kk: row[kk] for kk in keys if row.get(kk) is not None}, flush=True)
+
+    for i, m in enumerate(tokens):
+        params, x = make_problem(m, d, f, e, k, dtype)
+        xs, gs = sorted_rows(params, x, k)
+        wi = params["wi"].reshape(e, d, 2 * f)
+        row = {**base, "tokens": m, "group_sizes_min_max": [int(gs.min()), int(gs.max())]}
+        if args.sweep and impl == "gpu" and i == 0:
+            sweep_blocks(xs, gs, wi, emit, row)
+        names = [impl] if impl != "xla" else []
+        res = gmm_rows(xs, gs, wi, names, emit, row)
+        ratio_rows(res, impl, "gmm", emit, row)
+        res = layer_rows(params, x, k, impl, emit, row)
+        ratio_rows(res, impl, "layer", emit, row)
+        if args.ep and jax.device_count() >= 2:
+            single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
+            ep_rows(params, x, k, impl, emit, row, single)
+        del params, x, xs
+    out.close()
+
+
+if __name__ == "__main__":
+    main()
