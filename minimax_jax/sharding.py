@@ -167,6 +167,10 @@ class ShardingRules:
 
         return cls(tuple((k, axes(v)) for k, v in table.items()), **kwargs)
 
+    def get(self, logical: str, default=None):
+        """Mapping-style lookup (what `pretrained.sharding_from_rules` reads): axes or default."""
+        return self.mesh_axes(logical) or default
+
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
         for name, axes in self.rules:
             if name == logical:

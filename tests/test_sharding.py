@@ -83,6 +83,21 @@ def test_presets_are_strict(tmp_path):
         sharding.load_rules("no_such_preset")
 
 
+def test_leaf_sharding_fn_for_from_pretrained():
+    """`from_pretrained(..., sharding=fn)` takes leaf paths like ("blocks", 0, "moe", "wi")."""
+    config = ModelConfig.preset("tiny-remote")
+    mesh = _mesh(MESHES["data2_expert4"])
+    rules, _ = sharding.load_rules("fsdp_ep")
+    abstract = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
+    fn = sharding.leaf_sharding_fn(
+        sharding.pure_param_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    )
+    P = jax.sharding.PartitionSpec
+    assert fn(("blocks", 0, "moe", "wi")).spec == P(None, "expert", None, None, None)
+    assert fn(("embed",)).spec == P(None, None)
+    assert rules.get("experts") == ("expert",) and rules.get("qkv") is None
+
+
 # ------------------------------------------------------------------------------ the model
 
 
