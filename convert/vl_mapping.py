@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -255,20 +256,22 @@ def plan_load(
 
 
 def fill_leaves(
-    read, assignments: Iterable[Assignment], shapes: Mapping[LeafPath, tuple[int, ...]], dtype
+    read, assignments: Iterable[Assignment], specs: Mapping[LeafPath, Any]
 ) -> dict[LeafPath, np.ndarray]:
     """{leaf: host array} with every slot filled by ``layout.to_ours(read(name))``.
 
-    ``read(name) -> np.ndarray`` gives one HF tensor; values are cast to ``dtype``.
+    ``read(name) -> np.ndarray`` gives one HF tensor; ``specs[leaf]`` has the leaf's ``shape``
+    and ``dtype`` (e.g. a ``jax.ShapeDtypeStruct``), which values are cast to.
     """
     by_leaf: dict[LeafPath, list[Assignment]] = {}
     for a in assignments:
         by_leaf.setdefault(a.leaf, []).append(a)
     out = {}
     for leaf, items in by_leaf.items():
-        arr = np.empty(shapes[leaf], np.dtype(dtype))
+        arr = np.empty(specs[leaf].shape, np.dtype(specs[leaf].dtype))
         for a in items:
-            arr[a.slot] = a.layout.to_ours(np.asarray(read(a.name)), a.slot_shape).astype(arr.dtype)
+            hf = np.asarray(read(a.name))
+            arr[a.slot] = a.layout.to_ours(hf, a.slot_shape).astype(arr.dtype)
         out[leaf] = arr
     return out
 

@@ -59,9 +59,8 @@ def vl_config(clip_cfg, text_dim=64):
 def our_vision_params(cfg, state_dict):
     sd = {vl_mapping.VISION_PREFIX + k: v.detach().numpy() for k, v in state_dict.items()}
     assignments = [a for a in vl_mapping.vision_assignments(cfg) if a.leaf[0] == "vision_tower"]
-    flat = vl_mapping.fill_leaves(
-        sd.__getitem__, assignments, vl_mapping.vision_leaf_shapes(cfg), np.float32
-    )
+    specs = mapping.flatten(vl_mapping.expected_leaf_shapes(cfg))
+    flat = vl_mapping.fill_leaves(sd.__getitem__, assignments, specs)
     return mapping.unflatten({k[1:]: jnp.asarray(v) for k, v in flat.items()})
 
 

@@ -1,0 +1,540 @@
+"""MiniMaxVLForConditionalGeneration: MiniMax-VL-01 (CLIP ViT + projector + the Text-01 LM).
+
+Forward for a prompt whose ``<image>`` tokens were expanded by ``MiniMaxVLProcessor``:
+
+1. all tiles of all images (``pixel_values`` [n, 3, 336, 336], each image's thumbnail first) go
+   through the vision tower + projector in tile batches, one jitted call per batch;
+2. per image (SPEC, section VL-01): thumbnail features [576, E] first, then the tile grid
+   re-assembled spatially to [24*rows, 24*cols, E], unpadded to the image's aspect, with
+   ``image_newline`` appended to every row -> [576 + h'*(w'+1), E];
+3. the features replace the ``<image>`` token embeddings in order (batch row-major), and the
+   decoder runs on the embeddings (``forward_embeds`` / ``forward_cached_embeds``).
+
+Parameters (pure dict): ``language_model`` (the text model's tree), ``vision_tower``,
+``projector``, ``image_newline`` [E] (see ``minimax_jax.vision`` and ``convert.vl_mapping``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.nn.layers import param
+from minimax_jax.ops import decoder
+from minimax_jax.ops.decoder import RunOptions
+from minimax_jax.processor import MiniMaxVLProcessor
+from minimax_jax.vision import Projector, VisionConfig, VisionTower, VLConfig, project, vision_tower
+
+TILE_BUCKET = 8  # tile batches are padded to a multiple of this (few compiled shapes)
+
+
+class MiniMaxVLForConditionalGeneration(nnx.Module):
+    """language_model (MiniMaxForCausalLM), vision_tower, projector, image_newline [E].
+
+    Args:
+      config: the VL config.
+      rngs: random streams for initialisation.
+      param_dtype: dtype of every weight (the MoE router stays fp32).
+      options: text-model run options (kernels, MoE path).
+      max_tile_batch: most tiles per jitted vision call.
+    """
+
+    def __init__(
+        self,
+        config: VLConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        options: RunOptions | None = None,
+        max_tile_batch: int = 32,
+    ):
+        self.config = config
+        self.max_tile_batch = max_tile_batch
+        self.language_model = MiniMaxForCausalLM(
+            config.text, rngs=rngs, param_dtype=param_dtype, options=options
+        )
+        self.vision_tower = VisionTower(config.vision, rngs=rngs, dtype=param_dtype)
+        e = config.text.hidden_size
+        self.projector = Projector(config.vision.hidden_size, e, rngs=rngs, dtype=param_dtype)
+        self.image_newline = param(rngs, (e,), ("embed",), param_dtype, std=e**-0.5)
+
+    @property
+    def options(self) -> RunOptions:
+        return self.language_model.options
+
+    def pure_params(self) -> dict:
+        """Parameters as a nested dict of arrays (text blocks as a list)."""
+        return {
+            "language_model": self.language_model.pure_params(),
+            "vision_tower": nnx.to_pure_dict(nnx.state(self.vision_tower, nnx.Param)),
+            "projector": nnx.to_pure_dict(nnx.state(self.projector, nnx.Param)),
+            "image_newline": self.image_newline[...],
+        }
+
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        *,
+        compute_dtype: Any = None,
+    ) -> jax.Array:
+        """input_ids [B,T] (image tokens expanded), pixel_values [n,3,336,336], image_sizes
+        [n_images, 2] (H, W), attention_mask [B,T] (1 token, 0 left pad) -> logits [B,T,V]."""
+        x = embed_inputs(
+            self.config,
+            self.pure_params(),
+            input_ids,
+            pixel_values,
+            image_sizes,
+            max_tile_batch=self.max_tile_batch,
+            compute_dtype=compute_dtype,
+        )
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return _forward_embeds_jit(
+            self.config.text,
+            self.pure_params()["language_model"],
+            x,
+            mask,
+            self.options,
+            compute_dtype,
+        )
+
+
+# ----------------------------------------------------------------------------- image features
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _encode_tiles(
+    cfg: VisionConfig, tower: dict, proj: dict, pixels: jax.Array, dtype
+) -> jax.Array:
+    if dtype is not None:
+        tower, proj = jax.tree.map(lambda a: a.astype(dtype), (tower, proj))
+        pixels = pixels.astype(dtype)
+    return project(proj, vision_tower(cfg, tower, pixels))
+
+
+def encode_tiles(
+    cfg: VisionConfig,
+    params: dict,
+    pixel_values,
+    *,
+    max_tile_batch: int = 32,
+    compute_dtype: Any = None,
+) -> jax.Array:
+    """pixel_values [n, 3, 336, 336] (tiles of any number of images) -> [n, 576, E].
+
+    Tiles run in batches of at most ``max_tile_batch``; the last batch is zero-padded to a
+    multiple of ``TILE_BUCKET`` so only a few shapes compile.
+    """
+    pixels = np.asarray(pixel_values, np.float32)
+    if pixels.ndim != 4 or pixels.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(
+            f"pixel_values must be [n, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
+            f"got {pixels.shape}: use MiniMaxVLProcessor"
+        )
+    outs = []
+    for start in range(0, pixels.shape[0], max_tile_batch):
+        chunk = pixels[start : start + max_tile_batch]
+        m = chunk.shape[0]
+        padded = max_tile_batch if m == max_tile_batch else -(-m // TILE_BUCKET) * TILE_BUCKET
+        chunk = np.pad(chunk, ((0, padded - m), (0, 0), (0, 0), (0, 0)))
+        feats = _encode_tiles(
+            cfg, params["vision_tower"], params["projector"], chunk, compute_dtype
+        )
+        outs.append(feats[:m])
+    return jnp.concatenate(outs)
+
+
+def pack_image(
+    feats: jax.Array,
+    newline: jax.Array,
+    grid: tuple[int, int],
+    keep: tuple[slice, slice],
+    side: int,
+) -> jax.Array:
+    """One image's features [1 + rows*cols, side*side, E] -> [side**2 + h'*(w'+1), E].
+
+    Thumbnail first; tiles re-assembled to [side*rows, side*cols, E] (row-major tiles, row-major
+    patches), cropped to ``keep`` (the unpadded rows and columns), newline after every row.
+    """
+    rows, cols = grid
+    e = feats.shape[-1]
+    x = feats[1:].reshape(rows, cols, side, side, e).transpose(0, 2, 1, 3, 4)
+    x = x.reshape(rows * side, cols * side, e)[keep[0], keep[1]]
+    nl = jnp.broadcast_to(newline.astype(x.dtype), (x.shape[0], 1, e))
+    x = jnp.concatenate([x, nl], axis=1).reshape(-1, e)
+    return jnp.concatenate([feats[0], x])
+
+
+def image_features(
+    config: VLConfig, params: dict, pixel_values, image_sizes, **kwargs: Any
+) -> jax.Array:
+    """All images' packed features, concatenated in image order: [sum of tokens, E]."""
+    geo = MiniMaxVLProcessor.from_config(config)
+    sizes = [tuple(int(v) for v in s) for s in np.asarray(image_sizes).reshape(-1, 2)]
+    counts = [1 + r * c for r, c in (geo.grid(*s) for s in sizes)]
+    if sum(counts) != np.shape(pixel_values)[0]:
+        raise ValueError(
+            f"image_sizes {sizes} need {sum(counts)} tiles (thumbnails included) but "
+            f"pixel_values has {np.shape(pixel_values)[0]}: pass the processor's outputs together"
+        )
+    tiles = encode_tiles(config.vision, params, pixel_values, **kwargs)
+    out, start = [], 0
+    for size, n in zip(sizes, counts, strict=True):
+        out.append(
+            pack_image(
+                tiles[start : start + n],
+                params["image_newline"],
+                geo.grid(*size),
+                geo.unpad_slices(*size),
+                config.vision.grid,
+            )
+        )
+        start += n
+    return jnp.concatenate(out)
+
+
+def merge_image_features(
+    x: jax.Array, input_ids: jax.Array, feats: jax.Array, image_token_id: int
+) -> jax.Array:
+    """x [B,T,E] token embeddings; the image tokens of input_ids [B,T] (row-major order) take
+    the rows of feats [M,E] in order. Jit-friendly (no data-dependent shapes)."""
+    is_image = input_ids == image_token_id
+    idx = jnp.cumsum(is_image.reshape(-1)) - 1
+    gathered = feats[jnp.clip(idx, 0, max(feats.shape[0] - 1, 0))].reshape(x.shape)
+    return jnp.where(is_image[..., None], gathered.astype(x.dtype), x)
+
+
+def embed_inputs(
+    config: VLConfig,
+    params: dict,
+    input_ids,
+    pixel_values=None,
+    image_sizes=None,
+    *,
+    max_tile_batch: int = 32,
+    compute_dtype: Any = None,
+) -> jax.Array:
+    """Token embeddings [B,T,E] with image features in place of the ``<image>`` tokens."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    embed = params["language_model"]["embed"]
+    if compute_dtype is not None:
+        embed = embed.astype(compute_dtype)
+    x = jnp.take(embed, jnp.asarray(ids, jnp.int32), axis=0)
+    n_tokens = int((ids == config.image_token_index).sum())
+    n_images = 0 if image_sizes is None else int(np.asarray(image_sizes).reshape(-1, 2).shape[0])
+    if n_images == 0:
+        if n_tokens:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but no image was given")
+        return x
+    feats = image_features(
+        config,
+        params,
+        pixel_values,
+        image_sizes,
+        max_tile_batch=max_tile_batch,
+        compute_dtype=compute_dtype,
+    )
+    if n_tokens != feats.shape[0]:
+        raise ValueError(
+            f"input_ids hold {n_tokens} image tokens but the images give {feats.shape[0]} "
+            "features: expand each <image> with MiniMaxVLProcessor (same sizes, same order)"
+        )
+    return merge_image_features(x, jnp.asarray(ids), feats, config.image_token_index)
+
+
+# ----------------------------------------------------------------------------- decoder on embeds
+
+
+def forward_embeds(
+    config: ModelConfig,
+    params: dict,
+    x: jax.Array,
+    attention_mask: jax.Array | None = None,
+    opts: RunOptions | None = None,
+    compute_dtype: Any = None,
+) -> jax.Array:
+    """``decoder.forward`` from input embeddings: x [B,T,D] -> logits [B,T,V] fp32.
+
+    Built from ``decoder``'s own pieces, so the math is the text model's exactly.
+    """
+    opts = opts or RunOptions()
+    if compute_dtype is not None:
+        params = decoder.cast_params(params, compute_dtype)
+        x = x.astype(compute_dtype)
+    b, t = x.shape[:2]
+    ctx = decoder.make_context(config, attention_mask, b, t)
+    x, _, _ = decoder.decoder_stack(config, params["blocks"], x, ctx, opts)
+    return decoder._logits(config, params, x)  # noqa: SLF001 - the text model's own head
+
+
+_forward_embeds_jit = jax.jit(forward_embeds, static_argnums=(0, 4, 5))
+
+
+def forward_cached_embeds(
+    config: ModelConfig,
+    params: dict,
+    x: jax.Array,
+    token_mask: jax.Array,
+    cache: dict,
+    opts: RunOptions | None = None,
+    compute_dtype: Any = None,
+) -> tuple[jax.Array, dict]:
+    """``decoder.forward_cached`` from embeddings x [B,T,D] -> (last logits [B,V], cache)."""
+    opts = opts or RunOptions()
+    if compute_dtype is not None:
+        params = decoder.cast_params(params, compute_dtype)
+        x = x.astype(compute_dtype)
+    ctx, book = decoder.make_cached_context(config, token_mask, cache)
+    x, _, blocks = decoder.decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
+    logits = decoder._logits(config, params, x[:, -1:])  # noqa: SLF001
+    return logits[:, -1], {"blocks": blocks, **book}
+
+
+# ----------------------------------------------------------------------------- generation
+
+_prefill_embeds = jax.jit(forward_cached_embeds, static_argnums=(0, 5, 6), donate_argnums=4)
+
+
+def prefill_vl(
+    engine, x: jax.Array, mask: np.ndarray, plan: dict, opts=None, compute_dtype: Any = None
+):
+    """Chunked prefill from embeddings x [B,T,D] (left-padded by mask [B,T]) into a fresh cache
+    of ``plan`` (``engine.plan``) -> (last logits [B,V], cache). Decoding then runs on tokens
+    with the engine's own jitted step / loop."""
+    from minimax_jax.cache import init_cache
+
+    b, t = mask.shape
+    pad = plan["padded_prompt"] - t
+    x = jnp.pad(x, ((0, 0), (pad, 0), (0, 0)))
+    mask = np.pad(np.asarray(mask, np.int32), ((0, 0), (pad, 0)))
+    cache = init_cache(engine.config, b, plan["max_len"], engine.kv_dtype)
+    chunk, opts = plan["chunk"], opts or RunOptions()
+    for start in range(0, x.shape[1], chunk):
+        logits, cache = _prefill_embeds(
+            engine.config,
+            engine.params,
+            x[:, start : start + chunk],
+            jnp.asarray(mask[:, start : start + chunk]),
+            cache,
+            opts,
+            compute_dtype,
+        )
+    return logits, cache
+
+
+def generate_vl(
+    model: MiniMaxVLForConditionalGeneration,
+    input_ids,
+    pixel_values=None,
+    image_sizes=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    prefill_chunk: int = 256,
+    compute_dtype: Any = None,
+) -> np.ndarray:
+    """Like ``sampling.generate`` with images -> int32 [B, max_new_tokens].
+
+    input_ids [B,T] left-padded by attention_mask, ``<image>`` tokens expanded (the processor's
+    ``input_ids``); pixel_values / image_sizes as the processor returns them.
+    """
+    stream = generate_vl_stream(
+        model,
+        input_ids,
+        pixel_values,
+        image_sizes,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        prefill_chunk=prefill_chunk,
+        compute_dtype=compute_dtype,
+    )
+    steps = list(stream)
+    out = np.stack(steps, axis=1)
+    eos = sampling_eos(eos_token_id)
+    if out.shape[1] < max_new_tokens:  # every row stopped: fill with eos as sampling does
+        fill = np.full((out.shape[0], max_new_tokens - out.shape[1]), eos, np.int32)
+        out = np.concatenate([out, fill], axis=1)
+    return out.astype(np.int32)
+
+
+def sampling_eos(eos_token_id) -> int:
+    """The id written after eos (the first one when several), -1 when there is none."""
+    if eos_token_id is None:
+        return -1
+    return int(eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id)[0])
+
+
+def generate_vl_stream(
+    model: MiniMaxVLForConditionalGeneration,
+    input_ids,
+    pixel_values=None,
+    image_sizes=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    prefill_chunk: int = 256,
+    compute_dtype: Any = None,
+):
+    """Yields each step's tokens [B] (rows that finished repeat eos); stops when all are done."""
+    from minimax_jax import sampling
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sp = sampling.SamplingParams(temperature, top_k, top_p)
+    ids, mask = sampling._as_batch(input_ids, attention_mask)  # noqa: SLF001
+    params = model.pure_params()
+    engine = sampling.Engine(
+        model.config.text,
+        params["language_model"],
+        options=model.options,
+        prefill_chunk=prefill_chunk,
+        compute_dtype=compute_dtype,
+    )
+    plan = engine.plan(ids.shape[0], ids.shape[1], max_new_tokens)
+    engine.check_memory(plan)
+    x = embed_inputs(
+        model.config,
+        params,
+        ids,
+        pixel_values,
+        image_sizes,
+        max_tile_batch=model.max_tile_batch,
+        compute_dtype=compute_dtype,
+    )
+    logits, cache = prefill_vl(engine, x, mask, plan, model.options, compute_dtype)
+    eos = np.asarray(sampling._eos_array(eos_token_id))  # noqa: SLF001
+    key, sub = jax.random.split(jax.random.key(seed))
+    tok = sampling.sample_token(logits, sub, sp)
+    done = np.zeros(ids.shape[0], bool)
+    for _ in range(max_new_tokens):
+        host = np.where(done, eos[0], np.asarray(tok))
+        yield host
+        done |= np.isin(host, eos)
+        if done.all():
+            return
+        key, sub = jax.random.split(key)
+        tok, _, cache = engine._step(engine.params, cache, jnp.asarray(host), sub, sp)  # noqa: SLF001
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _read_vl_config(path: Path) -> VLConfig:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json at {file}")
+    return VLConfig.from_hf(json.loads(file.read_text()))
+
+
+def is_vl_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` (a directory or config.json) holds a MiniMax-VL-01 config."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    from minimax_jax.vision import VL_ARCHITECTURE, VL_MODEL_TYPE
+
+    return d.get("model_type") == VL_MODEL_TYPE or VL_ARCHITECTURE in (d.get("architectures") or [])
+
+
+def from_pretrained_vl(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, max_tile_batch: int = 32
+) -> MiniMaxVLForConditionalGeneration:
+    """Builds the VL model from an HF VL-01 checkpoint directory (config.json + safetensors).
+
+    Every tensor name and shape is validated before any weight is read (``convert.vl_mapping``);
+    leaves are filled one at a time. Raises CheckpointMismatchError listing every problem.
+    """
+    from convert import mapping, vl_mapping
+    from convert.safetensors_io import SafetensorsReader
+    from minimax_jax.pretrained import check_buffers
+
+    path = Path(path)
+    config = _read_vl_config(path)
+    abstract = nnx.eval_shape(
+        lambda: MiniMaxVLForConditionalGeneration(
+            config, rngs=nnx.Rngs(0), param_dtype=dtype, max_tile_batch=max_tile_batch
+        )
+    )
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    reader = SafetensorsReader(path)
+    meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
+    plan = vl_mapping.plan_load(config, reader.names(), meta=meta, where=str(path))
+    check_buffers(reader, config.text, plan.text, str(path))
+    specs = mapping.flatten(vl_mapping.expected_leaf_shapes(config, dtype))
+    text_assign = [
+        a.__class__(a.name, ("language_model", *a.leaf), a.slot, a.slot_shape, a.layout)
+        for items in plan.text.by_leaf.values()
+        for a in items
+    ]
+    state = {}
+    for assignments in (text_assign, plan.vision):
+        host = vl_mapping.fill_leaves(reader.read, assignments, specs)
+        state.update({leaf: jnp.asarray(v) for leaf, v in host.items()})
+    nnx.replace_by_pure_dict(params, mapping.unflatten(state))
+    return nnx.merge(graphdef, params, rest)
+
+
+def save_pretrained_vl(
+    model: MiniMaxVLForConditionalGeneration,
+    path: str | os.PathLike,
+    *,
+    schema: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes an HF VL-01 checkpoint (``text_config`` in ``schema``, default the text's own;
+    remote-code per-expert names); returns the file names written."""
+    import itertools
+
+    from convert import vl_mapping
+    from convert.safetensors_io import write_sharded
+    from minimax_jax.pretrained import export_tensors
+
+    config: VLConfig = model.config
+    schema = config.text.schema if schema is None else schema
+    hf_config = config.to_hf(schema)
+    text = nnx.to_pure_dict(nnx.state(model.language_model, nnx.Param))
+    rest = {k: v for k, v in model.pure_params().items() if k != "language_model"}
+    tensors = itertools.chain(
+        export_tensors(text, config.text, schema=schema, prefix=vl_mapping.TEXT_PREFIX),
+        vl_mapping.export_vision(config, rest),
+    )
+    return write_sharded(
+        path,
+        tensors,
+        max_shard_bytes=max_shard_bytes,
+        extra_files={"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
+    )
