@@ -43,6 +43,7 @@ METADATA_FILE = "_METADATA"
 CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 DEFAULT_INFLIGHT_BYTES = 256 * 2**20
+DEFAULT_PIECE_BYTES = 128 * 2**20
 _ZARR_DTYPES = {
     np.dtype(ml_dtypes.bfloat16): "bfloat16",
     np.dtype(np.float32): "<f4",
@@ -96,6 +97,23 @@ def chunk_shape(
     return tuple(chunk)
 
 
+def _piece_rows(
+    shape: tuple[int, ...], chunks: list[int], itemsize: int, max_bytes: int
+) -> tuple[int, int]:
+    """(axis, rows per piece) to write a slot of ``shape`` in pieces of about ``max_bytes``.
+
+    The axis is the one cut into the most chunks; rows are a multiple of its chunk size (whole
+    chunks per piece). Small slots and unchunked ones come back whole: (0, shape[0])."""
+    if not shape or math.prod(shape) * itemsize <= max_bytes:
+        return 0, max(shape[0], 1) if shape else 1
+    axis = max(range(len(shape)), key=lambda a: -(-shape[a] // chunks[a]))
+    if chunks[axis] >= shape[axis]:
+        return 0, shape[0]
+    row_bytes = math.prod(shape) // shape[axis] * itemsize
+    rows = max(max_bytes // row_bytes // chunks[axis], 1) * chunks[axis]
+    return axis, rows
+
+
 def _kvstore(directory: Path, key: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "driver": "ocdbt",
@@ -122,6 +140,7 @@ class LeafWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_inflight_bytes = max_inflight_bytes
+        self.max_piece_bytes = DEFAULT_PIECE_BYTES
         self._context = ts.Context()
         self._stores: dict[LeafPath, ts.TensorStore] = {}
         self._chunks: dict[LeafPath, tuple[int, ...]] = {}
@@ -149,15 +168,27 @@ class LeafWriter:
         self._chunks[path] = tuple(chunks)
 
     def write(self, path: LeafPath, slot: tuple, value: np.ndarray) -> None:
-        """Stores ``value`` at ``leaf[slot]`` (asynchronously, bounded by the in-flight window)."""
-        store = self._stores[path]
-        # A C-order copy here is faster than TensorStore's strided copy of a transposed view.
-        value = np.ascontiguousarray(value, dtype=store.dtype.numpy_dtype)
-        future = store[slot].write(value)
-        self._pending.append((future, value))
-        self._pending_bytes += value.nbytes
-        while self._pending and self._pending_bytes > self.max_inflight_bytes:
-            self._wait_oldest()
+        """Stores ``value`` at ``leaf[slot]`` (asynchronously, bounded by the in-flight window).
+
+        A slot larger than ``max_piece_bytes`` (embed, lm_head: 2.5 GB in M1) is copied and
+        written in pieces cut along a chunked axis at chunk boundaries, so the extra host memory
+        is one piece, not a second copy of the tensor.
+        """
+        view = self._stores[path][slot]
+        padded = slot + (slice(None),) * (len(self._chunks[path]) - len(slot))
+        chunks = [
+            c for c, s in zip(self._chunks[path], padded, strict=True) if not isinstance(s, int)
+        ]
+        axis, rows = _piece_rows(value.shape, chunks, value.dtype.itemsize, self.max_piece_bytes)
+        for start in range(0, value.shape[axis], rows):
+            # TensorStore, unlike numpy, refuses slices that run past the end
+            index = (slice(None),) * axis + (slice(start, min(start + rows, value.shape[axis])),)
+            # A C-order copy here is faster than TensorStore's strided copy of a transposed view.
+            piece = np.ascontiguousarray(value[index], dtype=view.dtype.numpy_dtype)
+            self._pending.append((view[index].write(piece), piece))
+            self._pending_bytes += piece.nbytes
+            while self._pending and self._pending_bytes > self.max_inflight_bytes:
+                self._wait_oldest()
 
     def _wait_oldest(self) -> None:
         future, value = self._pending.popleft()

@@ -250,6 +250,23 @@ def test_streamed_shards_must_follow_the_plan(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_large_slots_are_written_in_whole_chunk_pieces(tmp_path):
+    writer = orbax_io.LeafWriter(tmp_path / "p")
+    writer.max_piece_bytes = 1000
+    value = np.arange(2 * 40 * 30, dtype=np.float32).reshape(2, 40, 30)
+    writer.create(("w",), (3, 40, 30), np.float32, (1, 40, 8))
+    writer.write(("w",), (1,), value[0].T.T)  # slot [40, 30]: pieces of 8 columns (chunk size)
+    writer.create(("e",), (2, 40, 30), np.float32, (2, 7, 30))
+    writer.write(("e",), (), value)  # pieces along axis 1, rows a multiple of 7
+    writer.finish()
+    reader = orbax_io.LeafReader(tmp_path / "p")
+    np.testing.assert_array_equal(reader.read(("w",), (1,)), value[0])
+    np.testing.assert_array_equal(reader.read(("e",)), value)
+    assert orbax_io._piece_rows((40, 30), [40, 8], 4, 1000) == (1, 8)
+    assert orbax_io._piece_rows((2, 40, 30), [2, 7, 30], 4, 2000) == (1, 7)
+    assert orbax_io._piece_rows((4, 4), [4, 4], 4, 1000) == (0, 4)
+
+
 def test_chunk_shape():
     assert orbax_io.chunk_shape((10, 32, 6144, 2, 9216), 2, unit_axes=(0, 1, 3)) == (
         1,
