@@ -185,3 +185,35 @@ def test_call_batches_several_images(p):
     np.testing.assert_array_equal(out["image_sizes"], [[336, 336], [300, 1000]])
     assert int((out["input_ids"] == p.image_token_id).sum()) == 1176 + 2182
     assert out["input_ids"].dtype == np.int32
+
+
+def test_chat_template_and_real_tokenizer_path(p):
+    """Image parts render as <image> through MiniMax's chat template; the byte-level tokenizer
+    never has to know <image>; text around the image survives."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from minimax_jax.tokenizer import ChatTokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    cfg_file = Path(__file__).parent / "data" / "minimax-m1" / "tokenizer_config.json"
+    tok = ChatTokenizer(bpe, json.loads(cfg_file.read_text()))
+    msg = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    text = tok.render_chat([proc.image_parts_to_text(msg)])
+    assert "user name=user\n<image>What is it?" in text
+    out = proc.prepare_vl_inputs(p, tok, text, [random_image(480, 640)])
+    ids = out["input_ids"]
+    where = np.flatnonzero(ids == p.image_token_id)
+    assert len(where) == 2340 and np.all(np.diff(where) == 1)
+    before, after = ids[: where[0]], ids[where[-1] + 1 :]
+    assert tok.decode(before).endswith("user name=user\n")
+    assert tok.decode(after).startswith("What is it?")
+    plain = proc.ensure_placeholders("What is it?", 1)
+    assert "user name=user\n<image>\nWhat is it?" in tok.render_chat(
+        [{"role": "user", "content": plain}]
+    )

@@ -304,3 +304,24 @@ def test_audit_reports_every_problem():
     assert vl_mapping.plan_load(config, ok).ignored == [
         vl_mapping.VISION_PREFIX + "post_layernorm.weight"
     ]
+
+
+def test_full_size_model_layout_equals_mapping_layout():
+    """jax.eval_shape of the real VL-01: every leaf is what convert.vl_mapping fills."""
+    from flax import nnx
+
+    config = VLConfig.preset("minimax-vl-01")
+    abstract = nnx.eval_shape(
+        lambda: vl_model.MiniMaxVLForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    )
+    got = {
+        p: (tuple(v.shape), str(v.dtype))
+        for p, v in mapping.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()
+    }
+    want = {
+        p: (tuple(v.shape), str(v.dtype))
+        for p, v in mapping.flatten(vl_mapping.expected_leaf_shapes(config)).items()
+    }
+    assert got == want
+    vision_params = sum(int(np.prod(s)) for p, (s, _) in got.items() if p[0] != "language_model")
+    assert vision_params == 347_564_032  # SPEC: "+ 0.34B" over the Text-01 LM
