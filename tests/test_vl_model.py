@@ -325,3 +325,22 @@ def test_full_size_model_layout_equals_mapping_layout():
     assert got == want
     vision_params = sum(int(np.prod(s)) for p, (s, _) in got.items() if p[0] != "language_model")
     assert vision_params == 347_564_032  # SPEC: "+ 0.34B" over the Text-01 LM
+
+
+def test_left_padded_batch_rows_equal_single_rows(setup):
+    """Two prompts with their own images, left-padded into one batch: features go to the right
+    rows (row-major order) and each row computes what it computes alone."""
+    _, _, _, ours = setup
+    a = make_inputs([(336, 336)], "A <image>")
+    b = make_inputs([(60, 700)], "Longer text, <image> here")
+    ta, tb = a[0].shape[1], b[0].shape[1]
+    t = max(ta, tb)
+    ids = np.zeros((2, t), np.int32)
+    mask = np.zeros((2, t), np.int32)
+    for row, (x, n) in enumerate(((a, ta), (b, tb))):
+        ids[row, t - n :], mask[row, t - n :] = x[0][0], 1
+    pixels = np.concatenate([a[1], b[1]])
+    sizes = np.concatenate([a[2], b[2]])
+    got = np.asarray(ours(ids, pixels, sizes, mask))
+    assert rel_err(got[0, t - ta :], ours(*a)[0]) <= TOL
+    assert rel_err(got[1, t - tb :], ours(*b)[0]) <= TOL
