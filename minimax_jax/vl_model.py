@@ -538,3 +538,49 @@ def save_pretrained_vl(
         max_shard_bytes=max_shard_bytes,
         extra_files={"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
     )
+
+
+def generate_for_cli(
+    ckpt,
+    tok,
+    texts: Sequence[str],
+    images: Sequence[Any],
+    *,
+    dtype: Any = jnp.float32,
+    stream: bool = False,
+    out=None,
+    **gen: Any,
+) -> list[str]:
+    """What ``python -m minimax_jax.generate --image PATH`` runs once prompts are rendered.
+
+    texts: final prompts (chat template applied), each with one ``<image>`` per image (use
+    ``processor.ensure_placeholders`` on the user's text before rendering); every prompt gets
+    all ``images``. gen: max_new_tokens, temperature, top_k, top_p, seed, prefill_chunk.
+    Prints each completion (streamed when ``stream``) to ``out`` and returns them.
+    """
+    import sys
+
+    from minimax_jax.processor import prepare_vl_inputs
+    from minimax_jax.tokenizer import StreamDecoder
+
+    if not is_vl_checkpoint(ckpt):
+        raise ValueError(f"--image needs a MiniMax-VL-01 checkpoint; {ckpt} is a text model")
+    out = out or sys.stdout
+    model = from_pretrained_vl(ckpt, dtype=dtype)
+    proc = MiniMaxVLProcessor.from_config(model.config)
+    eos = tuple(tok.eos_token_ids) or None
+    results = []
+    for text in texts:
+        x = prepare_vl_inputs(proc, tok, text, images)
+        args = (model, x["input_ids"][None], x["pixel_values"], x["image_sizes"])
+        dec = StreamDecoder(tok)
+        for step in generate_vl_stream(*args, eos_token_id=eos, **gen):
+            if eos and int(step[0]) in eos:
+                break
+            piece = dec.push(int(step[0]))
+            if stream:
+                out.write(piece)
+                out.flush()
+        results.append(tok.decode(dec.ids))
+        out.write("\n" if stream else results[-1] + "\n")
+    return results

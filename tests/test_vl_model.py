@@ -344,3 +344,32 @@ def test_left_padded_batch_rows_equal_single_rows(setup):
     got = np.asarray(ours(ids, pixels, sizes, mask))
     assert rel_err(got[0, t - ta :], ours(*a)[0]) <= TOL
     assert rel_err(got[1, t - tb :], ours(*b)[0]) <= TOL
+
+
+def test_generate_for_cli_with_image_file(setup, tmp_path):
+    import io
+
+    from PIL import Image
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from minimax_jax.processor import MiniMaxVLProcessor, prepare_vl_inputs
+    from minimax_jax.tokenizer import ChatTokenizer
+
+    _, path, _, ours = setup
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = ChatTokenizer(bpe, {})
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.random.RandomState(5).randint(0, 256, (200, 260, 3), np.uint8)).save(image)
+    buf = io.StringIO()
+    gen = dict(max_new_tokens=3, temperature=0.0, prefill_chunk=512)
+    texts = vl_model.generate_for_cli(path, tok, ["Look: <image>"], [image], out=buf, **gen)
+    x = prepare_vl_inputs(MiniMaxVLProcessor(image_token_id=IMG), tok, "Look: <image>", [image])
+    want = vl_model.generate_vl(
+        ours, x["input_ids"][None], x["pixel_values"], x["image_sizes"], **gen
+    )
+    assert texts == [tok.decode(want[0])] and buf.getvalue() == texts[0] + "\n"
+    with pytest.raises(ValueError, match="VL-01 checkpoint"):
+        vl_model.generate_for_cli(path / "..", tok, ["<image>"], [image])
