@@ -98,6 +98,35 @@ def _unit_axes(assignments: list[mapping.Assignment]) -> tuple[int, ...]:
     )
 
 
+def _write_tensor(
+    reader: SafetensorsReader,
+    writer: orbax_io.LeafWriter,
+    leaf: mapping.LeafPath,
+    a: mapping.Assignment,
+    dtype: np.dtype,
+    progress: Progress,
+) -> None:
+    """Reads one HF tensor into its slot. A tensor over ``writer.max_piece_bytes`` whose HF rows
+    are one axis of the slot (embed, lm_head) is read and written in pieces of whole rows aligned
+    to the chunks, so the host never holds it whole."""
+    nbytes = reader.info(a.name).nbytes
+    if nbytes <= writer.max_piece_bytes or a.layout.groups[0] != 1:
+        tensor = reader.read(a.name)
+        writer.write(leaf, a.slot, a.layout.to_ours(tensor, a.slot_shape).astype(dtype, copy=False))
+        progress.update(nbytes, orbax_io.leaf_key(leaf))
+        return
+    axis, n = a.layout.perm.index(0), a.hf_shape[0]
+    chunk = writer.slot_chunks(leaf, a.slot)[axis]
+    rows = max(writer.max_piece_bytes // (nbytes // n) // chunk, 1) * chunk
+    for start in range(0, n, rows):
+        piece = reader.read(a.name, (start, min(start + rows, n)))
+        shape = list(a.slot_shape)
+        shape[axis] = piece.shape[0]
+        value = a.layout.to_ours(piece, tuple(shape)).astype(dtype, copy=False)
+        writer.write(leaf, a.slot, value, at=(axis, start))
+        progress.update(piece.nbytes, orbax_io.leaf_key(leaf))
+
+
 def write_params(
     reader: SafetensorsReader,
     config: ModelConfig,
@@ -130,11 +159,7 @@ def write_params(
             writer.create(leaf, spec.shape, np_dtype, chunks)
             largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
             for a in assignments:
-                tensor = reader.read(a.name)
-                value = a.layout.to_ours(tensor, a.slot_shape).astype(np_dtype, copy=False)
-                writer.write(leaf, a.slot, value)
-                progress.update(tensor.nbytes, orbax_io.leaf_key(leaf))
-                del tensor, value
+                _write_tensor(reader, writer, leaf, a, np_dtype, progress)
     except BaseException:
         writer.abort()  # no write may land after the caller removes the directory
         raise

@@ -167,18 +167,28 @@ class LeafWriter:
         self._stores[path] = ts.open(spec, context=self._context).result()
         self._chunks[path] = tuple(chunks)
 
-    def write(self, path: LeafPath, slot: tuple, value: np.ndarray) -> None:
-        """Stores ``value`` at ``leaf[slot]`` (asynchronously, bounded by the in-flight window).
+    def slot_chunks(self, path: LeafPath, slot: tuple) -> list[int]:
+        """Chunk shape of ``leaf[slot]`` (the chunk sizes of the axes the slot keeps)."""
+        chunks = self._chunks[path]
+        padded = slot + (slice(None),) * (len(chunks) - len(slot))
+        return [c for c, s in zip(chunks, padded, strict=True) if not isinstance(s, int)]
+
+    def write(
+        self, path: LeafPath, slot: tuple, value: np.ndarray, at: tuple[int, int] | None = None
+    ) -> None:
+        """Stores ``value`` at ``leaf[slot]`` (asynchronously, bounded by the in-flight window);
+        with ``at = (axis, start)``, at ``leaf[slot][..., start:start + n, ...]`` on that axis.
 
         A slot larger than ``max_piece_bytes`` (embed, lm_head: 2.5 GB in M1) is copied and
         written in pieces cut along a chunked axis at chunk boundaries, so the extra host memory
         is one piece, not a second copy of the tensor.
         """
         view = self._stores[path][slot]
-        padded = slot + (slice(None),) * (len(self._chunks[path]) - len(slot))
-        chunks = [
-            c for c, s in zip(self._chunks[path], padded, strict=True) if not isinstance(s, int)
-        ]
+        chunks = self.slot_chunks(path, slot)
+        if at is not None:
+            axis, start = at
+            view = view[(slice(None),) * axis + (slice(start, start + value.shape[axis]),)]
+            view = view.translate_to[0]  # TensorStore keeps absolute coordinates: re-zero them
         axis, rows = _piece_rows(value.shape, chunks, value.dtype.itemsize, self.max_piece_bytes)
         for start in range(0, value.shape[axis], rows):
             # TensorStore, unlike numpy, refuses slices that run past the end

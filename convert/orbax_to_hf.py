@@ -13,7 +13,7 @@ keeps. Tensors keep the stored dtype (bf16, router fp32): HF -> Orbax -> HF is b
 
 Streaming: shards are planned from the leaf metadata, then each HF tensor is read from its slot
 of the stored leaf (TensorStore reads only the chunks of that slot) and appended to its shard
-file at once; host memory holds one HF tensor.
+file at once; host memory holds one HF tensor (embed / lm_head: one 128 MiB piece of it).
 OUT is built in a temporary directory beside it and moved into place at the end.
 """
 
@@ -39,10 +39,11 @@ from convert.common import (
     run_cli,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from convert.safetensors_io import TensorSpec, write_sharded
+from convert.safetensors_io import RowPieces, TensorSpec, write_sharded
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.pretrained import ORBAX_PARAMS_DIR
 
+PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
 _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
@@ -74,14 +75,41 @@ def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -
 
 def hf_tensors(
     reader: orbax_io.LeafReader, config: ModelConfig, schema: str, progress: Progress
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, tensor) one at a time, in leaf order (then the native buffers)."""
+) -> Iterator[tuple[str, np.ndarray | RowPieces]]:
+    """Yields (HF name, tensor) one at a time, in leaf order (then the native buffers); tensors
+    over ``PIECE_BYTES`` whose HF rows are one axis of ours come as ``RowPieces``."""
     for a in mapping.export_assignments(config, naming="original"):
+        dtype = reader.leaves[a.leaf][1]
+        nbytes = int(np.prod(a.slot_shape)) * dtype.itemsize
+        if nbytes > PIECE_BYTES and a.layout.groups[0] == 1:
+            yield a.name, _row_pieces(reader, a, dtype, progress)
+            continue
         tensor = a.layout.to_hf(reader.read(a.leaf, a.slot))
         progress.update(tensor.nbytes, a.name)
         yield a.name, tensor
     if schema == "native":
         yield from mapping.export_buffers(config)
+
+
+def _row_pieces(
+    reader: orbax_io.LeafReader, a: mapping.Assignment, dtype: np.dtype, progress: Progress
+) -> RowPieces:
+    """``a``'s HF tensor in pieces of ~``PIECE_BYTES`` whole rows (HF axis 0 is our slot axis
+    ``perm.index(0)``), each read from the stored chunks it needs."""
+    axis = a.layout.perm.index(0)
+    hf_shape = a.hf_shape
+    row_bytes = int(np.prod(hf_shape[1:])) * dtype.itemsize
+    rows = max(PIECE_BYTES // row_bytes, 1)
+
+    def pieces() -> Iterator[np.ndarray]:
+        view = reader.store(a.leaf)[a.slot]
+        for start in range(0, hf_shape[0], rows):
+            index = (slice(None),) * axis + (slice(start, min(start + rows, hf_shape[0])),)
+            piece = a.layout.to_hf(np.asarray(view[index].read().result()))
+            progress.update(piece.nbytes, a.name)
+            yield piece
+
+    return RowPieces(hf_shape, dtype, pieces)
 
 
 def hf_specs(

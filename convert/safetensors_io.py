@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -155,15 +155,24 @@ class SafetensorsReader:
                 f"{file}: tensor {name!r} is listed in {INDEX_FILE} but not stored in this shard"
             ) from None
 
-    def read(self, name: str) -> np.ndarray:
-        """Reads one tensor into a new numpy array (dtype as stored, bf16 as ml_dtypes)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Reads one tensor (or its rows ``start:stop`` along axis 0) into a new numpy array
+        (dtype as stored, bf16 as ml_dtypes)."""
         info = self.info(name)
-        out = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
+        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else rows
+        if info.shape:
+            if not 0 <= start <= stop <= info.shape[0]:
+                raise SafetensorsError(f"{name}: rows {start}:{stop} outside {info.shape[0]}")
+            shape = (stop - start, *info.shape[1:])
+        else:
+            shape = ()
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        out = np.empty(shape, dtype=numpy_dtype(info.dtype))
         with open(info.file, "rb") as f:
-            f.seek(info.start)
+            f.seek(info.start + start * row_bytes)
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-        if got != info.nbytes:
-            raise SafetensorsError(f"{info.file}: short read of {name!r} ({got}/{info.nbytes})")
+        if got != out.nbytes:
+            raise SafetensorsError(f"{info.file}: short read of {name!r} ({got}/{out.nbytes})")
         return out
 
     def memmap(self, name: str) -> np.ndarray:
@@ -186,6 +195,36 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPieces:
+    """A tensor produced in pieces of whole rows (axis 0), in order: ``pieces()`` yields arrays
+    whose concatenation along axis 0 is the tensor. Lets a huge tensor be written without ever
+    holding it whole."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pieces: Callable[[], Iterator[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _write_data(f, name: str, arr: np.ndarray | RowPieces) -> None:
+    """Writes one tensor's bytes (C order)."""
+    if not isinstance(arr, RowPieces):
+        f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        return
+    rows = 0
+    for piece in arr.pieces():
+        if piece.shape[1:] != tuple(arr.shape[1:]) or piece.dtype != np.dtype(arr.dtype):
+            raise SafetensorsError(f"{name}: piece {list(piece.shape)} {piece.dtype} misfits")
+        f.write(memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8)))
+        rows += piece.shape[0]
+    if rows != arr.shape[0]:
+        raise SafetensorsError(f"{name}: pieces gave {rows} rows, expected {arr.shape[0]}")
 
 
 def _shard_bytes(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, int]:
@@ -213,7 +252,7 @@ def write_file(
 
     With ``source``, ``tensors`` may be specs: the header is written from them and each tensor's
     data is then pulled from ``source`` (which must yield the same names, shapes and dtypes in
-    order), so only one tensor is in memory at a time.
+    order, each an array or ``RowPieces``), so at most one tensor is in memory at a time.
     """
     header, _ = _shard_bytes(tensors)
     with open(file, "wb") as f:
@@ -221,7 +260,7 @@ def write_file(
         for name, arr in tensors:
             if source is not None:
                 arr = _next_matching(source, name, arr)
-            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+            _write_data(f, name, arr)
 
 
 def _next_matching(

@@ -84,8 +84,11 @@ def small(tmp_path_factory):
     return config, root, tensors
 
 
-def test_hf_orbax_hf_is_bit_identical(small, tmp_path):
+@pytest.mark.parametrize("piece_bytes", [None, 10_000])
+def test_hf_orbax_hf_is_bit_identical(small, tmp_path, monkeypatch, piece_bytes):
     config, root, tensors = small
+    if piece_bytes is not None:  # embed, lm_head and experts exported in row pieces
+        monkeypatch.setattr(orbax_to_hf, "PIECE_BYTES", piece_bytes)
     assert len(SafetensorsReader(root / "hf").names()) == len(tensors)
     orbax_to_hf.export(orbax_dir=root / "orbax", out_dir=tmp_path / "hf", max_shard_bytes=30_000)
     back = SafetensorsReader(tmp_path / "hf")
@@ -96,6 +99,17 @@ def test_hf_orbax_hf_is_bit_identical(small, tmp_path):
     assert ModelConfig.from_hf(tmp_path / "hf") == config
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "hf" / name).read_text() == (root / "hf" / name).read_text()
+
+
+def test_conversion_in_row_pieces_is_identical(small, tmp_path, monkeypatch):
+    """embed, lm_head and experts read and written in row pieces give the same leaves."""
+    _, root, _ = small
+    monkeypatch.setattr(orbax_io, "DEFAULT_PIECE_BYTES", 10_000)
+    hf_to_orbax.convert(hf_dir=root / "hf", out_dir=tmp_path / "o", stream=None)
+    a, b = orbax_io.LeafReader(root / "orbax/params"), orbax_io.LeafReader(tmp_path / "o/params")
+    assert a.leaves == b.leaves
+    for path in a.paths:
+        assert a.read(path).tobytes() == b.read(path).tobytes(), path
 
 
 def test_output_layout_and_orbax_reads_it(small):
@@ -258,10 +272,14 @@ def test_large_slots_are_written_in_whole_chunk_pieces(tmp_path):
     writer.write(("w",), (1,), value[0].T.T)  # slot [40, 30]: pieces of 8 columns (chunk size)
     writer.create(("e",), (2, 40, 30), np.float32, (2, 7, 30))
     writer.write(("e",), (), value)  # pieces along axis 1, rows a multiple of 7
+    writer.create(("o",), (2, 40, 30), np.float32, (2, 7, 30))
+    writer.write(("o",), (), value[:, :21], at=(1, 0))  # at an offset, then in pieces
+    writer.write(("o",), (), value[:, 21:], at=(1, 21))
     writer.finish()
     reader = orbax_io.LeafReader(tmp_path / "p")
     np.testing.assert_array_equal(reader.read(("w",), (1,)), value[0])
     np.testing.assert_array_equal(reader.read(("e",)), value)
+    np.testing.assert_array_equal(reader.read(("o",)), value)
     assert orbax_io._piece_rows((40, 30), [40, 8], 4, 1000) == (1, 8)
     assert orbax_io._piece_rows((2, 40, 30), [2, 7, 30], 4, 2000) == (1, 7)
     assert orbax_io._piece_rows((4, 4), [4, 4], 4, 1000) == (0, 4)
