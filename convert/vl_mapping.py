@@ -24,7 +24,11 @@ under ``language_model``. Tensors that CLIP checkpoints may carry but VL-01 neve
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -282,3 +286,91 @@ def export_vision(config: VLConfig, params: Mapping) -> Iterable[tuple[str, np.n
     flat = mapping.flatten(params)
     for a in vision_assignments(config):
         yield a.name, a.layout.to_hf(np.asarray(jax.device_get(flat[a.leaf][a.slot])))
+
+
+# ----------------------------------------------------------------------------- whole checkpoints
+
+
+def _by_leaf(plan: VLLoadPlan) -> dict[LeafPath, list[Assignment]]:
+    """Every assignment of a plan grouped by full leaf path (text under ``language_model``)."""
+    out: dict[LeafPath, list[Assignment]] = {}
+    for leaf, items in plan.text.by_leaf.items():
+        out[("language_model", *leaf)] = [
+            dataclasses.replace(a, leaf=("language_model", *leaf)) for a in items
+        ]
+    for a in plan.vision:
+        out.setdefault(a.leaf, []).append(a)
+    return out
+
+
+def _open_hf(path: Path) -> tuple[VLConfig, Any, VLLoadPlan]:
+    from convert.safetensors_io import SafetensorsReader
+    from minimax_jax.pretrained import check_buffers
+
+    config = VLConfig.from_hf(json.loads((path / "config.json").read_text()))
+    reader = SafetensorsReader(path)
+    meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
+    plan = plan_load(config, reader.names(), meta=meta, where=str(path))
+    check_buffers(reader, config.text, plan.text, str(path))
+    return config, reader, plan
+
+
+def load_hf_state(path: str | os.PathLike, dtype=jnp.float32) -> dict[LeafPath, jax.Array]:
+    """An HF VL-01 directory -> {leaf path: array} (validated first, one leaf at a time)."""
+    config, reader, plan = _open_hf(Path(path))
+    specs = mapping.flatten(expected_leaf_shapes(config, dtype))
+    state = {}
+    for leaf, items in _by_leaf(plan).items():
+        state[leaf] = jnp.asarray(fill_leaves(reader.read, items, specs)[leaf])
+    return state
+
+
+def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=jnp.float32) -> None:
+    """Converts an HF VL-01 directory to ours: ``dst/config.json`` + ``dst/params`` (Orbax, one
+    zarr array per leaf written slot by slot with ``convert.orbax_io``; router kept fp32)."""
+    from convert import orbax_io
+
+    src, dst = Path(src), Path(dst)
+    config, reader, plan = _open_hf(src)
+    specs = mapping.flatten(expected_leaf_shapes(config, dtype))
+    writer = orbax_io.LeafWriter(dst / "params")
+    try:
+        for leaf, items in _by_leaf(plan).items():
+            spec, np_dtype = specs[leaf], np.dtype(specs[leaf].dtype)
+            unit = tuple(
+                sorted({i for a in items for i, s in enumerate(a.slot) if s != slice(None)})
+            )
+            chunks = orbax_io.chunk_shape(spec.shape, np_dtype.itemsize, unit_axes=unit)
+            writer.create(leaf, spec.shape, np_dtype, chunks)
+            for a in items:
+                value = a.layout.to_ours(reader.read(a.name), a.slot_shape).astype(np_dtype)
+                writer.write(leaf, a.slot, value)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1, "model": "minimax_vl_01"}})
+    shutil.copyfile(src / "config.json", dst / "config.json")
+
+
+def load_orbax_state(
+    path: str | os.PathLike, config: VLConfig, dtype=jnp.float32
+) -> dict[LeafPath, jax.Array]:
+    """Our Orbax ``params`` directory -> {leaf path: array} (leaves and shapes checked first)."""
+    from convert import orbax_io
+
+    stored = orbax_io.LeafReader(path).leaves
+    specs = mapping.flatten(expected_leaf_shapes(config, dtype))
+    problems = {
+        "unknown leaves": [orbax_io.leaf_key(p) for p in stored if p not in specs],
+        "missing leaves": [orbax_io.leaf_key(p) for p in specs if p not in stored],
+        "wrong shapes": [
+            f"{orbax_io.leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
+            for p, s in specs.items()
+            if p in stored and tuple(stored[p][0]) != tuple(s.shape)
+        ],
+    }
+    if any(problems.values()):
+        raise CheckpointMismatchError(str(path), problems)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for p, s in specs.items()}
+    return orbax_io.restore(path, target)

@@ -473,14 +473,13 @@ def is_vl_checkpoint(path: str | os.PathLike) -> bool:
 def from_pretrained_vl(
     path: str | os.PathLike, *, dtype: Any = jnp.float32, max_tile_batch: int = 32
 ) -> MiniMaxVLForConditionalGeneration:
-    """Builds the VL model from an HF VL-01 checkpoint directory (config.json + safetensors).
+    """Builds the VL model from an HF VL-01 directory (config.json + safetensors) or from ours
+    written by ``convert.vl_mapping.hf_to_orbax`` (config.json + ``params/``, Orbax).
 
     Every tensor name and shape is validated before any weight is read (``convert.vl_mapping``);
     leaves are filled one at a time. Raises CheckpointMismatchError listing every problem.
     """
-    from convert import mapping, vl_mapping
-    from convert.safetensors_io import SafetensorsReader
-    from minimax_jax.pretrained import check_buffers
+    from convert import mapping, orbax_io, vl_mapping
 
     path = Path(path)
     config = _read_vl_config(path)
@@ -490,20 +489,10 @@ def from_pretrained_vl(
         )
     )
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    reader = SafetensorsReader(path)
-    meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
-    plan = vl_mapping.plan_load(config, reader.names(), meta=meta, where=str(path))
-    check_buffers(reader, config.text, plan.text, str(path))
-    specs = mapping.flatten(vl_mapping.expected_leaf_shapes(config, dtype))
-    text_assign = [
-        a.__class__(a.name, ("language_model", *a.leaf), a.slot, a.slot_shape, a.layout)
-        for items in plan.text.by_leaf.values()
-        for a in items
-    ]
-    state = {}
-    for assignments in (text_assign, plan.vision):
-        host = vl_mapping.fill_leaves(reader.read, assignments, specs)
-        state.update({leaf: jnp.asarray(v) for leaf, v in host.items()})
+    if orbax_io.is_orbax_checkpoint(path / "params"):
+        state = vl_mapping.load_orbax_state(path / "params", config, dtype)
+    else:
+        state = vl_mapping.load_hf_state(path, dtype)
     nnx.replace_by_pure_dict(params, mapping.unflatten(state))
     return nnx.merge(graphdef, params, rest)
 

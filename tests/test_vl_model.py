@@ -373,3 +373,16 @@ def test_generate_for_cli_with_image_file(setup, tmp_path):
     assert texts == [tok.decode(want[0])] and buf.getvalue() == texts[0] + "\n"
     with pytest.raises(ValueError, match="VL-01 checkpoint"):
         vl_model.generate_for_cli(path / "..", tok, ["<image>"], [image])
+
+
+def test_round_trip_hf_orbax_hf_is_bit_exact(setup, tmp_path):
+    _, path, tensors, ours = setup
+    vl_mapping.hf_to_orbax(path, tmp_path / "orbax")
+    restored = vl_model.from_pretrained_vl(tmp_path / "orbax")
+    vl_model.save_pretrained_vl(restored, tmp_path / "hf", schema="native")
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in vl_mapping.expected_names(ours.config):
+        assert back[name].dtype == tensors[name].dtype, name
+        np.testing.assert_array_equal(back[name], tensors[name], err_msg=name)
+    flat = mapping.flatten(restored.pure_params())
+    assert flat[("language_model", "blocks", 0, "moe", "router")].dtype == np.float32
