@@ -149,7 +149,7 @@ def encode_tiles(
     for start in range(0, pixels.shape[0], max_tile_batch):
         chunk = pixels[start : start + max_tile_batch]
         m = chunk.shape[0]
-        padded = max_tile_batch if m == max_tile_batch else -(-m // TILE_BUCKET) * TILE_BUCKET
+        padded = min(max_tile_batch, -(-m // TILE_BUCKET) * TILE_BUCKET)
         chunk = np.pad(chunk, ((0, padded - m), (0, 0), (0, 0), (0, 0)))
         feats = _encode_tiles(
             cfg, params["vision_tower"], params["projector"], chunk, compute_dtype
