@@ -95,6 +95,26 @@ def test_ep_tokens_replicated_over_expert_axis(problem):
         assert _rel(got, want) < 1e-5
 
 
+def test_capacity_factor(problem):
+    """c = P keeps every row (exact); a small c drops rows but stays finite and differentiable."""
+    params, x = problem
+    mesh = _mesh("data2_expert4")
+    rules, _ = sharding.load_rules("fsdp_ep")
+    y0 = _dense(params, x)[0]
+
+    def run(cf):
+        def fn(p, x):
+            return moe_ep(p, x, K, mesh=mesh, rules=rules, capacity_factor=cf)
+
+        return jax.jit(fn)(params, x)[0], jax.jit(_loss(fn))(params, x)
+
+    y, _ = run(4.0)
+    assert _rel(y, y0) < 1e-5
+    y, grads = run(0.3)
+    assert np.all(np.isfinite(np.asarray(y))) and _rel(y, y0) > 1e-3
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
 def test_ragged_dispatch_lowers(problem):
     """lax.ragged_all_to_all has no CPU lowering; check that the GPU/TPU path traces and lowers."""
     params, x = problem

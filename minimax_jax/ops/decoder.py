@@ -46,6 +46,7 @@ class RunOptions:
     rules: Any = None  # minimax_jax.sharding.ShardingRules
     gmm_impl: str = "auto"  # pallas_kernels.moe implementation
     ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
+    ep_capacity_factor: float | None = None  # None: dropless EP buffers (see moe_parallel)
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense", "ep"):
@@ -105,7 +106,8 @@ def _moe(config, params, v, opts):
     k = config.num_experts_per_tok
     if opts.mesh is not None and opts.moe_impl != "dense":
         return moe_ep(params, v, k, mesh=opts.mesh, rules=opts.rules,
-                      implementation=opts.gmm_impl, dispatch=opts.ep_dispatch)  # fmt: skip
+                      implementation=opts.gmm_impl, dispatch=opts.ep_dispatch,
+                      capacity_factor=opts.ep_capacity_factor)  # fmt: skip
     if opts.moe_impl == "dense":
         y, logits = moe_dense(params, v.reshape(b * t, d), k)
     else:

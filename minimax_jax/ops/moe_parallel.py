@@ -15,7 +15,8 @@ parallel inside each expert: partial sums, one psum of the [M,D] output). Three 
 * tokens replicated over the expert axis (small decode batches): each device computes only its
   own experts' rows of every token; a psum over the expert axis adds them up.
 
-Dropless: receive buffers hold the worst case (P*A rows). `ragged_all_to_all` has no CPU
+Dropless by default: receive buffers hold the worst case (P*A rows; `capacity_factor` trades
+that for token dropping). `ragged_all_to_all` has no CPU
 lowering in XLA, so `dispatch="dense"` (the CPU default) emulates it with a padded `all_to_all`
 of [P, A, D] chunks and a scatter; both share the offset bookkeeping, so CPU tests cover it.
 Gradients: through the collectives (the transpose of a ragged all-to-all is the reverse one)
@@ -25,6 +26,7 @@ and the grouped matmul's custom VJP.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,30 +84,39 @@ def _local_expert_ids(recv_gs: jax.Array, rows: int) -> jax.Array:
     return jnp.where(seg < p * el, seg % el, el).astype(jnp.int32)
 
 
-def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch):
-    """Sorted rows xs [A,D] with per-expert counts gs [E] -> their expert outputs [A,D]."""
+def _clamp_groups(gs: jax.Array, limit: jax.Array) -> jax.Array:
+    """Per-expert counts gs [P,El] of chunks truncated to limit [P] rows each."""
+    ends = jnp.minimum(jnp.cumsum(gs, axis=1), limit[:, None])
+    return ends - jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+
+
+def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
+    """Sorted rows xs [A,D] with per-expert counts gs [E] -> their expert outputs [A,D].
+
+    capacity: receive-buffer rows (P*A = dropless); rows that do not fit are dropped (output 0).
+    """
     a = xs.shape[0]
     el = gs.shape[0] // p
     by_dest = gs.reshape(p, el)
-    send = jnp.sum(by_dest, axis=1)  # rows to each device
-    in_off = _exclusive_cumsum(send)
+    in_off = _exclusive_cumsum(jnp.sum(by_dest, axis=1))  # my run for each device
     all_gs = jax.lax.all_gather(by_dest, axis)  # [P_src, P_dst, El]
-    sizes = jnp.sum(all_gs, axis=2)  # [P_src, P_dst]
+    full = jnp.sum(all_gs, axis=2)  # [P_src, P_dst] rows wanted
+    place = _exclusive_cumsum(full, axis=0)  # offset of src i's chunk in receiver j's buffer
+    sizes = jnp.clip(capacity - place, 0, full)  # what fits
     me = jax.lax.axis_index(axis)
-    out_off = _exclusive_cumsum(sizes, axis=0)[me]  # my chunk's place in each receiver
-    recv = sizes[:, me]
-    recv_off = _exclusive_cumsum(recv)
-    recv_gs = all_gs[:, me, :]  # [P_src, El]
+    send, recv, out_off = sizes[me], sizes[:, me], place[me]
+    recv_off = place[:, me]
+    recv_gs = _clamp_groups(all_gs[:, me, :], recv)  # [P_src, El]
     # Buffers must vary like the rows they receive (ragged_all_to_all types its result by them).
-    buf = match_vma(jnp.zeros((p * a, xs.shape[1]), xs.dtype), xs)
-    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=a)
-    eid = _local_expert_ids(recv_gs, p * a)
-    order = jnp.argsort(eid, stable=True)
+    buf = match_vma(jnp.zeros((capacity, xs.shape[1]), xs.dtype), xs)
+    chunk = min(a, capacity)
+    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk)
+    order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True)
     ys = expert_ffn(got[order], wi, wo, jnp.sum(recv_gs, axis=0), impl)
     ys = jnp.zeros_like(ys).at[order].set(ys)  # back to arrival order
-    back_off = _exclusive_cumsum(sizes, axis=1)[:, me]  # where each source keeps my experts' rows
+    back_off = _exclusive_cumsum(full, axis=1)[:, me]  # where each source keeps my experts' rows
     out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
-    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=a)
+    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=chunk)
 
 
 def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):
@@ -120,7 +131,7 @@ def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):
     return ys[(jnp.arange(a) - start) % a]
 
 
-def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch):
+def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, cf):
     """Per-device view: x [b,T,D] local tokens, wi [El,D,2,Fl], wo [El,Fl,D] local experts."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
@@ -130,7 +141,10 @@ def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch):
     if mode == "local":
         ys = expert_ffn(xs, wi, wo, gs, impl)
     elif mode == "a2a":
-        ys = _dispatch_a2a(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl, dispatch=dispatch)
+        a = xs.shape[0]
+        cap = p * a if cf is None else min(p * a, max(1, math.ceil(cf * a)))
+        ys = _dispatch_a2a(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl, dispatch=dispatch,
+                           capacity=cap)  # fmt: skip
     else:
         ys = _local_experts_only(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl)
     y = combine(ys, weights, order, b * t)  # [M,D] fp32
@@ -159,12 +173,17 @@ def moe_ep(
     rules,
     implementation: str = "auto",
     dispatch: str = "auto",
+    capacity_factor: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel MoE layer. x [B,T,D] -> (y [B,T,D], router logits [B,T,E] fp32).
 
     params: router [D,E], wi [E,D,2,F], wo [E,F,D] (any sharding: shard_map gathers what it
     needs, e.g. FSDP shards of D, and keeps experts split over the `experts` mesh axes and F over
     the `mlp` axes). rules: `minimax_jax.sharding.ShardingRules`. Same math as `moe_sorted`.
+    capacity_factor: None = dropless (each device's receive buffer holds P*A rows, the worst
+    case); c > 0 sizes it to c*A rows (less memory and, on GPU, less padded work in the grouped
+    matmul) and drops the assignments that do not fit (they contribute 0), like capacity-based
+    MoE. Only the all-to-all mode uses it.
     """
     e = params["wi"].shape[0]
     f = params["wi"].shape[-1]
@@ -188,7 +207,7 @@ def moe_ep(
     e_name, f_name = (_name(e_axes) if e_axes else None), (_name(f_axes) if f_axes else None)
     body = functools.partial(
         _body, top_k=top_k, mode=mode, e_axis=e_name, p=p, f_axes=f_axes,
-        impl=implementation, dispatch=resolve_dispatch(dispatch),
+        impl=implementation, dispatch=resolve_dispatch(dispatch), cf=capacity_factor,
     )  # fmt: skip
     x_spec = PartitionSpec(x_spec[0], None, None)
     in_specs = (
