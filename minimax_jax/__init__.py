@@ -3,5 +3,18 @@
 from minimax_jax.config import ModelConfig
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.pretrained import from_pretrained, save_pretrained
+from minimax_jax.vl_model import (
+    MiniMaxVLForConditionalGeneration,
+    from_pretrained_vl,
+    save_pretrained_vl,
+)
 
-__all__ = ["ModelConfig", "MiniMaxForCausalLM", "from_pretrained", "save_pretrained"]
+__all__ = [
+    "ModelConfig",
+    "MiniMaxForCausalLM",
+    "MiniMaxVLForConditionalGeneration",
+    "from_pretrained",
+    "from_pretrained_vl",
+    "save_pretrained",
+    "save_pretrained_vl",
+]

@@ -6,6 +6,8 @@
 With no --checkpoint it runs the small demo model shipped in the package (CPU, seconds).
 Prompts: --prompt (repeatable) or --prompts_file FILE.jsonl with one {"prompt": str} or
 {"messages": [...]} object per line. Stops at the checkpoint's eos tokens (<end_of_sentence>).
+MiniMax-VL-01 checkpoints take --image PATH (repeatable); each `<image>` in a prompt is replaced
+by that image's features (one placeholder per image is prepended when the prompt has none).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights dtype.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "Prefill chunk length (tokens).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file for MiniMax-VL-01 (repeatable).")
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | str]:
@@ -89,6 +92,7 @@ def run_generate(
     stream: bool = False,
     dtype: str = "float32",
     prefill_chunk: int = 256,
+    images: list[str] | None = None,
     out=None,
     log=None,
 ) -> list[str]:
@@ -105,7 +109,19 @@ def run_generate(
     template = Path(chat_template).read_text() if chat_template else None
     chat = (template or tok.chat_template) is not None if chat is None else chat
     items = read_prompts(prompts, prompts_file)
+    if images:
+        items = [_with_image_placeholders(it, len(images)) for it in items]
     texts = [render(tok, it, chat=chat, system=system, template=template) for it in items]
+    if images:
+        from minimax_jax import vl_model
+
+        return vl_model.generate_for_cli(
+            ckpt, tok, texts, images, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+            stream=stream, out=out, max_new_tokens=max_new_tokens,
+            temperature=0.0 if greedy else temperature, top_k=top_k,
+            top_p=None if greedy or top_p == 1.0 else top_p, seed=seed,
+            prefill_chunk=prefill_chunk,
+        )  # fmt: skip
     model = from_pretrained(ckpt, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
@@ -161,6 +177,16 @@ def run_generate(
     return results
 
 
+def _with_image_placeholders(item, num_images: int):
+    """One <image> per image prepended to a plain prompt that has none; image parts of chat
+    messages become <image> in their text."""
+    from minimax_jax import processor
+
+    if isinstance(item, str):
+        return processor.ensure_placeholders(item, num_images)
+    return {"messages": [processor.image_parts_to_text(m) for m in item["messages"]]}
+
+
 def _left_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     t = max(map(len, seqs))
     ids = np.zeros((len(seqs), t), np.int32)
@@ -192,6 +218,7 @@ def main(argv):
             stream=_STREAM.value,
             dtype=_DTYPE.value,
             prefill_chunk=_CHUNK.value,
+            images=_IMAGE.value,
         )
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)

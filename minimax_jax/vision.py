@@ -383,7 +383,9 @@ class VLConfig:
         import pathlib
 
         stem = name[: -len(".json")] if name.endswith(".json") else name
-        path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "vl" / f"{stem}.json"
+        import configs
+
+        path = pathlib.Path(configs.__file__).resolve().parent / "vl" / f"{stem}.json"
         if "/" in stem or not path.is_file():
             known = sorted(p.stem for p in path.parent.glob("*.json"))
             raise ValueError(f"unknown VL preset {name!r}: choose one of {known}")

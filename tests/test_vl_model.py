@@ -386,3 +386,47 @@ def test_round_trip_hf_orbax_hf_is_bit_exact(setup, tmp_path):
         np.testing.assert_array_equal(back[name], tensors[name], err_msg=name)
     flat = mapping.flatten(restored.pure_params())
     assert flat[("language_model", "blocks", 0, "moe", "router")].dtype == np.float32
+
+
+def test_generate_cli_with_image_flag(setup, tmp_path):
+    """`python -m minimax_jax.generate --image` (its run_generate) equals generate_vl."""
+    import shutil
+
+    from PIL import Image
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from minimax_jax.generate import run_generate
+    from minimax_jax.processor import MiniMaxVLProcessor, prepare_vl_inputs
+    from minimax_jax.tokenizer import ChatTokenizer
+
+    _, path, _, ours = setup
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.save(str(ckpt / "tokenizer.json"))
+    image = tmp_path / "dog.png"
+    Image.fromarray(np.random.RandomState(9).randint(0, 256, (90, 300, 3), np.uint8)).save(image)
+    got = run_generate(
+        checkpoint=str(ckpt),
+        prompts=["Look"],
+        chat=False,
+        greedy=True,
+        max_new_tokens=3,
+        images=[str(image)],
+        prefill_chunk=512,
+    )
+    tok = ChatTokenizer.from_dir(ckpt)
+    x = prepare_vl_inputs(MiniMaxVLProcessor(image_token_id=IMG), tok, "<image>\nLook", [image])
+    want = vl_model.generate_vl(
+        ours,
+        x["input_ids"][None],
+        x["pixel_values"],
+        x["image_sizes"],
+        max_new_tokens=3,
+        temperature=0.0,
+        prefill_chunk=512,
+    )
+    assert got == [tok.decode(want[0])]
