@@ -184,13 +184,12 @@ def ratio_rows(res: dict, ours: str, what: str, emit, base) -> None:
               "goal_vs_ragged_dot": 10.0})  # fmt: skip
 
 
-def ep_rows(params, x, k, impl, emit, base, single_tflops):
-    """EP=2 layer on 2 devices (global tokens = x's rows) and its dispatch-only time."""
+def ep_setup(params, x):
+    """A (expert=2) mesh on the first 2 devices; params and tokens placed by the fsdp_ep rules."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, expert=2, tensor=1),
                               devices=jax.devices()[:2])  # fmt: skip
     rules, _ = sharding.load_rules("fsdp_ep")
     m, d = x.shape
-    f = params["wi"].shape[-1]
     x3 = x.reshape(2, m // 2, d)
     place = {
         "router": rules.sharding(mesh, ("embed", "experts")),
@@ -199,39 +198,41 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops):
     }
     p = jax.device_put(params, place)
     x3 = jax.device_put(x3, rules.sharding(mesh, ("batch", "length", "act_embed"), x3.shape))
+    return mesh, rules, p, x3
 
-    def layer(p, x):
-        return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl)[0]
 
-    flops = 6.0 * m * k * d * f
-    fwd = jax.jit(layer)
-    bwd = jax.jit(jax.grad(lambda p, x: jnp.sum(layer(p, x).astype(jnp.float32) ** 2), (0, 1)))
-    for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
-        ms, err = safe_time(g, p, x3)
-        per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
-        one = single_tflops.get(mode)
-        emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "tokens": m, "ms": ms,
-              "tflops_per_gpu": per_gpu, "single_gpu_tflops": one, "error": err,
-              "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one,
-              "goal": 0.8})  # fmt: skip
-    real_ffn = moe_parallel.expert_ffn
-    moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
-    try:
-        ms, err = safe_time(jax.jit(layer), p, x3)
-    finally:
-        moe_parallel.expert_ffn = real_ffn
-    emit(
-        {
-            **base,
-            "what": "layer_ep_dispatch",
-            "mode": "fwd",
-            "ep": 2,
-            "tokens": m,
-            "ms": ms,
-            "note": "route + sort + 2 all-to-alls + combine, FFN skipped",
-            "error": err,
-        }
-    )
+def ep_rows(params, x, k, impl, emit, base, single_tflops):
+    """EP=2 layer on 2 devices (global tokens = x's rows), dropless and with capacity 1.25,
+    and the dispatch-only time (route + sort + both all-to-alls + combine)."""
+    mesh, rules, p, x3 = ep_setup(params, x)
+    m, d = x.shape
+    flops = 6.0 * m * k * d * params["wi"].shape[-1]
+    for cf in (None, 1.25):
+
+        def layer(p, x, cf=cf):
+            return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl,
+                                       capacity_factor=cf)[0]  # fmt: skip
+
+        fwd = jax.jit(layer)
+        bwd = jax.jit(jax.grad(lambda p, x, f=layer: jnp.sum(f(p, x).astype(jnp.float32) ** 2),
+                               (0, 1)))  # fmt: skip
+        for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
+            ms, err = safe_time(g, p, x3)
+            per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
+            one = single_tflops.get(mode)
+            emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
+                  "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu, "single_gpu_tflops": one,
+                  "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one,
+                  "goal": 0.8, "error": err})  # fmt: skip
+        real_ffn = moe_parallel.expert_ffn
+        moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
+        try:
+            ms, err = safe_time(jax.jit(layer), p, x3)
+        finally:
+            moe_parallel.expert_ffn = real_ffn
+        emit({**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
+              "capacity_factor": cf, "ms": ms, "error": err,
+              "note": "route + sort + 2 all-to-alls + combine, FFN skipped"})  # fmt: skip
 
 
 def sweep_blocks(xs, gs, w, emit, base) -> None:

@@ -15,7 +15,8 @@ gradient to group_sizes.
 Implementations: "xla" (`jax.lax.ragged_dot` / `ragged_dot_general`: CPU path and fallback),
 "gpu" (Mosaic GPU kernels, `gpu.py`), "tpu" (megablox, `tpu.py`), "tpu_interpret" (megablox in
 Pallas interpret mode, for CPU tests), "reference" (dense loop over experts, tests only).
-"auto": tpu on TPU, gpu on GPU when the kernels import, else xla.
+"auto": tpu on TPU, gpu on GPU when the kernels import (16-bit inputs; fp32 goes to xla), else
+xla.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def grouped_matmul(
     """x [M,K], w [E,K,N], group_sizes [E] int32 -> [M,N] in x's dtype (see module doc)."""
     _check(x, w, group_sizes)
     impl = resolve_implementation(implementation)
+    if implementation == "auto" and impl == "gpu" and x.dtype.itemsize != 2:
+        impl = "xla"  # the Mosaic GPU kernels take 16-bit operands only (wgmma)
     # Inside shard_map: give x and w the same varying axes, so the custom VJP's cotangents have
     # the primal types (the pcast outside transposes to the psum of dw over the data axes).
     x, w = match_vma(x, w), match_vma(w.astype(x.dtype), x)
