@@ -10,8 +10,9 @@ Sources (each a random-access list of documents, one string each):
 The held-out split is a seeded choice of whole documents, so no eval text is ever trained on.
 Training order: seeded per-epoch shuffle of the training documents -> this process's shard
 (``process_index::process_count``) -> repeat forever -> tokenise (+ eos) -> concat-then-split
-packing into rows of ``seq_len`` tokens with segment ids (documents longer than a row continue
-as a new segment in the next row) -> batches of ``batch_size // process_count`` rows.
+packing (``PackedBatches``) into rows of ``seq_len`` tokens with segment ids (documents longer
+than a row continue as a new segment in the next row) -> batches of
+``batch_size // process_count`` rows.
 The iterator's state (``get_state()``, a JSON-able dict) is saved with every checkpoint, so a
 restored run sees exactly the batches an uninterrupted run would have seen.
 """
@@ -188,14 +189,63 @@ class _Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray([*ids, self.eos_id], np.int32)}
 
 
-def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"tokens": batch["tokens"], "segment_ids": batch["tokens_segment_ids"]}
+class PackedBatches:
+    """Concat-then-split packing over a random-access dataset of token arrays, as an iterator.
 
+    Rows of ``seq_len`` tokens are filled from consecutive documents; a document that does not
+    fit continues as a new segment in the next row. Segment ids count the pieces in a row from
+    1; 0 marks padding (only after the last document of a finite dataset). The state is just
+    (next document index, token offset inside it), so restoring it is exact.
+    """
 
-def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-    return grain.experimental.ConcatThenSplitIterDataset(
-        ds, length_struct={"tokens": seq_len}
-    ).map(_rename)
+    def __init__(self, docs: grain.MapDataset, seq_len: int, rows: int):
+        self.docs = docs
+        self.seq_len = seq_len
+        self.rows = rows
+        self.index = 0
+        self.offset = 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def _tokens(self, i: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != i:
+            self._cache = (i, self.docs[i]["tokens"])
+        return self._cache[1]
+
+    def _row(self) -> tuple[np.ndarray, np.ndarray] | None:
+        tokens = np.zeros(self.seq_len, np.int32)
+        seg = np.zeros(self.seq_len, np.int32)
+        filled, piece = 0, 0
+        while filled < self.seq_len and self.index < len(self.docs):
+            doc = self._tokens(self.index)
+            take = min(self.seq_len - filled, len(doc) - self.offset)
+            piece += 1
+            tokens[filled : filled + take] = doc[self.offset : self.offset + take]
+            seg[filled : filled + take] = piece
+            filled += take
+            self.offset += take
+            if self.offset == len(doc):
+                self.index, self.offset = self.index + 1, 0
+        return None if filled == 0 else (tokens, seg)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [r for r in (self._row() for _ in range(self.rows)) if r is not None]
+        if not rows:
+            raise StopIteration
+        pad = (np.zeros(self.seq_len, np.int32),) * 2
+        rows += [pad] * (self.rows - len(rows))
+        return {
+            "tokens": np.stack([r[0] for r in rows]),
+            "segment_ids": np.stack([r[1] for r in rows]),
+        }
+
+    def get_state(self) -> dict[str, int]:
+        return {"index": int(self.index), "offset": int(self.offset)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.index, self.offset = int(state["index"]), int(state["offset"])
 
 
 def train_dataset(
@@ -209,17 +259,16 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
+) -> PackedBatches:
     """Infinite packed batches {"tokens", "segment_ids"}: int32 [batch_size // process_count, T].
 
-    Segment ids start at 1 per row and 0 marks padding (none in training rows).
+    Document order: a seeded grain shuffle per epoch, this process's shard, repeated forever.
     """
     if batch_size % process_count:
         raise DataError(f"batch size {batch_size} must divide over {process_count} processes")
     ds = grain.MapDataset.source(_Subset(docs, indices)).seed(seed).shuffle()
     ds = ds[process_index::process_count].repeat(None).map(_Tokenize(tokenizer, eos_id))
-    packed = _pack(ds.to_iter_dataset(), seq_len)
-    return packed.batch(batch_size // process_count, drop_remainder=True)
+    return PackedBatches(ds, seq_len, batch_size // process_count)
 
 
 def eval_batches(
@@ -234,32 +283,15 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """The held-out split packed once, in order, as at most ``max_batches`` full batches.
+    """The held-out split packed once, in order, as at most ``max_batches`` batches.
 
     The last batch is padded with empty rows (segment id 0, weight 0).
     """
     ds = grain.MapDataset.source(_Subset(docs, indices))[process_index::process_count]
-    ds = ds.map(_Tokenize(tokenizer, eos_id))
-    rows = _pack(ds.to_iter_dataset(), seq_len)
-    per_process = batch_size // process_count
-    out: list[dict[str, np.ndarray]] = []
-    pending: list[dict[str, np.ndarray]] = []
-    for row in rows:
-        pending.append(row)
-        if len(pending) == per_process:
-            out.append(_stack(pending, per_process, seq_len))
-            pending = []
-            if len(out) == max_batches:
-                return out
-    if pending:
-        out.append(_stack(pending, per_process, seq_len))
-    return out
-
-
-def _stack(rows: list[dict[str, np.ndarray]], n: int, seq_len: int) -> dict[str, np.ndarray]:
-    pad = {"tokens": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32)}
-    rows = rows + [pad] * (n - len(rows))
-    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in pad}
+    packed = PackedBatches(
+        ds.map(_Tokenize(tokenizer, eos_id)), seq_len, batch_size // process_count
+    )
+    return [b for _, b in zip(range(max_batches), packed, strict=False)]
 
 
 class _Subset:
@@ -277,7 +309,7 @@ class _Subset:
 
 
 def iterator_state(it: Iterator) -> dict:
-    """The JSON-able state of a grain dataset iterator."""
+    """The JSON-able state of a data iterator (``PackedBatches`` or a grain iterator)."""
     return json.loads(json.dumps(it.get_state(), default=_jsonable))
 
 
