@@ -37,7 +37,7 @@ PARAM_AXES = (
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 MOE_IMPLS = ("sorted", "dense", "ep")
-_PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "mesh"
+_PRESET_DIR = Path(__import__("configs").__file__).resolve().parent / "mesh"
 
 
 # ------------------------------------------------------------------------------------- mesh

@@ -239,10 +239,17 @@ def forward(
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
     b, t = input_ids.shape
-    x = jnp.take(params["embed"], input_ids, axis=0)
+    x = embed_tokens(params["embed"], input_ids, opts)
     ctx = make_context(config, attention_mask, b, t, segment_ids)
     x, router_logits, _ = decoder_stack(config, params["blocks"], x, ctx, opts)
     return _logits(config, params, x), router_logits
+
+
+def embed_tokens(table: jax.Array, input_ids: jax.Array, opts: RunOptions) -> jax.Array:
+    """[V,D] table, [B,T] ids -> [B,T,D]. With a mesh the table is gathered along D first: a
+    lookup into an FSDP-sharded model dim would make SPMD rematerialise the whole table."""
+    table = constrain(table, ("vocab", None), opts.mesh, opts.rules)
+    return jnp.take(table, input_ids, axis=0)
 
 
 def _logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
@@ -295,7 +302,7 @@ def forward_cached(
     opts = opts or RunOptions()
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
-    x = jnp.take(params["embed"], input_ids, axis=0)
+    x = embed_tokens(params["embed"], input_ids, opts)
     ctx, book = make_cached_context(config, token_mask, cache)
     x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
     if last_only:
