@@ -27,6 +27,7 @@ from flax import nnx
 from convert import mapping, orbax_io
 from convert.safetensors_io import SafetensorsReader, write_sharded
 from minimax_jax.config import ModelConfig
+from minimax_jax.sharding import ShardingRules
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 ORBAX_PARAMS_DIR = "params"  # the Orbax checkpoint inside a directory written by hf_to_orbax
@@ -224,28 +225,21 @@ def logical_axes(config: ModelConfig) -> dict[mapping.LeafPath, tuple[str, ...]]
 
 
 def sharding_from_rules(
-    config: ModelConfig, mesh: jax.sharding.Mesh, rules: Mapping[str, str | tuple[str, ...] | None]
+    config: ModelConfig,
+    mesh: jax.sharding.Mesh,
+    rules: ShardingRules | Mapping[str, str | tuple[str, ...] | None],
 ) -> Callable[[mapping.LeafPath], jax.sharding.NamedSharding]:
-    """``leaf path -> NamedSharding`` from {logical axis: mesh axis (or axes, or None)}.
-
-    E.g. FSDP + expert parallelism: ``{"embed": "fsdp", "experts": "expert"}``. Logical axes
-    without a rule are replicated; a mesh axis is used at most once per leaf (later axes of the
-    leaf that map to an already used mesh axis are replicated).
-    """
+    """``leaf path -> NamedSharding`` by `minimax_jax.sharding` rules (a ``ShardingRules`` or a
+    mapping {logical axis: mesh axis, axes or None}, e.g. ``{"embed": "fsdp", "experts":
+    "expert"}``). The same specs the model is created with: unlisted axes are replicated, and a
+    mesh axis that is already used or does not divide the dimension is dropped for that leaf."""
+    if not isinstance(rules, ShardingRules):
+        rules = ShardingRules.from_mapping(rules)
     axes = logical_axes(config)
+    shapes = mapping.flatten(mapping.expected_leaf_shapes(config))
 
     def spec(path: mapping.LeafPath) -> jax.sharding.NamedSharding:
-        used: set[str] = set()
-        out = []
-        for name in axes[path]:
-            target = rules.get(name)
-            names = (target,) if isinstance(target, str) else tuple(target or ())
-            if not names or used & set(names):
-                out.append(None)
-                continue
-            used |= set(names)
-            out.append(names[0] if len(names) == 1 else names)
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+        return rules.sharding(mesh, axes[path], shapes[path].shape)
 
     return spec
 
