@@ -132,5 +132,10 @@ def main(argv: Sequence[str]) -> None:
     print(f"trained on {len(files)} files: vocab {tok.get_vocab_size()} -> {_OUTPUT.value}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``minimax-jax-train-tokenizer``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -233,8 +233,25 @@ def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, i
             "--workdir or the same model config"
         )
     state, data_state, _ = checkpointer.restore(latest, ckpt.abstract_like(state))
-    data_iter.set_state(data_state)
+    _set_data_state(data_iter, data_state)
     return state, latest
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `train` builds before the step loop."""
+
+    setup: Setup
+    state: dict
+    start: int
+    data_iter: data_lib.PackedBatches
+    checkpointer: ckpt.Checkpointer
+    log: MetricsLog
+    step_fn: Any
+    eval_fn: Any
+    eval_data: list
+    schedule: Any
+    compute: Any
 
 
 def train(
@@ -244,7 +261,7 @@ def train(
     steps: int | None = None,
     setup: Setup | None = None,
 ) -> dict:
-    """Runs (or resumes) training; returns a summary {step, loss, eval_loss, preempted, ...}."""
+    """Runs (or resumes) training; returns a summary {step, loss, eval_loss, preempted, state}."""
     setup = setup or prepare(config, steps)
     cfg, d = setup.config, setup.config.data
     os.makedirs(workdir, exist_ok=True)
@@ -252,11 +269,10 @@ def train(
     opts = RunOptions(cfg.model.lightning_impl, cfg.model.moe_impl, cfg.model.remat)
     compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
     pid, pcount = jax.process_index(), jax.process_count()
-    dataset = data_lib.train_dataset(
+    data_iter = data_lib.train_dataset(
         setup.docs, setup.train_idx, setup.tokenizer, setup.eos_id, seq_len=d.seq_len,
         batch_size=d.batch_size, seed=d.seed, process_index=pid, process_count=pcount,
     )  # fmt: skip
-    data_iter = iter(dataset)
     checkpointer = ckpt.Checkpointer(
         os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -274,55 +290,81 @@ def train(
             batch_size=d.batch_size // d.grad_accum, max_batches=d.eval_batches,
             process_index=pid, process_count=pcount,
         ) if len(setup.eval_idx) else []  # fmt: skip
-        log = MetricsLog(
-            workdir, start, setup.steps, is_main=pid == 0, every=cfg.train.log_every
-        )
+        log = MetricsLog(workdir, start, setup.steps, is_main=pid == 0, every=cfg.train.log_every)
+        run = _Run(setup, state, start, data_iter, checkpointer, log, step_fn, eval_fn, eval_data,
+                   schedule, compute)  # fmt: skip
         try:
-            return _loop(setup, locals())
+            return _loop(run)
         finally:
             log.close()
             checkpointer.close()
 
 
-def _loop(setup: Setup, env: dict) -> dict:
-    """The step loop (see `train`): env holds the objects `train` built."""
-    cfg, d = setup.config, setup.config.data
-    state, start, log = env["state"], env["start"], env["log"]
-    data_iter, checkpointer = env["data_iter"], env["checkpointer"]
+def _data_state(it: data_lib.PackedBatches) -> dict:
+    """Every process's iterator position (gathered: Orbax writes JSON from process 0 only)."""
+    local = np.asarray([it.index, it.offset], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        local = multihost_utils.process_allgather(local)
+    return {"processes": np.asarray(local).reshape(-1, 2).tolist()}
+
+
+def _set_data_state(it: data_lib.PackedBatches, state: dict) -> None:
+    rows = state["processes"]
+    if len(rows) != jax.process_count():
+        raise tc.ConfigError(
+            f"the checkpoint was written by {len(rows)} processes, this run has "
+            f"{jax.process_count()}: the data order cannot be resumed exactly"
+        )
+    index, offset = rows[jax.process_index()]
+    it.set_state({"index": index, "offset": offset})
+
+
+def _preempted(run: _Run, flag: bool, step: int) -> bool:
+    """SIGTERM seen (one process), or JAX's multi-host preemption sync point reached."""
+    if jax.process_count() == 1:
+        return flag
+    return run.checkpointer.manager.reached_preemption(step)
+
+
+def _loop(run: _Run) -> dict:
+    """The step loop of `train`."""
+    setup, cfg, d = run.setup, run.setup.config, run.setup.config.data
+    state, ckpter = run.state, run.checkpointer
     sharding = _batch_sharding(setup)
-    peak = _peak_flops(cfg, env["compute"])
+    peak = _peak_flops(cfg, run.compute)
     flops_tok = flops_per_token(setup.model_config, d.seq_len)
-    run_cfg, summary = _run_config(setup), {"step": start, "preempted": False}
+    run_cfg, summary = _run_config(setup), {"step": run.start, "preempted": False}
     bad_in_row, t_last = 0, time.perf_counter()
-    with _Preemption() as preempt:
-        for step in range(start + 1, setup.steps + 1):
-            batch = _to_global(next(data_iter), sharding, d.grad_accum)
-            state, metrics = env["step_fn"](state, batch)
-            data_state = data_lib.iterator_state(data_iter)
-            last = step == setup.steps
-            checkpointer.save(step, state, data_state, run_cfg, force=last or preempt.flag)
+    with _Preemption() as signalled:
+        for step in range(run.start + 1, setup.steps + 1):
+            batch = _to_global(next(run.data_iter), sharding, d.grad_accum)
+            state, metrics = run.step_fn(state, batch)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
-            tok_s = d.batch_size * d.seq_len / (now - t_last)
-            t_last = now
-            m.update(step=step, lr=float(env["schedule"](step - 1)), tokens_per_s=tok_s,
+            tok_s, t_last = d.batch_size * d.seq_len / (now - t_last), now
+            m.update(step=step, lr=float(run.schedule(step - 1)), tokens_per_s=tok_s,
                      mfu=tok_s * flops_tok / (peak * jax.device_count()))  # fmt: skip
+            last = step == setup.steps
+            stop = _preempted(run, signalled.flag, step)
+            if last or stop or ckpter.manager.should_save(step):
+                ckpter.save(step, state, _data_state(run.data_iter), run_cfg, force=True)
             bad_in_row = bad_in_row + 1 if m["skipped"] else 0
-            log.step(m, force=last or bool(m["skipped"]))
+            run.log.step(m, force=last or bool(m["skipped"]))
             summary.update(step=step, loss=m["loss"])
-            if _eval_due(cfg.train.eval_every, step, last) and env["eval_data"]:
-                ev = run_eval(setup, env["eval_fn"], state["params"], env["eval_data"], sharding)
-                log.eval(step, ev)
+            if run.eval_data and _eval_due(cfg.train.eval_every, step, last):
+                ev = run_eval(setup, run.eval_fn, state["params"], run.eval_data, sharding)
+                run.log.eval(step, ev)
                 summary.update(ev)
             if bad_in_row >= cfg.train.max_nonfinite:
-                checkpointer.wait()
                 raise TrainError(
                     f"{bad_in_row} non-finite steps in a row (last at step {step}): lower "
                     "optim.lr, enable clipping or check the data; the last checkpoint is kept"
                 )
-            if preempt.flag:
-                checkpointer.wait()
-                log.note(f"SIGTERM: saved checkpoint {step}, exiting")
+            if stop:
+                ckpter.wait()
+                run.log.note(f"preempted: saved checkpoint {step}, exiting")
                 summary["preempted"] = True
                 break
     summary["state"] = state
@@ -389,5 +431,10 @@ def main(argv: Sequence[str]) -> None:
     print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``minimax-jax-train``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

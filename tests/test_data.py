@@ -95,6 +95,10 @@ def test_iterator_state_restores_exactly_and_shuffles_per_epoch(corpus):
     for w in want:
         got = next(other)
         assert all(np.array_equal(w[k], got[k]) for k in w)
+    order = [int(it.docs[i]["tokens"][0]) for i in range(4 * len(docs))]  # 4 epochs
+    epochs = [sorted(order[e * len(docs) : (e + 1) * len(docs)]) for e in range(4)]
+    assert all(e == epochs[0] for e in epochs)  # every epoch is a permutation of all documents
+    assert len({tuple(order[e * 4 : e * 4 + 4]) for e in range(4)}) > 1  # reshuffled per epoch
 
 
 def test_process_shards_are_disjoint(corpus):
