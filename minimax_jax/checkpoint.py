@@ -29,12 +29,15 @@ ITEMS = ("state", "data", "config")
 class Checkpointer:
     """Save every ``every`` steps (and when forced), keep the ``keep`` newest, restore latest."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, every: int, keep: int, async_save: bool = True, create=True
+    ):
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
+            read_only=not create,
         )
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)

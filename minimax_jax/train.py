@@ -383,7 +383,10 @@ def _peak_flops(cfg: tc.TrainConfig, compute: Any) -> float:
 
 def export(*, workdir: str, out_dir: str, dtype: str = "float32") -> list[str]:
     """Writes the newest checkpoint's params as an HF directory (+ the run's tokenizer files)."""
-    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint under {directory} to export")
+    checkpointer = ckpt.Checkpointer(directory, every=1, keep=1, create=False)
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints to export")

@@ -54,8 +54,10 @@ class MetricsLog:
         except ImportError:
             print("train: tensorboardX not installed, no TensorBoard events", file=sys.stderr)
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines instead of a bar
+                return
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
     def _write(self, record: dict[str, Any]) -> None:
