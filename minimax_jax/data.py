@@ -285,13 +285,17 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """The held-out split packed once, in order, as at most ``max_batches`` batches.
 
-    The last batch is padded with empty rows (segment id 0, weight 0).
+    The last batch is padded with empty rows (segment id 0, weight 0); with several processes
+    every process gets exactly ``max_batches`` (empty ones after its documents run out).
     """
     ds = grain.MapDataset.source(_Subset(docs, indices))[process_index::process_count]
-    packed = PackedBatches(
-        ds.map(_Tokenize(tokenizer, eos_id)), seq_len, batch_size // process_count
-    )
-    return [b for _, b in zip(range(max_batches), packed, strict=False)]
+    rows = batch_size // process_count
+    packed = PackedBatches(ds.map(_Tokenize(tokenizer, eos_id)), seq_len, rows)
+    out = [b for _, b in zip(range(max_batches), packed, strict=False)]
+    if process_count > 1:  # every process must run the same number of (collective) eval steps
+        empty = np.zeros((rows, seq_len), np.int32)
+        out += [{"tokens": empty, "segment_ids": empty}] * (max_batches - len(out))
+    return out
 
 
 class _Subset:

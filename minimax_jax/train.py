@@ -103,22 +103,24 @@ def resolve_model_config(section: tc.ModelSection) -> ModelConfig:
 
 def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     """Validates the run against its model, tokenizer, data and devices (no compilation)."""
+    shard_lib.maybe_initialize_distributed()  # before anything asks JAX for devices
     model_config = resolve_model_config(config.model)
     _dtype(config.model.param_dtype, "model.param_dtype")
     _dtype(config.model.compute_dtype, "model.compute_dtype")
     RunOptions(config.model.lightning_impl, config.model.moe_impl, config.model.remat)
     d = config.data
-    tokenizer = data_lib.load_tokenizer(d.tokenizer)
+    tok_path = d.tokenizer or config.model.init_from
+    tokenizer = data_lib.load_tokenizer(tok_path)
     n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if n_vocab > model_config.vocab_size:
         raise data_lib.DataError(
-            f"tokenizer {d.tokenizer!r} has {n_vocab} tokens but the model's vocab_size is "
+            f"tokenizer {tok_path!r} has {n_vocab} tokens but the model's vocab_size is "
             f"{model_config.vocab_size}: use a matching tokenizer or set "
             "model.overrides.vocab_size"
         )
     eos_id = tokenizer.token_to_id(d.eos_token)
     if eos_id is None:
-        raise data_lib.DataError(f"tokenizer {d.tokenizer!r} has no eos token {d.eos_token!r}")
+        raise data_lib.DataError(f"tokenizer {tok_path!r} has no eos token {d.eos_token!r}")
     docs = data_lib.open_documents(d.sources)
     train_idx, eval_idx = data_lib.split_documents(len(docs), d.eval_fraction, d.seed)
     rules, mesh_cfg = shard_lib.load_rules(config.mesh.rules)
@@ -398,7 +400,7 @@ def export(*, workdir: str, out_dir: str, dtype: str = "float32") -> list[str]:
     checkpointer.close()
     params = restored["params"]
     params["blocks"] = _as_list(params["blocks"])
-    tok = config.data.tokenizer
+    tok = config.data.tokenizer or config.model.init_from
     tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
     return ckpt.export_pretrained(
         params, model_config, out_dir, dtype=_dtype(dtype, "--export_dtype"), tokenizer_dir=tok_dir

@@ -43,7 +43,7 @@ class DataSection:
     """Sources, tokenizer and batch shape. ``batch_size`` is global rows per optimizer step."""
 
     sources: tuple = ()  # of SourceSpec (YAML: list of {type, path, text_field})
-    tokenizer: str | None = None  # tokenizer.json or a directory with one
+    tokenizer: str | None = None  # tokenizer.json or its directory (default: model.init_from)
     eos_token: str = "<end_of_sentence>"
     seq_len: int = 512
     batch_size: int = 8
@@ -212,8 +212,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set exactly one of model.preset, model.config (or model.init_from)")
     if m.remat not in (None, "full", "dots"):
         raise ConfigError(f"model.remat must be null, full or dots, got {m.remat!r}")
-    if d.tokenizer is None:
-        raise ConfigError("data.tokenizer is required (a tokenizer.json or its directory)")
+    if d.tokenizer is None and m.init_from is None:
+        raise ConfigError(
+            "data.tokenizer is required (a tokenizer.json or its directory) unless "
+            "model.init_from names a checkpoint directory that holds one"
+        )
     for name in ("seq_len", "batch_size", "grad_accum", "eval_batches"):
         if getattr(d, name) < 1:
             raise ConfigError(f"data.{name} must be >= 1")

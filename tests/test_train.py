@@ -72,6 +72,20 @@ def test_packed_loss_equals_unpacked_documents():
     np.testing.assert_allclose(float(packed), total, rtol=1e-5)
 
 
+def test_weight_decay_mask_skips_norms_and_embedding():
+    from minimax_jax.train_step import decay_mask
+
+    params = MiniMaxForCausalLM(ModelConfig.preset("tiny-native"), rngs=nnx.Rngs(0)).pure_params()
+    flat = {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v
+        for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))
+    }
+    off = sorted(k for k, v in flat.items() if not v)
+    assert "embed" in off and "final_norm" in off and "blocks/0/attn/norm" in off
+    assert all("norm" in k or k == "embed" for k in off)
+    assert flat["lm_head"] and flat["blocks/7/moe/wi"] and flat["blocks/0/attn/qkv"]
+
+
 # ------------------------------------------------------------------------------- config
 
 
