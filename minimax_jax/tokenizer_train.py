@@ -39,7 +39,8 @@ CHAT_TEMPLATE_SOURCE = os.path.join(
 _INPUT = flags.DEFINE_multi_string("input", None, "File or directory of training text.")
 _GLOB = flags.DEFINE_string("glob", "**/*", "Files to take under each --input directory.")
 _EXCLUDE = flags.DEFINE_multi_string(
-    "exclude", ["test", "tests", "site-packages", "dist-packages", "__pycache__", "idlelib"],
+    "exclude",
+    ["test", "tests", "site-packages", "dist-packages", "__pycache__", "idlelib"],
     "Directory names skipped under --input.",
 )
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size including special tokens.")

@@ -40,8 +40,12 @@ def build_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformati
         end_value=optim.lr * optim.end_lr_ratio,
     )
     adamw = optax.adamw(
-        schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-        weight_decay=optim.weight_decay, mask=decay_mask,
+        schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=decay_mask,
     )
     if optim.clip_norm is None:
         return adamw, schedule
@@ -80,8 +84,9 @@ def make_train_step(
     def step(state, batch):
         tokens, seg = batch["tokens"], batch["segment_ids"]
         a = tokens.shape[0]
-        _, weights, _ = losses.shifted_targets(tokens.reshape(-1, tokens.shape[-1]),
-                                               seg.reshape(-1, seg.shape[-1]))
+        _, weights, _ = losses.shifted_targets(
+            tokens.reshape(-1, tokens.shape[-1]), seg.reshape(-1, seg.shape[-1])
+        )
         total = jnp.maximum(jnp.sum(weights), 1.0)
         params = state["params"]
 
@@ -107,8 +112,13 @@ def make_train_step(
             "step": state["step"] + 1,
         }
         metrics = {
-            "loss": nll / total, "objective": obj, "lb_loss": lb / a, "z_loss": z / a,
-            "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32), "tokens": total,
+            "loss": nll / total,
+            "objective": obj,
+            "lb_loss": lb / a,
+            "z_loss": z / a,
+            "grad_norm": grad_norm,
+            "skipped": 1.0 - ok.astype(jnp.float32),
+            "tokens": total,
         }
         return new_state, metrics
 

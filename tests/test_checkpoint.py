@@ -86,9 +86,7 @@ def test_export_loads_with_from_pretrained(corpus, tmp_path):
     config = ModelConfig.preset("tiny-native")
     params = MiniMaxForCausalLM(config, rngs=nnx.Rngs(3)).pure_params()
     out = str(tmp_path / "export")
-    files = ckpt.export_pretrained(
-        params, config, out, dtype=jnp.bfloat16, tokenizer_dir=corpus[1]
-    )
+    files = ckpt.export_pretrained(params, config, out, dtype=jnp.bfloat16, tokenizer_dir=corpus[1])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
     model = from_pretrained(out, dtype=jnp.bfloat16)
     loaded = model.pure_params()
