@@ -288,11 +288,28 @@ def generate_stream(
     plan = engine.plan(ids.shape[0], ids.shape[1], max_new_tokens)
     engine.check_memory(plan)
     logits, cache = engine.prefill(ids, mask, plan)
+    yield from stream_after_prefill(
+        engine, logits, cache, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+        eos_token_id=eos_token_id,
+    )  # fmt: skip
+
+
+def stream_after_prefill(
+    engine: Engine,
+    logits: jax.Array,
+    cache: dict,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    seed: int,
+    eos_token_id: int | Sequence[int] | None,
+) -> Iterator[np.ndarray]:
+    """Decode one jitted step at a time from prefill logits [B,V] and its cache, yielding each
+    step's tokens [B]; rows that finished repeat eos; stops when every row is done."""
     eos = np.asarray(_eos_array(eos_token_id))
-    key = jax.random.key(seed)
-    key, sub = jax.random.split(key)
+    key, sub = jax.random.split(jax.random.key(seed))
     tok = sample_token(logits, sub, sampling)
-    done = np.zeros(ids.shape[0], bool)
+    done = np.zeros(logits.shape[0], bool)
     for _ in range(max_new_tokens):
         host = np.where(done, eos[0], np.asarray(tok))
         yield host

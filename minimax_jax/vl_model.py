@@ -269,18 +269,8 @@ def forward_embeds(
     opts: RunOptions | None = None,
     compute_dtype: Any = None,
 ) -> jax.Array:
-    """``decoder.forward`` from input embeddings: x [B,T,D] -> logits [B,T,V] fp32.
-
-    Built from ``decoder``'s own pieces, so the math is the text model's exactly.
-    """
-    opts = opts or RunOptions()
-    if compute_dtype is not None:
-        params = decoder.cast_params(params, compute_dtype)
-        x = x.astype(compute_dtype)
-    b, t = x.shape[:2]
-    ctx = decoder.make_context(config, attention_mask, b, t)
-    x, _, _ = decoder.decoder_stack(config, params["blocks"], x, ctx, opts)
-    return decoder._logits(config, params, x)  # noqa: SLF001 - the text model's own head
+    """The text model from input embeddings: x [B,T,D] -> logits [B,T,V] fp32."""
+    return decoder.forward_embedded(config, params, x, attention_mask, opts, compute_dtype)[0]
 
 
 _forward_embeds_jit = jax.jit(forward_embeds, static_argnums=(0, 4, 5))
@@ -295,15 +285,11 @@ def forward_cached_embeds(
     opts: RunOptions | None = None,
     compute_dtype: Any = None,
 ) -> tuple[jax.Array, dict]:
-    """``decoder.forward_cached`` from embeddings x [B,T,D] -> (last logits [B,V], cache)."""
-    opts = opts or RunOptions()
-    if compute_dtype is not None:
-        params = decoder.cast_params(params, compute_dtype)
-        x = x.astype(compute_dtype)
-    ctx, book = decoder.make_cached_context(config, token_mask, cache)
-    x, _, blocks = decoder.decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
-    logits = decoder._logits(config, params, x[:, -1:])  # noqa: SLF001
-    return logits[:, -1], {"blocks": blocks, **book}
+    """Cached text model from embeddings x [B,T,D] -> (last logits [B,V], cache)."""
+    logits, cache = decoder.forward_cached_embedded(
+        config, params, x, token_mask, cache, opts, compute_dtype, last_only=True
+    )
+    return logits[:, -1], cache
 
 
 # ----------------------------------------------------------------------------- generation
@@ -433,18 +419,10 @@ def generate_vl_stream(
         compute_dtype=compute_dtype,
     )
     logits, cache = prefill_vl(engine, x, mask, plan, model.options, compute_dtype)
-    eos = np.asarray(sampling._eos_array(eos_token_id))  # noqa: SLF001
-    key, sub = jax.random.split(jax.random.key(seed))
-    tok = sampling.sample_token(logits, sub, sp)
-    done = np.zeros(ids.shape[0], bool)
-    for _ in range(max_new_tokens):
-        host = np.where(done, eos[0], np.asarray(tok))
-        yield host
-        done |= np.isin(host, eos)
-        if done.all():
-            return
-        key, sub = jax.random.split(key)
-        tok, _, cache = engine._step(engine.params, cache, jnp.asarray(host), sub, sp)  # noqa: SLF001
+    yield from sampling.stream_after_prefill(
+        engine, logits, cache, max_new_tokens=max_new_tokens, sampling=sp, seed=seed,
+        eos_token_id=eos_token_id,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- checkpoints

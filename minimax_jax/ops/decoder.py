@@ -236,10 +236,25 @@ def forward(
     [B,T] int32 marks packed documents (see `make_context`).
     """
     opts = opts or RunOptions()
+    x = embed_tokens(params["embed"], input_ids, opts)
+    return forward_embedded(config, params, x, attention_mask, opts, compute_dtype, segment_ids)
+
+
+def forward_embedded(
+    config: ModelConfig,
+    params: dict[str, Any],
+    x: jax.Array,
+    attention_mask: jax.Array | None = None,
+    opts: RunOptions | None = None,
+    compute_dtype: Any = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`forward` from input embeddings x [B,T,D] (e.g. text with image features merged in)."""
+    opts = opts or RunOptions()
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
-    b, t = input_ids.shape
-    x = embed_tokens(params["embed"], input_ids, opts)
+        x = x.astype(compute_dtype)
+    b, t = x.shape[:2]
     ctx = make_context(config, attention_mask, b, t, segment_ids)
     x, router_logits, _ = decoder_stack(config, params["blocks"], x, ctx, opts)
     return _logits(config, params, x), router_logits
@@ -300,9 +315,27 @@ def forward_cached(
     position only ([B,1,V]): a long prefill never materialises [B,T,V].
     """
     opts = opts or RunOptions()
+    x = embed_tokens(params["embed"], input_ids, opts)
+    return forward_cached_embedded(
+        config, params, x, token_mask, cache, opts, compute_dtype, last_only
+    )
+
+
+def forward_cached_embedded(
+    config: ModelConfig,
+    params: dict[str, Any],
+    x: jax.Array,
+    token_mask: jax.Array,
+    cache: dict,
+    opts: RunOptions | None = None,
+    compute_dtype: Any = None,
+    last_only: bool = False,
+) -> tuple[jax.Array, dict]:
+    """`forward_cached` from input embeddings x [B,T,D]."""
+    opts = opts or RunOptions()
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
-    x = embed_tokens(params["embed"], input_ids, opts)
+        x = x.astype(compute_dtype)
     ctx, book = make_cached_context(config, token_mask, cache)
     x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
     if last_only:
