@@ -45,15 +45,32 @@ from absl import app, flags
 from convert.common import run_cli
 from minimax_jax.config import ModelConfig
 
-_REFERENCE = flags.DEFINE_string("reference", None, "HF directory run by transformers.")
-_CANDIDATE = flags.DEFINE_string("candidate", None, "HF or Orbax directory run by minimax_jax.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to tokenize with the reference tokenizer.")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 64, "Random tokens when there is no prompt.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
-_RTOL = flags.DEFINE_float("rtol", 1e-3, "Largest allowed max|a-b| / max|ref|.")
-_MAX_KL = flags.DEFINE_float("max_kl", 1e-4, "Largest allowed per-position KL (nats).")
-_MIN_TOP1 = flags.DEFINE_float("min_top1", 0.99, "Smallest allowed top-1 agreement.")
-_PATCH_ROPE = flags.DEFINE_bool("patch_rope", True, "Patch transformers for partial RoPE.")
+# Its own FlagValues: `--prompt` / `--seed` also exist in `minimax_jax.generate`, and tests import
+# both modules into one process. `run()` joins them to absl's FLAGS for parsing and --help.
+_FLAGS = flags.FlagValues()
+_REFERENCE = flags.DEFINE_string(
+    "reference", None, "HF directory run by transformers.", flag_values=_FLAGS
+)
+_CANDIDATE = flags.DEFINE_string(
+    "candidate", None, "HF or Orbax directory run by minimax_jax.", flag_values=_FLAGS
+)
+_PROMPT = flags.DEFINE_string(
+    "prompt", None, "Text to tokenize with the reference tokenizer.", flag_values=_FLAGS
+)
+_NUM_TOKENS = flags.DEFINE_integer(
+    "num_tokens", 64, "Random tokens when there is no prompt.", flag_values=_FLAGS
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.", flag_values=_FLAGS)
+_RTOL = flags.DEFINE_float("rtol", 1e-3, "Largest allowed max|a-b| / max|ref|.", flag_values=_FLAGS)
+_MAX_KL = flags.DEFINE_float(
+    "max_kl", 1e-4, "Largest allowed per-position KL (nats).", flag_values=_FLAGS
+)
+_MIN_TOP1 = flags.DEFINE_float(
+    "min_top1", 0.99, "Smallest allowed top-1 agreement.", flag_values=_FLAGS
+)
+_PATCH_ROPE = flags.DEFINE_bool(
+    "patch_rope", True, "Patch transformers for partial RoPE.", flag_values=_FLAGS
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
@@ -211,6 +228,7 @@ def check(
 
 
 def main(argv: list[str]) -> None:
+    _FLAGS.mark_as_parsed()  # parsed through absl's FLAGS, which holds the same Flag objects
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _REFERENCE.value or not _CANDIDATE.value:
@@ -244,6 +262,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    flags.FLAGS.append_flag_values(_FLAGS)
     app.run(main)
 
 

@@ -3,7 +3,7 @@
 Usage::
 
     python -m minimax_jax.info --preset minimax-m1-80k
-    python -m minimax_jax.info --config /path/to/checkpoint_dir_or_config.json
+    python -m minimax_jax.info --hf_config /path/to/checkpoint_dir_or_config.json
     minimax-jax-info --preset tiny-remote          # console script (setup.cfg)
 """
 
@@ -18,7 +18,7 @@ from absl import app, flags
 from minimax_jax.config import FULL, ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", None, "Preset name from the configs package.")
-_CONFIG = flags.DEFINE_string("config", None, "HF config.json, or a directory holding one.")
+_CONFIG = flags.DEFINE_string("hf_config", None, "HF config.json, or a directory holding one.")
 
 
 def _human(n: int) -> str:
@@ -42,7 +42,7 @@ def describe(*, preset: str | None = None, config: str | os.PathLike | None = No
       FileNotFoundError: ``config`` does not exist.
     """
     if (preset is None) == (config is None):
-        raise ValueError("give exactly one of --preset or --config")
+        raise ValueError("give exactly one of --preset or --hf_config")
     cfg = ModelConfig.preset(preset) if preset is not None else ModelConfig.from_hf(config)
     total, active = cfg.param_count(), cfg.active_param_count()
     rope = "full" if cfg.rotary_dim == cfg.head_dim else f"partial {cfg.rotary_dim}/{cfg.head_dim}"
