@@ -41,8 +41,47 @@ def cache_shapes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = 
     }
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any = jnp.float32) -> dict:
-    """An empty cache for `batch` rows and `max_len` slots (prompt + new tokens)."""
-    return jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, max_len, kv_dtype)
-    )
+# Logical axes of the cache leaves (mapped to the mesh by the same rules as the parameters).
+STATE_AXES = ("layers", "batch", "heads", None, None)
+KV_AXES = ("layers", "batch", None, "kv_heads", None)
+
+
+def cache_shardings(config: ModelConfig, batch: int, max_len: int, mesh, rules) -> dict:
+    """NamedShardings for every cache leaf: states split by heads, K/V by kv heads, rows by the
+    rules' batch axes (the same per-device sizes `minimax_jax.memory.cache_bytes` plans)."""
+    shapes = cache_shapes(config, batch, max_len)
+
+    def leaf(axes, s):
+        return rules.sharding(mesh, axes, s.shape)
+
+    blocks = [
+        {k: leaf(STATE_AXES if k == "state" else KV_AXES, s) for k, s in b.items()}
+        for b in shapes["blocks"]
+    ]
+    return {
+        "blocks": blocks,
+        "valid": leaf(("batch", None), shapes["valid"]),
+        "index": leaf((), shapes["index"]),
+        "positions": leaf(("batch",), shapes["positions"]),
+    }
+
+
+def init_cache(
+    config: ModelConfig,
+    batch: int,
+    max_len: int,
+    kv_dtype: Any = jnp.float32,
+    *,
+    mesh=None,
+    rules=None,
+) -> dict:
+    """An empty cache for `batch` rows and `max_len` slots (prompt + new tokens); with a mesh and
+    rules it is created directly in its shards (never whole on one device)."""
+    shapes = cache_shapes(config, batch, max_len, kv_dtype)
+
+    def zeros():
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=cache_shardings(config, batch, max_len, mesh, rules))()

@@ -23,22 +23,47 @@ from absl import app, flags
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF-style checkpoint dir (default: demo).")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL with prompt or messages.")
-_CHAT = flags.DEFINE_boolean("chat", None, "Apply the chat template (default: if it has one).")
-_SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.")
-_TEMPLATE = flags.DEFINE_string("chat_template", None, "Jinja chat template file.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling threshold (1 = off).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
-_GREEDY = flags.DEFINE_boolean("greedy", False, "Greedy decoding (overrides temperature).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights dtype.")
-_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "Prefill chunk length (tokens).")
-_IMAGE = flags.DEFINE_multi_string("image", [], "Image file for MiniMax-VL-01 (repeatable).")
+# Its own FlagValues (joined to absl's FLAGS in `run`): tests import this module together with
+# other CLIs (convert.*) whose flags share names such as --dtype, --prompt and --seed.
+_FLAGS = flags.FlagValues()
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "HF-style checkpoint dir (default: demo).", flag_values=_FLAGS
+)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).", flag_values=_FLAGS)
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "JSONL with prompt or messages.", flag_values=_FLAGS
+)
+_CHAT = flags.DEFINE_boolean(
+    "chat", None, "Apply the chat template (default: if it has one).", flag_values=_FLAGS
+)
+_SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.", flag_values=_FLAGS)
+_TEMPLATE = flags.DEFINE_string(
+    "chat_template", None, "Jinja chat template file.", flag_values=_FLAGS
+)
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", 64, "Tokens to generate per prompt.", flag_values=_FLAGS
+)
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 1.0, "Sampling temperature (0 = greedy).", flag_values=_FLAGS
+)
+_TOP_P = flags.DEFINE_float(
+    "top_p", 0.95, "Nucleus sampling threshold (1 = off).", flag_values=_FLAGS
+)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.", flag_values=_FLAGS)
+_GREEDY = flags.DEFINE_boolean(
+    "greedy", False, "Greedy decoding (overrides temperature).", flag_values=_FLAGS
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=_FLAGS)
+_STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.", flag_values=_FLAGS)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Weights dtype.", flag_values=_FLAGS
+)
+_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 256, "Prefill chunk length (tokens).", flag_values=_FLAGS
+)
+_IMAGE = flags.DEFINE_multi_string(
+    "image", [], "Image file for MiniMax-VL-01 (repeatable).", flag_values=_FLAGS
+)
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | str]:
@@ -198,6 +223,7 @@ def _left_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv):
+    _FLAGS.mark_as_parsed()  # parsed through absl's FLAGS, which holds the same Flag objects
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
@@ -226,6 +252,7 @@ def main(argv):
 
 
 def run():
+    flags.FLAGS.append_flag_values(_FLAGS)
     app.run(main)
 
 

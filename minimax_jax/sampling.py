@@ -113,6 +113,8 @@ class Engine:
         self.config, self.params = config, params
         self.prefill_chunk = prefill_chunk
         self.kv_dtype = kv_dtype or jnp.asarray(params["embed"]).dtype
+        self.mesh = options.mesh if options else None
+        self.rules = options.rules if options else None
         step = functools.partial(
             forward_cached, config, opts=options or RunOptions(), compute_dtype=compute_dtype
         )
@@ -132,12 +134,20 @@ class Engine:
             )
         padded, chunk = _bucket_prompt(prompt_len, self.prefill_chunk)
         max_len = -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
-        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        # Bytes held by the first device (all of them without a mesh).
+        dev = jax.tree.leaves(self.params)[0].sharding.device_set
+        dev = min(dev, key=lambda d: d.id)
+        weights = sum(
+            s.data.nbytes for x in jax.tree.leaves(self.params) for s in x.addressable_shards
+            if s.device == dev
+        )  # fmt: skip
         mem = memory.plan_inference(
             self.config,
             batch=batch,
             prompt_len=padded,
             max_len=max_len,
+            mesh_shape=None if self.mesh is None else dict(self.mesh.shape),
+            rules=self.rules,
             weights=int(weights),
             param_dtype=self.params["embed"].dtype,
             kv_dtype=self.kv_dtype,
@@ -169,7 +179,9 @@ class Engine:
         pad = plan["padded_prompt"] - t
         ids = np.pad(ids, ((0, 0), (pad, 0)))
         mask = np.pad(mask, ((0, 0), (pad, 0)))
-        cache = init_cache(self.config, b, plan["max_len"], self.kv_dtype)
+        cache = init_cache(
+            self.config, b, plan["max_len"], self.kv_dtype, mesh=self.mesh, rules=self.rules
+        )
         chunk = plan["chunk"]
         for start in range(0, ids.shape[1], chunk):  # a few chunks; each is one jitted call
             logits, cache = self._prefill(
