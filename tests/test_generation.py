@@ -150,3 +150,27 @@ def test_greedy_equals_transformers_repeated_forward(tmp_path):
     np.testing.assert_array_equal(
         sampling.generate(ours, ids, max_new_tokens=32, engine=engine), want
     )
+
+
+def test_generation_on_a_mesh_equals_one_device(tiny_model):
+    """TP + EP inference on 8 simulated devices: sharded params and caches, same greedy tokens."""
+    from flax import nnx
+
+    from minimax_jax import MiniMaxForCausalLM
+    from minimax_jax.ops.decoder import RunOptions
+    from minimax_jax.sharding import load_rules, make_mesh
+
+    rules, _ = load_rules("tp_ep")
+    mesh = make_mesh({"data": 1, "fsdp": 1, "expert": 2, "tensor": 4})
+    opts = RunOptions(moe_impl=rules.moe_impl, mesh=mesh, rules=rules)
+    sharded = MiniMaxForCausalLM(tiny_model.config, rngs=nnx.Rngs(0), options=opts, mesh=mesh,
+                                 rules=rules)  # fmt: skip
+    params = jax.device_put(tiny_model.pure_params(), jax.tree.map(
+        lambda x: x.sharding, sharded.pure_params()))  # fmt: skip
+    engine = sampling.Engine(tiny_model.config, params, options=opts, prefill_chunk=16)
+    ids = np.random.RandomState(8).randint(0, tiny_model.config.vocab_size, (2, 21))
+    got = sampling.generate(None, ids, max_new_tokens=10, engine=engine)
+    want = sampling.generate(tiny_model, ids, max_new_tokens=10)
+    np.testing.assert_array_equal(got, want)
+    cache_leaf = engine.prefill(ids, np.ones_like(ids), engine.plan(2, 21, 10))[1]["blocks"][0]
+    assert len(cache_leaf["state"].sharding.device_set) == 8
