@@ -61,6 +61,15 @@ _DTYPE = flags.DEFINE_enum(
 _CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 256, "Prefill chunk length (tokens).", flag_values=_FLAGS
 )
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "Mesh axis sizes, e.g. expert=2,tensor=4 (default: one device).",
+    flag_values=_FLAGS,
+)
+_RULES = flags.DEFINE_string(
+    "rules", "tp_ep", "Sharding rules preset (configs/mesh) or YAML path.", flag_values=_FLAGS
+)
 _IMAGE = flags.DEFINE_multi_string(
     "image", [], "Image file for MiniMax-VL-01 (repeatable).", flag_values=_FLAGS
 )
@@ -118,13 +127,14 @@ def run_generate(
     dtype: str = "float32",
     prefill_chunk: int = 256,
     images: list[str] | None = None,
+    mesh: str | None = None,
+    rules: str = "tp_ep",
     out=None,
     log=None,
 ) -> list[str]:
     """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
     out, log = out or sys.stdout, log or sys.stderr
     from minimax_jax import sampling
-    from minimax_jax.pretrained import from_pretrained
     from minimax_jax.tokenizer import ChatTokenizer, StreamDecoder
 
     ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
@@ -147,7 +157,7 @@ def run_generate(
             top_p=None if greedy or top_p == 1.0 else top_p, seed=seed,
             prefill_chunk=prefill_chunk,
         )  # fmt: skip
-    model = from_pretrained(ckpt, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    model, options = _load(ckpt, dtype, mesh, rules)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -155,7 +165,9 @@ def run_generate(
     sp = sampling.SamplingParams(
         0.0 if greedy else temperature, top_k, None if greedy or top_p == 1.0 else top_p
     )
-    engine = sampling.Engine(model.config, model.pure_params(), prefill_chunk=prefill_chunk)
+    engine = sampling.Engine(
+        model.config, model.pure_params(), options=options, prefill_chunk=prefill_chunk
+    )
     encoded = [tok.encode(t) for t in texts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("a prompt encodes to zero tokens")
@@ -202,6 +214,34 @@ def run_generate(
     return results
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """ "expert=2,tensor=4" -> {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4}."""
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in sizes or not value.lstrip("-").isdigit():
+            raise ValueError(f"--mesh: expected axis=size with axes {sorted(sizes)}, got {item!r}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str):
+    """The model (parameters placed by the rules when a mesh is given) and its RunOptions."""
+    from minimax_jax.config import ModelConfig
+    from minimax_jax.ops.decoder import RunOptions
+    from minimax_jax.pretrained import from_pretrained, sharding_from_rules
+    from minimax_jax.sharding import load_rules, make_mesh
+
+    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    if not mesh:
+        return from_pretrained(ckpt, dtype=jdtype), None
+    rules, _ = load_rules(rules_name)
+    device_mesh = make_mesh(parse_mesh(mesh))
+    sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules)
+    options = RunOptions(moe_impl=rules.moe_impl, mesh=device_mesh, rules=rules)
+    return from_pretrained(ckpt, dtype=jdtype, sharding=sharding), options
+
+
 def _with_image_placeholders(item, num_images: int):
     """One <image> per image prepended to a plain prompt that has none; image parts of chat
     messages become <image> in their text."""
@@ -245,6 +285,8 @@ def main(argv):
             dtype=_DTYPE.value,
             prefill_chunk=_CHUNK.value,
             images=_IMAGE.value,
+            mesh=_MESH.value,
+            rules=_RULES.value,
         )
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)

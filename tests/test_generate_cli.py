@@ -157,3 +157,13 @@ def test_tokenizer_larger_than_model_vocab_is_refused(checkpoint, tmp_path):
     big.save(str(bad / "tokenizer.json"))
     with pytest.raises(ValueError, match="tokenizer has"):
         run_generate(checkpoint=str(bad), prompts=["x"], max_new_tokens=2)
+
+
+def test_mesh_flag_gives_the_same_text(checkpoint):
+    """--mesh expert=2,tensor=4 (8 simulated devices, tp_ep rules) generates what one device does.
+    """
+    kw = dict(checkpoint=str(checkpoint), prompts=["def add(", "print"], chat=False, greedy=True,
+              max_new_tokens=6, prefill_chunk=16)  # fmt: skip
+    assert run_generate(mesh="expert=2,tensor=4", **kw) == run_generate(**kw)
+    with pytest.raises(ValueError, match="--mesh"):
+        run_generate(mesh="experts=2", **kw)
