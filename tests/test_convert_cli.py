@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
-from absl import flags
 
 from convert import check_logits, hf_to_orbax, orbax_to_hf
 from convert.safetensors_io import SafetensorsReader, write_sharded
@@ -122,12 +121,12 @@ def test_check_logits_fails_on_a_corrupted_conversion(native, tmp_path, capsys):
     shutil.copytree(native / "orbax", tmp_path / "bad")
     _swap_experts(tmp_path / "bad", "blocks.3.moe.wi", 0, 1, 2)
     argv = ["check_logits", "--reference", str(native / "hf"), "--candidate", str(tmp_path / "bad")]
-    flags.FLAGS(argv)  # the CLI in-process (saves a second interpreter start)
+    check_logits._FLAGS(argv)  # the CLI's own flags, in-process (saves an interpreter start)
     try:
         with pytest.raises(SystemExit) as exit_info:
             check_logits.main(argv[:1])
     finally:
-        flags.FLAGS.unparse_flags()
+        check_logits._FLAGS.unparse_flags()
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert out.strip().endswith("FAIL") and "max rel err" in out
