@@ -1,0 +1,278 @@
+"""Reading Hugging Face configs of the MiniMax-01 family into `ModelConfig`.
+
+The two schemas (see `minimax_jax.config`): the MiniMax remote code's (`attn_type_list`,
+`layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`) and transformers' native `minimax` one
+(`layer_types`, `*_factor`, `rope_parameters`, `block_size`); a VL-01 config contributes its
+`text_config`. A key whose absence or contradiction would change the model raises ValueError
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from minimax_jax.config import (
+    _DEFAULT_BLOCK_SIZE,
+    _DEFAULT_LIGHTNING_NORM_EPS,
+    _EXTRA_LNORM_KEY,
+    _EXTRA_SLOPE_KEY,
+    _MIXES,
+    FULL,
+    LAYER_TYPES,
+    LINEAR,
+    NATIVE_ARCHITECTURES,
+    REMOTE_ARCHITECTURES,
+    VL_ARCHITECTURES,
+    ModelConfig,
+)
+
+
+def load_hf_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no HF config at {path!r}: pass a config.json or its directory")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path!r} must hold a JSON object")
+    return d
+
+
+def _detect(d: Mapping[str, Any]) -> tuple[str, str]:
+    """Returns (schema, architecture) of a text config; "vl" schema for the VL-01 wrapper."""
+    archs = d.get("architectures")
+    model_type = d.get("model_type")
+    known = {**REMOTE_ARCHITECTURES, **NATIVE_ARCHITECTURES, **VL_ARCHITECTURES}
+    arch = None
+    if archs:
+        if not isinstance(archs, list | tuple) or archs[0] not in known:
+            raise ValueError(
+                f"'architectures' {archs!r} is not a MiniMax-01 model: expected one of "
+                f"{sorted(known)}"
+            )
+        arch = archs[0]
+    if model_type is not None and model_type not in known.values():
+        raise ValueError(
+            f"'model_type' {model_type!r} is not a MiniMax-01 model: expected one of "
+            f"{sorted(set(known.values()))}"
+        )
+    if arch is None and model_type is None:
+        raise ValueError("config has neither 'architectures' nor 'model_type': cannot tell schema")
+    if arch is None:
+        arch = next(a for a, t in known.items() if t == model_type)
+
+    def family(a_or_t: str) -> str:
+        for name, table in (
+            ("remote", REMOTE_ARCHITECTURES),
+            ("native", NATIVE_ARCHITECTURES),
+            ("vl", VL_ARCHITECTURES),
+        ):
+            if a_or_t in table or a_or_t in table.values():
+                return name
+        raise AssertionError(a_or_t)
+
+    schema = family(arch)
+    if model_type is not None and family(model_type) != schema:
+        raise ValueError(
+            f"'architectures' {arch!r} and 'model_type' {model_type!r} contradict each other "
+            "(one is the remote-code schema, the other not): fix one of them"
+        )
+    return schema, arch
+
+
+def _require(d: Mapping[str, Any], key: str, schema: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ValueError(
+            f"{schema} MiniMax config is missing {key!r}: it changes the model, so it is never "
+            "defaulted; add it to config.json"
+        )
+    return d[key]
+
+
+def _check_no_shared_expert_or_window(d: Mapping[str, Any]) -> None:
+    shared = d.get("shared_intermediate_size", 0)
+    shared_list = shared if isinstance(shared, list | tuple) else [shared]
+    if any(x not in (0, None) for x in shared_list):
+        raise ValueError(
+            f"'shared_intermediate_size' is {shared!r}: shared experts are not supported "
+            "(MiniMax-Text-01/M1 use 0)"
+        )
+    if d.get("sliding_window") is not None:
+        raise ValueError(
+            f"'sliding_window' is {d['sliding_window']!r}: sliding-window attention is not "
+            "supported (MiniMax-Text-01/M1 use null)"
+        )
+    if d.get("rope_scaling") is not None:
+        raise ValueError(f"'rope_scaling' {d['rope_scaling']!r} is not supported: use null")
+
+
+def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
+    schema, arch = _detect(d)
+    if schema == "vl":
+        text = d.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ValueError(f"{arch} config has no 'text_config' object: cannot read the LM")
+        text = dict(text)
+        # VL-01's text_config names no architecture: it is the Text-01 LM (remote schema).
+        if not text.get("architectures") and text.get("model_type") is None:
+            text["model_type"] = "minimax_text_01"
+        if not text.get("architectures"):
+            text_schema, _ = _detect(text)
+            text["architectures"] = [
+                "MiniMaxText01ForCausalLM" if text_schema == "remote" else "MiniMaxForCausalLM"
+            ]
+        return from_hf_dict(text)
+    _check_no_shared_expert_or_window(d)
+    num_layers = int(_require(d, "num_hidden_layers", schema))
+    if schema == "remote":
+        fields = _remote_fields(d, num_layers)
+    else:
+        fields = _native_fields(d, num_layers)
+    hidden = int(_require(d, "hidden_size", schema))
+    heads = int(_require(d, "num_attention_heads", schema))
+    head_dim = d.get("head_dim")
+    head_dim = hidden // heads if head_dim is None else int(head_dim)
+    if fields["rotary_dim"] is None:  # native without partial rotary: full RoPE
+        fields["rotary_dim"] = head_dim
+    eos = d.get("eos_token_id")
+    fields.update(
+        vocab_size=int(_require(d, "vocab_size", schema)),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        head_dim=head_dim,
+        num_kv_heads=int(_require(d, "num_key_value_heads", schema)),
+        intermediate_size=int(_require(d, "intermediate_size", schema)),
+        num_experts=int(_require(d, "num_local_experts", schema)),
+        num_experts_per_tok=int(_require(d, "num_experts_per_tok", schema)),
+        max_position_embeddings=int(_require(d, "max_position_embeddings", schema)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        lightning_norm_eps=float(d.get(_EXTRA_LNORM_KEY, _DEFAULT_LIGHTNING_NORM_EPS)),
+        slope_formula=d.get(_EXTRA_SLOPE_KEY, schema),
+        hidden_act=d.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        router_jitter_noise=float(d.get("router_jitter_noise", 0.0)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=d.get("pad_token_id"),
+        schema=schema,
+        architecture=arch,
+    )
+    return ModelConfig(**fields)
+
+
+def _remote_fields(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    attn = _require(d, "attn_type_list", "remote")
+    if len(attn) != num_layers:
+        raise ValueError(
+            f"'attn_type_list' has {len(attn)} entries but 'num_hidden_layers' is {num_layers}"
+        )
+    if any(a not in (0, 1) for a in attn):
+        raise ValueError(f"'attn_type_list' values must be 0 (lightning) or 1 (softmax): {attn}")
+    layer_types = tuple(FULL if a == 1 else LINEAR for a in attn)
+    if d.get("layer_types") is not None and tuple(d["layer_types"]) != layer_types:
+        raise ValueError("'layer_types' contradicts 'attn_type_list': keep only one of them")
+    postnorm = _require(d, "postnorm", "remote")
+    if not isinstance(postnorm, bool):
+        raise ValueError(f"'postnorm' must be true or false, got {postnorm!r}")
+    fields: dict[str, Any] = {
+        "layer_types": layer_types,
+        "postnorm": postnorm,
+        "rope_theta": float(_require(d, "rope_theta", "remote")),
+        "rotary_dim": int(_require(d, "rotary_dim", "remote")),
+        "block_size": int(d.get("block_size", _DEFAULT_BLOCK_SIZE)),
+    }
+    for ours, remote, _ in _MIXES:
+        for ab in ("alpha", "beta"):
+            fields[f"{ours}_{ab}"] = float(_require(d, f"layernorm_{remote}_{ab}", "remote"))
+    return fields
+
+
+def _native_fields(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    layer_types = tuple(_require(d, "layer_types", "native"))
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"'layer_types' has {len(layer_types)} entries but 'num_hidden_layers' is {num_layers}"
+        )
+    bad = sorted({t for t in layer_types if t not in LAYER_TYPES})
+    if bad:
+        raise ValueError(f"'layer_types' contains {bad}: entries must be one of {LAYER_TYPES}")
+    if (
+        d.get("attn_type_list") is not None
+        and tuple(FULL if a == 1 else LINEAR for a in d["attn_type_list"]) != layer_types
+    ):
+        raise ValueError("'attn_type_list' contradicts 'layer_types': keep only one of them")
+    if d.get("postnorm") is False:
+        raise ValueError(
+            "'postnorm' is false in a native config: transformers' minimax is always postnorm; "
+            "use the remote schema for a pre-norm model"
+        )
+    rope_theta, rotary_dim = _native_rope(d)
+    fields: dict[str, Any] = {
+        "layer_types": layer_types,
+        "postnorm": True,
+        "rope_theta": rope_theta,
+        "rotary_dim": rotary_dim,
+        "block_size": int(d.get("block_size", _DEFAULT_BLOCK_SIZE)),
+    }
+    for ours, _, native in _MIXES:
+        for ab in ("alpha", "beta"):
+            fields[f"{ours}_{ab}"] = float(_require(d, f"{native}_{ab}_factor", "native"))
+    return fields
+
+
+def _native_rope(d: Mapping[str, Any]) -> tuple[float, int | None]:
+    """(rope_theta, rotary_dim or None for full RoPE) of a native config.
+
+    Accepts transformers-5 ``rope_parameters`` and the older top-level ``rope_theta``; a
+    top-level ``rotary_dim`` (kept by the ``-hf`` conversions of the remote configs) is honoured,
+    and must agree with ``partial_rotary_factor`` when both are present.
+    """
+    rope = d.get("rope_parameters")
+    theta = d.get("rope_theta")
+    factor = None
+    if rope is not None:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"'rope_parameters' rope_type {rope_type!r} is not supported: use 'default'"
+            )
+        if rope.get("rope_theta") is None:
+            raise ValueError("'rope_parameters' has no 'rope_theta'")
+        if theta is not None and float(theta) != float(rope["rope_theta"]):
+            raise ValueError(
+                f"'rope_theta' ({theta}) contradicts 'rope_parameters.rope_theta' "
+                f"({rope['rope_theta']}): keep only one"
+            )
+        theta = rope["rope_theta"]
+        factor = rope.get("partial_rotary_factor")
+    if theta is None:
+        raise ValueError("native MiniMax config is missing 'rope_parameters' (or 'rope_theta')")
+    hidden, heads = d.get("hidden_size"), d.get("num_attention_heads")
+    head_dim = d.get("head_dim") or (hidden // heads if hidden and heads else None)
+    rotary_dim = d.get("rotary_dim")
+    if factor is not None and head_dim is not None:
+        from_factor = head_dim * float(factor)
+        if abs(from_factor - round(from_factor)) > 1e-6:
+            raise ValueError(
+                f"'partial_rotary_factor' {factor} times head_dim {head_dim} is not an integer"
+            )
+        if rotary_dim is not None and int(rotary_dim) != round(from_factor):
+            raise ValueError(
+                f"'rotary_dim' ({rotary_dim}) contradicts 'partial_rotary_factor' ({factor}) "
+                f"x head_dim ({head_dim}): keep only one"
+            )
+        rotary_dim = round(from_factor)
+    return float(theta), None if rotary_dim is None else int(rotary_dim)
