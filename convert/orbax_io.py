@@ -345,3 +345,33 @@ def restore(
             node = node[str(k)]
         out[path] = node
     return out
+
+
+def check_stored_leaves(
+    reader: LeafReader, expected: Mapping, where: str, *, float_dtypes: bool = False
+) -> None:
+    """Stored leaves must be exactly ``expected`` ({leaf path: ShapeDtypeStruct}): every leaf
+    named once and shapes equal; with ``float_dtypes`` also floating-point storage.
+
+    Raises ``convert.mapping.CheckpointMismatchError`` listing every problem.
+    """
+    from convert import mapping
+
+    stored = reader.leaves
+    problems = {
+        "unknown leaves": [leaf_key(p) for p in stored if p not in expected],
+        "missing leaves": [leaf_key(p) for p in expected if p not in stored],
+        "wrong shapes": [
+            f"{leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
+            for p, s in expected.items()
+            if p in stored and stored[p][0] != tuple(s.shape)
+        ],
+    }
+    if float_dtypes:
+        problems["wrong dtypes"] = [
+            f"{leaf_key(p)}: {d}"
+            for p, (_, d) in stored.items()
+            if not np.issubdtype(d, np.floating) and d.kind != "V"
+        ]
+    if any(problems.values()):
+        raise mapping.CheckpointMismatchError(where, problems)

@@ -54,23 +54,7 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors fil
 def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -> None:
     """Stored leaves must be exactly our layout for ``config`` (shapes; float dtypes)."""
     expected = mapping.flatten(mapping.expected_leaf_shapes(config))
-    stored = reader.leaves
-    problems = {
-        "unknown leaves": [orbax_io.leaf_key(p) for p in stored if p not in expected],
-        "missing leaves": [orbax_io.leaf_key(p) for p in expected if p not in stored],
-        "wrong shapes": [
-            f"{orbax_io.leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
-            for p, s in expected.items()
-            if p in stored and stored[p][0] != tuple(s.shape)
-        ],
-        "wrong dtypes": [
-            f"{orbax_io.leaf_key(p)}: {d}"
-            for p, (_, d) in stored.items()
-            if not np.issubdtype(d, np.floating) and d.kind != "V"
-        ],
-    }
-    if any(problems.values()):
-        raise mapping.CheckpointMismatchError(where, problems)
+    orbax_io.check_stored_leaves(reader, expected, where, float_dtypes=True)
 
 
 def hf_tensors(

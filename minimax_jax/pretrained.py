@@ -193,18 +193,7 @@ def load_orbax_state(
     """
     reader = orbax_io.LeafReader(path)
     expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
-    stored = reader.leaves
-    problems = {
-        "unknown leaves": [orbax_io.leaf_key(p) for p in stored if p not in expected],
-        "missing leaves": [orbax_io.leaf_key(p) for p in expected if p not in stored],
-        "wrong shapes": [
-            f"{orbax_io.leaf_key(p)}: {list(stored[p][0])}, expected {list(s.shape)}"
-            for p, s in expected.items()
-            if p in stored and stored[p][0] != tuple(s.shape)
-        ],
-    }
-    if any(problems.values()):
-        raise mapping.CheckpointMismatchError(str(path), problems)
+    orbax_io.check_stored_leaves(reader, expected, str(path))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {
         p: jax.ShapeDtypeStruct(

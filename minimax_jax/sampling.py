@@ -240,7 +240,7 @@ def _as_batch(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
-def _eos_array(eos_token_id) -> jax.Array:
+def eos_ids(eos_token_id) -> jax.Array:
     if eos_token_id is None:
         return jnp.asarray([-1], jnp.int32)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -280,7 +280,7 @@ def generate(
     key, sub = jax.random.split(key)
     first = sample_token(logits, sub, sp)
     out, _ = engine._loop(
-        engine.params, cache, first, key, max_new_tokens, sp, _eos_array(eos_token_id)
+        engine.params, cache, first, key, max_new_tokens, sp, eos_ids(eos_token_id)
     )
     return np.asarray(out)
 
@@ -318,7 +318,7 @@ def stream_after_prefill(
 ) -> Iterator[np.ndarray]:
     """Decode one jitted step at a time from prefill logits [B,V] and its cache, yielding each
     step's tokens [B]; rows that finished repeat eos; stops when every row is done."""
-    eos = np.asarray(_eos_array(eos_token_id))
+    eos = np.asarray(eos_ids(eos_token_id))
     key, sub = jax.random.split(jax.random.key(seed))
     tok = sample_token(logits, sub, sampling)
     done = np.zeros(logits.shape[0], bool)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minimax_jax import sampling
 from minimax_jax.config import ModelConfig
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.nn.layers import param
@@ -362,18 +363,11 @@ def generate_vl(
     )
     steps = list(stream)
     out = np.stack(steps, axis=1)
-    eos = sampling_eos(eos_token_id)
+    eos = int(sampling.eos_ids(eos_token_id)[0])
     if out.shape[1] < max_new_tokens:  # every row stopped: fill with eos as sampling does
         fill = np.full((out.shape[0], max_new_tokens - out.shape[1]), eos, np.int32)
         out = np.concatenate([out, fill], axis=1)
     return out.astype(np.int32)
-
-
-def sampling_eos(eos_token_id) -> int:
-    """The id written after eos (the first one when several), -1 when there is none."""
-    if eos_token_id is None:
-        return -1
-    return int(eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id)[0])
 
 
 def generate_vl_stream(
@@ -393,8 +387,6 @@ def generate_vl_stream(
     compute_dtype: Any = None,
 ):
     """Yields each step's tokens [B] (rows that finished repeat eos); stops when all are done."""
-    from minimax_jax import sampling
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sp = sampling.SamplingParams(temperature, top_k, top_p)

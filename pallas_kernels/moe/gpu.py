@@ -16,6 +16,8 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe.padding import mask_rows, pad_to
+
 try:  # present in JAX >= 0.6 as example kernels; their signatures move between versions
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _rd
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as _trd
@@ -53,21 +55,6 @@ TGMM_BLOCKS = BlockSizes(block_m=128, block_n=128, block_k=64, max_concurrent_st
                          grid_block_n=1)  # fmt: skip
 
 
-def _pad_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
-    extra = -a.shape[axis] % multiple
-    if not extra:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(a, widths)
-
-
-def _mask_rows(y: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Zero rows past sum(group_sizes) (the kernel leaves them unwritten)."""
-    rows = jnp.arange(y.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
-
-
 def gmm(
     x: jax.Array,
     w: jax.Array,
@@ -88,8 +75,8 @@ def gmm(
     w = w.astype(x.dtype)
     m, n = x.shape[0], (w.shape[1] if transpose_rhs else w.shape[2])
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
-    xp = _pad_to(_pad_to(x, 1, blocks.block_k), 0, blocks.block_m)
-    wp = _pad_to(_pad_to(w, k_axis, blocks.block_k), n_axis, blocks.block_n * blocks.grid_block_n)
+    xp = pad_to(pad_to(x, 1, blocks.block_k), 0, blocks.block_m)
+    wp = pad_to(pad_to(w, k_axis, blocks.block_k), n_axis, blocks.block_n * blocks.grid_block_n)
     kwargs = dict(
         group_sizes=group_sizes.astype(jnp.int32),
         block_m=blocks.block_m,
@@ -101,7 +88,7 @@ def gmm(
     if transpose_rhs:
         kwargs["transpose_rhs"] = True
     y = _rd.ragged_dot(xp, wp, **kwargs)
-    return _mask_rows(y[:m, :n], group_sizes)
+    return mask_rows(y[:m, :n], group_sizes)
 
 
 def tgmm(
@@ -113,8 +100,8 @@ def tgmm(
         raise RuntimeError("this JAX has no transposed_ragged_dot_mgpu")
     k, n = x.shape[1], dy.shape[1]
     # Rows past sum(group_sizes) may hold anything: zero them so padding blocks add nothing.
-    xp = _pad_to(_pad_to(_mask_rows(x, group_sizes), 0, blocks.block_k), 1, blocks.block_m)
-    dyp = _pad_to(_pad_to(_mask_rows(dy.astype(x.dtype), group_sizes), 0, blocks.block_k),
+    xp = pad_to(pad_to(mask_rows(x, group_sizes), 0, blocks.block_k), 1, blocks.block_m)
+    dyp = pad_to(pad_to(mask_rows(dy.astype(x.dtype), group_sizes), 0, blocks.block_k),
                   1, blocks.block_n * blocks.grid_block_n)  # fmt: skip
     out = _trd.transposed_ragged_dot(
         xp,

@@ -6,8 +6,9 @@ sum(group_sizes) are masked to zero to keep the `api.grouped_matmul` contract.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from pallas_kernels.moe.padding import mask_rows, pad_to
 
 try:
     from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as _gmm
@@ -21,20 +22,6 @@ except ImportError:  # pragma: no cover - depends on the installed JAX
 TILE = 128
 
 
-def _pad_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
-    extra = -a.shape[axis] % multiple
-    if not extra:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(a, widths)
-
-
-def _mask_rows(y: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    rows = jnp.arange(y.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
-
-
 def gmm(x, w, group_sizes, *, transpose_rhs: bool = False, interpret: bool = False):
     """x [M,K], w [E,K,N] (or [E,N,K] with transpose_rhs) -> [M,N] in x's dtype."""
     if not AVAILABLE:
@@ -42,12 +29,12 @@ def gmm(x, w, group_sizes, *, transpose_rhs: bool = False, interpret: bool = Fal
     m = x.shape[0]
     n = w.shape[1] if transpose_rhs else w.shape[2]
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
-    xp = _pad_to(_pad_to(x, 1, TILE), 0, TILE)
-    wp = _pad_to(_pad_to(w.astype(x.dtype), k_axis, TILE), n_axis, TILE)
+    xp = pad_to(pad_to(x, 1, TILE), 0, TILE)
+    wp = pad_to(pad_to(w.astype(x.dtype), k_axis, TILE), n_axis, TILE)
     tm = min(TILE, xp.shape[0])
     y = _gmm(xp, wp, group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
              tiling=(tm, TILE, TILE), transpose_rhs=transpose_rhs, interpret=interpret)  # fmt: skip
-    return _mask_rows(y[:m, :n], group_sizes)
+    return mask_rows(y[:m, :n], group_sizes)
 
 
 def tgmm(x, dy, group_sizes, *, interpret: bool = False):
@@ -55,8 +42,8 @@ def tgmm(x, dy, group_sizes, *, interpret: bool = False):
     if not AVAILABLE:
         raise RuntimeError("this JAX has no megablox tgmm")
     k, n = x.shape[1], dy.shape[1]
-    xp = _pad_to(_pad_to(_mask_rows(x, group_sizes), 0, TILE), 1, TILE)
-    dyp = _pad_to(_pad_to(_mask_rows(dy.astype(x.dtype), group_sizes), 0, TILE), 1, TILE)
+    xp = pad_to(pad_to(mask_rows(x, group_sizes), 0, TILE), 1, TILE)
+    dyp = pad_to(pad_to(mask_rows(dy.astype(x.dtype), group_sizes), 0, TILE), 1, TILE)
     out = _tgmm(xp.T, dyp, group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
                 tiling=(TILE, TILE, TILE), interpret=interpret)  # fmt: skip
     return out[:, :k, :n]
