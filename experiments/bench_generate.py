@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
+from minimax_jax.ops.decoder import RunOptions  # noqa: E402
 from minimax_jax.sampling import Engine, SamplingParams, sample_token  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -83,9 +84,31 @@ def decode_floor_bytes(cfg: ModelConfig, params, batch: int, kv_len: int) -> int
     return int(other + expert * touched + states + kv)
 
 
-def bench_decode(cfg, model, batch, prompt, new, reps, bw, base):
+def parse_variant(name: str) -> dict:
+    """'base' or '+'-joined tokens: syncN (Engine sync_every=N), unroll (RunOptions
+    unroll_blocks), gatherN (RunOptions moe_gather_rows=N)."""
+    kw = {"sync_every": 1, "unroll_blocks": False, "moe_gather_rows": 0}
+    for tok in filter(None, name.split("+")):
+        if tok == "base":
+            continue
+        if tok == "unroll":
+            kw["unroll_blocks"] = True
+        elif tok.startswith("sync"):
+            kw["sync_every"] = int(tok[4:])
+        elif tok.startswith("gather"):
+            kw["moe_gather_rows"] = int(tok[6:])
+        else:
+            raise SystemExit(f"unknown variant token {tok!r} in {name!r}")
+    return kw
+
+
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="base"):
     params = model.pure_params()
-    engine = Engine(cfg, params, prefill_chunk=min(prompt, 2048))
+    kw = parse_variant(variant)
+    opts = RunOptions(unroll_blocks=kw["unroll_blocks"], moe_gather_rows=kw["moe_gather_rows"])
+    engine = Engine(
+        cfg, params, prefill_chunk=min(prompt, 2048), options=opts, sync_every=kw["sync_every"]
+    )
     ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt))
     plan = engine.plan(batch, prompt, new)
     sp, eos = SamplingParams(), jnp.asarray([-1], jnp.int32)
@@ -103,7 +126,8 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, base):
     sec = statistics.median(run() for _ in range(reps))
     step = sec / (new - 1)
     floor = decode_floor_bytes(cfg, params, batch, prompt + new) / bw
-    return base | {"impl": "minimax_jax", "batch": batch, "prompt": prompt, "new_tokens": new,
+    return base | {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
+                   "new_tokens": new, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "tokens_per_s": batch / step, "step_ms": step * 1e3,
                    "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
 
@@ -153,6 +177,8 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prefill", default="16384,32768,65536,131072")
     ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--variants", default="base", help="decode variants, comma-separated "
+                    "(see parse_variant), e.g. base,sync16+unroll,sync16+unroll+gather2")
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128
@@ -172,12 +198,13 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
 
     for b in map(int, args.batches.split(",")):
-        emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base))
+        for v in args.variants.split(","):
+            emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base, v))
         if not args.no_hf:
             emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, base))
     lin_cfg = bench_config(args.tiny, layer_types=lambda n: [LIN] * n)
     lin_model = MiniMaxForCausalLM(lin_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
-    for t in map(int, args.prefill.split(",")):
+    for t in map(int, filter(None, args.prefill.split(","))):
         emit(bench_prefill(cfg, model, t, args.chunk, base, "hybrid"))
         emit(bench_prefill(lin_cfg, lin_model, t, args.chunk, base, "lightning_only"))
 

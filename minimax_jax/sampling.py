@@ -107,9 +107,17 @@ class Engine:
         prefill_chunk: int = 256,
         kv_dtype: Any = None,
         compute_dtype: Any = None,
+        sync_every: int = 1,
     ):
+        """sync_every: decode steps per iteration of the device loop's early-stop check; with
+        more than 1 the steps between checks run as a loop of known trip count (no host round
+        trip per token on GPU), and a stop at eos is noticed up to sync_every - 1 steps late
+        (those steps write eos and do not change the result)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.sync_every = sync_every
         self.config, self.params = config, params
         self.prefill_chunk = prefill_chunk
         self.kv_dtype = kv_dtype or jnp.asarray(params["embed"]).dtype
@@ -197,23 +205,40 @@ class Engine:
         return sample_token(logits, key, sp), logits, cache
 
     def _decode_loop(self, params, cache, first, key, n: int, sp: SamplingParams, eos):
-        """n decode steps in one jitted while_loop; stops early once every row hit eos."""
-        b = first.shape[0]
+        """n decode steps in one jitted loop; stops early once every row hit eos.
+
+        The loop runs chunks of `sync_every` steps (an inner loop of static trip count) and
+        checks for the stop between chunks; the last (n - 1) % sync_every steps run after it
+        unless every row is done.
+        """
+        b, chunk = first.shape[0], self.sync_every
         out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
         done = jnp.isin(first, eos)
 
-        def cond(state):
-            i, _, _, done, _ = state
-            return (i < n) & ~jnp.all(done)
-
-        def body(state):
+        def one(_, state):
             i, cache, out, done, key = state
             key, sub = jax.random.split(key)
             tok, _, cache = self._decode_step(params, cache, out[:, i - 1], sub, sp)
             tok = jnp.where(done, eos[0], tok)
             return i + 1, cache, out.at[:, i].set(tok), done | jnp.isin(tok, eos), key
 
-        i, cache, out, done, _ = jax.lax.while_loop(cond, body, (1, cache, out, done, key))
+        def steps(count, state):
+            if count == 1:
+                return one(0, state)
+            return jax.lax.fori_loop(0, count, one, state)
+
+        full = (n - 1) // chunk * chunk
+
+        def cond(state):
+            i, _, _, done, _ = state
+            return (i < 1 + full) & ~jnp.all(done)
+
+        state = jax.lax.while_loop(cond, functools.partial(steps, chunk), (1, cache, out, done, key))
+        if n - 1 - full:
+            state = jax.lax.cond(
+                jnp.all(state[3]), lambda s: s, functools.partial(steps, n - 1 - full), state
+            )
+        i, cache, out, done, _ = state
         # Rows that stopped (and all rows if the loop ended early) hold eos after their eos.
         pos = jnp.arange(n)[None]
         return jnp.where((pos >= i) & done[:, None], eos[0], out), cache

@@ -8,7 +8,7 @@ import test_model as tm
 
 from minimax_jax import sampling
 from minimax_jax.cache import init_cache
-from minimax_jax.ops.decoder import forward, forward_cached
+from minimax_jax.ops.decoder import RunOptions, forward, forward_cached
 
 TOL = 1e-5
 
@@ -105,6 +105,29 @@ def test_eos_fills_the_rest_and_sampling_is_seeded(tiny_model, engine):
     c = sampling.generate(tiny_model, ids, seed=2, **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_decode_loop_variants_are_exact(tiny_model, engine):
+    """Chunks of steps between stop checks, the unrolled block scan and the gathered-weight MoE
+    give the same tokens (also when eos stops the rows inside a chunk)."""
+    cfg, params = tiny_model.config, tiny_model.pure_params()
+    ids = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 9))
+    greedy = sampling.generate(tiny_model, ids, max_new_tokens=11, engine=engine)
+    eos = int(greedy[0, 5])
+    opts = RunOptions(unroll_blocks=True, moe_gather_rows=4)
+    variants = (
+        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=4),
+        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=3, options=opts),
+    )
+    for rows in (ids, ids[:1]):  # one row: every row stops, inside a chunk
+        for eos_id in (None, eos):
+            kw = dict(max_new_tokens=11, eos_token_id=eos_id)
+            want = sampling.generate(tiny_model, rows, engine=engine, **kw)
+            for variant in variants:
+                got = sampling.generate(tiny_model, rows, engine=variant, **kw)
+                np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="sync_every"):
+        sampling.Engine(cfg, params, sync_every=0)
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

@@ -21,7 +21,7 @@ from minimax_jax.ops.attention import (
     softmax_attention_layer,
 )
 from minimax_jax.ops.lightning import lightning_attention_layer
-from minimax_jax.ops.moe import moe_dense, moe_sorted
+from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
 from minimax_jax.ops.moe_parallel import moe_ep
 from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.rope import rope_tables
@@ -47,6 +47,10 @@ class RunOptions:
     gmm_impl: str = "auto"  # pallas_kernels.moe implementation
     ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
     ep_capacity_factor: float | None = None  # None: dropless EP buffers (see moe_parallel)
+    # "sorted" without a mesh: calls with at most this many token-expert assignments (B*T*k)
+    # use `moe_gather` (decode steps at small batch). 0 = never.
+    moe_gather_rows: int = 0
+    unroll_blocks: bool = False  # unroll the scan over blocks (decode: no loop per layer block)
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense", "ep"):
@@ -110,6 +114,8 @@ def _moe(config, params, v, opts):
                       capacity_factor=opts.ep_capacity_factor)  # fmt: skip
     if opts.moe_impl == "dense":
         y, logits = moe_dense(params, v.reshape(b * t, d), k)
+    elif b * t * k <= opts.moe_gather_rows:
+        y, logits = moe_gather(params, v.reshape(b * t, d), k)
     else:
         y, logits = moe_sorted(params, v.reshape(b * t, d), k, implementation=opts.gmm_impl)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
@@ -178,7 +184,9 @@ def decoder_stack(
         return x, (jnp.stack(logits), new_caches)
 
     scanned = (blocks, slopes.swapaxes(0, 1), caches)
-    x, (logits, new_caches) = jax.lax.scan(_remat(block, opts.remat_policy), x, scanned)
+    x, (logits, new_caches) = jax.lax.scan(
+        _remat(block, opts.remat_policy), x, scanned, unroll=bool(opts.unroll_blocks)
+    )
     nb, p = logits.shape[:2]
     return x, logits.reshape(nb * p, *logits.shape[2:]), new_caches
 

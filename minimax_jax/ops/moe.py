@@ -2,9 +2,10 @@
 
 Einsum letters: M tokens (B*T flattened), D model dim, E experts, F expert FFN dim, A = M*top_k
 token-expert assignments.
-Two paths compute the same thing: `moe_dense` runs every expert on every token (a reference
+Three paths compute the same thing: `moe_dense` runs every expert on every token (a reference
 for tests and tiny models), `moe_sorted` sorts assignments by expert and runs grouped matmuls
-(dropless, `pallas_kernels.moe.grouped_matmul`). The expert-parallel path is in
+(dropless, `pallas_kernels.moe.grouped_matmul`), and `moe_gather` gathers each assignment's
+expert weights (decode-sized batches: only the routed experts' weights are read). The expert-parallel path is in
 `minimax_jax.ops.moe_parallel` and reuses `sort_by_expert`, `expert_ffn` and `combine`.
 `router_aux` turns router logits into the training losses (Switch load balancing, z-loss) and
 the per-expert load.
@@ -132,3 +133,22 @@ def moe_sorted(
     xs = jnp.take(x, token_of, axis=0)  # [A,D]
     ys = expert_ffn(xs, params["wi"], params["wo"], group_sizes, implementation)
     return combine(ys, weights, order, x.shape[0]).astype(x.dtype), logits
+
+
+def moe_gather(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Per-assignment weight gather: x [M,D] -> ([M,D], router logits [M,E]).
+
+    For decode-sized M (a few rows): the grouped-matmul kernels visit a tile of every expert
+    whatever the group sizes, while this reads only the M*k routed experts' weights. Rounding
+    as in `moe_sorted` (expert matmuls in x's dtype with fp32 accumulation, fp32 combine).
+    """
+    m, _ = x.shape
+    weights, experts, logits = route(x, params["router"], top_k)
+    flat = experts.reshape(-1)  # [A], assignment a = token a // k
+    xa = jnp.repeat(x, top_k, axis=0)
+    wi = jnp.take(params["wi"], flat, axis=0).astype(x.dtype)  # [A,D,2,F]
+    h = jnp.einsum("ad,adcf->acf", xa, wi, preferred_element_type=jnp.float32).astype(x.dtype)
+    wo = jnp.take(params["wo"], flat, axis=0).astype(x.dtype)  # [A,F,D]
+    y = jnp.einsum("af,afd->ad", _swiglu(h), wo, preferred_element_type=jnp.float32)
+    y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)
+    return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits
