@@ -85,15 +85,13 @@ def decode_floor_bytes(cfg: ModelConfig, params, batch: int, kv_len: int) -> int
 
 
 def parse_variant(name: str) -> dict:
-    """'base' or '+'-joined tokens: syncN (Engine sync_every=N), unroll (RunOptions
-    unroll_blocks), gatherN (RunOptions moe_gather_rows=N)."""
-    kw = {"sync_every": 1, "unroll_blocks": False, "moe_gather_rows": 0}
+    """'default' (the Engine's defaults) or '+'-joined overrides: syncN (Engine sync_every=N),
+    gatherN (RunOptions moe_gather_rows=N; gather0 = grouped matmuls only)."""
+    kw = {"sync_every": 16, "moe_gather_rows": None}
     for tok in filter(None, name.split("+")):
-        if tok == "base":
+        if tok == "default":
             continue
-        if tok == "unroll":
-            kw["unroll_blocks"] = True
-        elif tok.startswith("sync"):
+        if tok.startswith("sync"):
             kw["sync_every"] = int(tok[4:])
         elif tok.startswith("gather"):
             kw["moe_gather_rows"] = int(tok[6:])
@@ -102,10 +100,10 @@ def parse_variant(name: str) -> dict:
     return kw
 
 
-def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="base"):
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default"):
     params = model.pure_params()
     kw = parse_variant(variant)
-    opts = RunOptions(unroll_blocks=kw["unroll_blocks"], moe_gather_rows=kw["moe_gather_rows"])
+    opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"])
     engine = Engine(
         cfg, params, prefill_chunk=min(prompt, 2048), options=opts, sync_every=kw["sync_every"]
     )
@@ -180,8 +178,8 @@ def main() -> None:
     ap.add_argument("--hybrid_max", type=int, default=65536,
                     help="prefill the hybrid model only up to this length (its softmax layers "
                     "materialise [N,chunk,T] scores); the lightning-only model runs every length")
-    ap.add_argument("--variants", default="base", help="decode variants, comma-separated "
-                    "(see parse_variant), e.g. base,sync16+unroll,sync16+unroll+gather2")
+    ap.add_argument("--variants", default="default", help="decode variants, comma-separated "
+                    "(see parse_variant), e.g. default,sync1+gather0,gather32")
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128

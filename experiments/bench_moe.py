@@ -114,7 +114,8 @@ def gmm_rows(xs, gs, w, impl_names, emit, base, ragged=True):
     a, d = xs.shape
     n = w.shape[2]
     flops = 2.0 * a * d * n
-    dy = jnp.ones((a, n), xs.dtype)
+    # A random cotangent: with ones XLA simplifies dy @ w^T for the dense matmul (column sums).
+    dy = jax.random.normal(jax.random.key(7), (a, n), jnp.float32).astype(xs.dtype)
     fns = {"dense": lambda x, w: jnp.dot(x, w[0])}
     if ragged:
         fns["ragged_dot"] = lambda x, w: jax.lax.ragged_dot(x, w, gs)
@@ -205,28 +206,33 @@ def ep_setup(params, x):
 
 
 def ep_rows(params, x, k, impl, emit, base, single_tflops):
-    """EP=2 layer on 2 devices (global tokens = x's rows), dropless and with capacity 1.25,
-    and the dispatch-only time (route + sort + both all-to-alls + combine)."""
+    """EP=2 layer on 2 devices (global tokens = x's rows) per all-to-all flavour: the padded
+    `all_to_all` ("dense") dropless and with capacity 1.25, and `ragged_all_to_all`; plus the
+    dispatch-only time (route + sort + both all-to-alls + combine, FFN skipped)."""
     mesh, rules, p, x3 = ep_setup(params, x)
     m, d = x.shape
     flops = 6.0 * m * k * d * params["wi"].shape[-1]
-    for cf in (None, 1.25):
+    for dispatch, cf, modes in (("dense", None, ("fwd", "fwd_bwd")),
+                                ("dense", 1.25, ("fwd", "fwd_bwd")),
+                                ("ragged", None, ("fwd",))):  # fmt: skip
 
-        def layer(p, x, cf=cf):
+        def layer(p, x, cf=cf, dispatch=dispatch):
             return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl,
-                                       capacity_factor=cf)[0]  # fmt: skip
+                                       capacity_factor=cf, dispatch=dispatch)[0]  # fmt: skip
 
         fwd = jax.jit(layer)
         bwd = jax.jit(jax.grad(lambda p, x, f=layer: jnp.sum(f(p, x).astype(jnp.float32) ** 2),
                                (0, 1)))  # fmt: skip
         for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
+            if mode not in modes:
+                continue
             ms, err = safe_time(g, p, x3)
             per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
             one = single_tflops.get(mode)
             emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
-                  "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu, "single_gpu_tflops": one,
-                  "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one,
-                  "goal": 0.8, "error": err})  # fmt: skip
+                  "dispatch": dispatch, "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu,
+                  "single_gpu_tflops": one, "goal": 0.8, "error": err,
+                  "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one})  # fmt: skip
         real_ffn = moe_parallel.expert_ffn
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
         try:
@@ -234,7 +240,7 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops):
         finally:
             moe_parallel.expert_ffn = real_ffn
         emit({**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
-              "capacity_factor": cf, "ms": ms, "error": err,
+              "capacity_factor": cf, "dispatch": dispatch, "ms": ms, "error": err,
               "note": "route + sort + 2 all-to-alls + combine, FFN skipped"})  # fmt: skip
 
 
@@ -283,7 +289,7 @@ def main() -> None:
     def emit(row):
         out.write(json.dumps(row) + "\n")
         out.flush()
-        keys = ("what", "impl", "mode", "tokens", "ms", "tflops", "vs_dense", "vs_ragged_dot",
+        keys = ("what", "impl", "dispatch", "capacity_factor", "mode", "tokens", "ms", "tflops", "vs_dense", "vs_ragged_dot",
                 "tflops_per_gpu", "per_gpu_vs_single", "error")  # fmt: skip
         print({kk: row[kk] for kk in keys if row.get(kk) is not None}, flush=True)
 

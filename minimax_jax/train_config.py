@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-from minimax_jax.data import SourceSpec
 
 
 class ConfigError(ValueError):
@@ -160,7 +159,10 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**values)
 
 
-def _source(raw: Any, i: int) -> SourceSpec:
+def _source(raw: Any, i: int):
+    # Imported here: the data pipeline (grain) is not needed to build optimizers/configs.
+    from minimax_jax.data import SourceSpec
+
     keys = {"type", "path", "text_field"}
     if not isinstance(raw, dict) or not {"type", "path"} <= set(raw) or set(raw) - keys:
         raise ConfigError(f"data.sources[{i}] must be a mapping with keys type, path[, text_field]")

@@ -108,17 +108,20 @@ def test_eos_fills_the_rest_and_sampling_is_seeded(tiny_model, engine):
 
 
 def test_decode_loop_variants_are_exact(tiny_model, engine):
-    """Chunks of steps between stop checks, the unrolled block scan and the gathered-weight MoE
-    give the same tokens (also when eos stops the rows inside a chunk)."""
+    """The default engine (16 steps between stop checks, unrolled block scan in decode, the
+    gathered-weight MoE below num_experts assignments) gives the same tokens as one step per
+    check with grouped matmuls only, and as other chunkings (also when eos stops every row
+    inside a chunk)."""
     cfg, params = tiny_model.config, tiny_model.pure_params()
     ids = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 9))
     greedy = sampling.generate(tiny_model, ids, max_new_tokens=11, engine=engine)
     eos = int(greedy[0, 5])
-    opts = RunOptions(unroll_blocks=True, moe_gather_rows=4)
     variants = (
-        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=4),
-        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=3, options=opts),
-    )
+        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=1,
+                        options=RunOptions(moe_gather_rows=0)),
+        sampling.Engine(cfg, params, prefill_chunk=16, sync_every=3,
+                        options=RunOptions(moe_gather_rows=4)),
+    )  # fmt: skip
     for rows in (ids, ids[:1]):  # one row: every row stops, inside a chunk
         for eos_id in (None, eos):
             kw = dict(max_new_tokens=11, eos_token_id=eos_id)
