@@ -91,6 +91,31 @@ def moe_dense(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Ar
     return jnp.einsum("med,me->md", y, combine_w).astype(x.dtype), logits
 
 
+@jax.custom_vjp
+def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x[perm] for a permutation perm of x's rows (inverse = its inverse permutation).
+
+    The gradient is the inverse gather g[inverse]: no scatter-add (bf16 atomics on GPU).
+    """
+    return jnp.take(x, perm, axis=0)
+
+
+def _permute_fwd(x, perm, inverse):
+    return jnp.take(x, perm, axis=0), inverse
+
+
+def _permute_bwd(inverse, g):
+    return jnp.take(g, inverse, axis=0), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """inv with inv[perm[i]] = i (perm [N] int32)."""
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """experts [M,k] int32 -> (order [A], token_of [A], group_sizes [E] int32).
 
@@ -117,10 +142,20 @@ def expert_ffn(
 
 
 def combine(ys: jax.Array, weights: jax.Array, order: jax.Array, m: int) -> jax.Array:
-    """Sorted expert outputs ys [A,D] -> weighted sum per token [M,D] fp32 (unsort + combine)."""
-    token_of = order // weights.shape[1]
-    y = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jax.ops.segment_sum(y, token_of, num_segments=m)
+    """Sorted expert outputs ys [A,D] -> weighted sum per token [M,D] fp32 (unsort + combine).
+
+    order [A] is the sort permutation of the M*k assignments (`sort_by_expert`); unsorting is a
+    gather (and so is its gradient), the combine a sum over each token's k slots.
+    """
+    k = weights.shape[1]
+    y = permute_rows(ys, inverse_permutation(order), order).astype(jnp.float32)
+    return jnp.sum(y.reshape(m, k, -1) * weights[..., None], axis=1)
+
+
+def dispatch(x: jax.Array, order: jax.Array, top_k: int) -> jax.Array:
+    """Tokens x [M,D] -> their rows sorted by expert [A,D] (row a is token order[a] // k)."""
+    rows = jnp.repeat(x, top_k, axis=0, total_repeat_length=x.shape[0] * top_k)
+    return permute_rows(rows, order, inverse_permutation(order))
 
 
 def moe_sorted(
@@ -129,8 +164,8 @@ def moe_sorted(
     """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E])."""
     e = params["wi"].shape[0]
     weights, experts, logits = route(x, params["router"], top_k)
-    order, token_of, group_sizes = sort_by_expert(experts, e)
-    xs = jnp.take(x, token_of, axis=0)  # [A,D]
+    order, _, group_sizes = sort_by_expert(experts, e)
+    xs = dispatch(x, order, top_k)  # [A,D]
     ys = expert_ffn(xs, params["wi"], params["wo"], group_sizes, implementation)
     return combine(ys, weights, order, x.shape[0]).astype(x.dtype), logits
 

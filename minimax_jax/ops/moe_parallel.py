@@ -32,7 +32,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from minimax_jax.ops.moe import combine, expert_ffn, route, sort_by_expert
+from minimax_jax.ops.moe import (
+    combine,
+    dispatch as dispatch_rows,
+    expert_ffn,
+    inverse_permutation,
+    permute_rows,
+    route,
+    sort_by_expert,
+)
 from pallas_kernels.moe.api import match_vma
 
 DISPATCHES = ("auto", "ragged", "dense")
@@ -111,9 +119,10 @@ def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
     buf = match_vma(jnp.zeros((capacity, xs.shape[1]), xs.dtype), xs)
     chunk = min(a, capacity)
     got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk)
-    order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True)
-    ys = expert_ffn(got[order], wi, wo, jnp.sum(recv_gs, axis=0), impl)
-    ys = jnp.zeros_like(ys).at[order].set(ys)  # back to arrival order
+    order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True).astype(jnp.int32)
+    inv = inverse_permutation(order)
+    ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl)
+    ys = permute_rows(ys, inv, order)  # back to arrival order
     back_off = _exclusive_cumsum(full, axis=1)[:, me]  # where each source keeps my experts' rows
     out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
     return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=chunk)
@@ -136,8 +145,8 @@ def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, 
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     weights, experts, logits = route(xf, router, top_k)
-    order, token_of, gs = sort_by_expert(experts, router.shape[1])
-    xs = jnp.take(xf, token_of, axis=0)  # [A,D] sorted by expert
+    order, _, gs = sort_by_expert(experts, router.shape[1])
+    xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert
     if mode == "local":
         ys = expert_ffn(xs, wi, wo, gs, impl)
     elif mode == "a2a":
