@@ -179,7 +179,7 @@ def main() -> None:
                     help="prefill the hybrid model only up to this length (its softmax layers "
                     "materialise [N,chunk,T] scores); the lightning-only model runs every length")
     ap.add_argument("--variants", default="default", help="decode variants, comma-separated "
-                    "(see parse_variant), e.g. default,sync1+gather0,gather32")
+                    "(see parse_variant), e.g. default,sync1+gather0,16:gather32 (B: that batch only)")
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128
@@ -200,6 +200,9 @@ def main() -> None:
 
     for b in map(int, args.batches.split(",")):
         for v in args.variants.split(","):
+            only, _, v = v.rpartition(":")  # "16:gather32": batch 16 only
+            if only and int(only) != b:
+                continue
             emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base, v))
         if not args.no_hf:
             emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, base))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One command on one H200 (< 10 min): decode at batch 1 and 16 (+ transformers) and prefill
+# scaling, the training-step MFU benchmark, the vision tower. Results and logs under $OUT.
+#   bash experiments/gpu/round2_h200.sh
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+DEADLINE=${DEADLINE:-570}
+t0=$SECONDS
+cap() {
+  local left=$((DEADLINE - (SECONDS - t0)))
+  ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
+}
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  timeout -k 5 "$(cap 250)" python3 experiments/bench_generate.py \
+    --out "$OUT/bench_generate.jsonl" --new_tokens 64 --prefill 16384,131072 --chunk 4096 \
+    --variants default,16:gather32
+  echo "[generate] done at $((SECONDS - t0)) s"
+} > "$OUT/generate.log" 2>&1
+{
+  timeout -k 5 "$(cap 180)" python3 experiments/bench_train.py --out "$OUT/bench_train.jsonl" \
+    --reps 3
+  echo "[train] done at $((SECONDS - t0)) s"
+} > "$OUT/train.log" 2>&1
+{
+  timeout -k 5 "$(cap 120)" python3 experiments/bench_vision.py --out "$OUT/bench_vision.jsonl"
+  echo "[vision] done at $((SECONDS - t0)) s"
+} > "$OUT/vision.log" 2>&1
+echo "all done at $((SECONDS - t0)) s"
+tail -n 3 "$OUT"/*.log
