@@ -6,18 +6,35 @@
 Issue 8: one 1920x1080 image (synthetic, through our MiniMaxVLProcessor: 18 tiles + thumbnail =
 19 tiles of 336x336) at full size (VisionConfig of configs/vl/minimax-vl-01.json: CLIP ViT-L/14 at
 336, 24 layers, hidden 1024; projector 1024 -> 6144 -> 6144), bf16 random weights. Rows (JSON
-lines, with device and versions):
+lines, with device and versions), most important first (rows are written as measured, and a
+driver's time cap may cut the tail):
 - transformers: `CLIPVisionModel` (SDPA attention when available; `attn` says which), features =
   last_hidden_state without CLS, then a torch projector (Linear, GELU, Linear), our weights copied
-  in through `convert.vl_mapping.export_vision`; pixels already on the GPU;
-- minimax_jax.encode_tiles: the path the model runs (host float32 pixels in, tile batch padded to
-  a multiple of TILE_BUCKET, i.e. 24 tiles, one jitted call); plus the same jitted function on
-  device-resident pixels, padded (24) and exact (19), to split transfer and padding costs.
+  in through `convert.vl_mapping.export_vision`; pixels already on the GPU (bf16);
+- `minimax_jax.encode_tiles[host pixels]`: the path the model runs: host float32 pixels cast to
+  bf16 on the host, exact tile count (19), `attention_impl="auto"` (the row's `attn` is what it
+  resolved to; `attention_failures` lists the fused kernels that failed here and why);
+- `minimax_jax._encode_tiles[device pixels, 19 tiles, attn=pallas]` / `attn=cudnn]`: the jitted
+  tower + projector on device-resident bf16 pixels (like torch's), with the Pallas flash kernel
+  and with cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`), the
+  one "auto" resolved to first;
+- attention alone (q, k, v [19, 577, 16, 64] bf16, applied 24 times in a row: the tower's whole
+  attention): `torch.sdpa[attention only]`, then `minimax_jax.vision.attention[xla]`, `[pallas
+  bqX bkY wW sS]` (four block / warp / stage configs of the Pallas kernel; the first is the
+  default) and `[cudnn]`; `max_rel_diff_vs_fp32` of one application against fp32 XLA;
+- `minimax_jax._encode_tiles[device pixels, 19 tiles]` (`attn=xla`: run r1's attention, the
+  materialised logits; run r1's row name), `minimax_jax.encode_tiles[host pixels, float32
+  transfer]` (float32 sent, cast on the device), `..._encode_tiles[device pixels, 24 tiles]`
+  (`attn=xla`, padded to 24 as TILE_BUCKET=8 did: run r1's row);
+- `..._encode_tiles[device pixels, 19 tiles, unrolled, attn=X]`: the auto-resolved attention with
+  the 24 layers unrolled instead of scanned (last: the slowest compile).
+A row that fails (e.g. cuDNN without execution plans on CUDA 13) is written with `error`.
 ms = median of --reps timed calls after warm-up, synchronised; ratio = transformers ms / ours (goal
 >= 1); max_rel_diff = max|ours - theirs| / max|theirs| over the projected features [19, 576, E]
 (mean_rel_diff: the same with means; diff_ok: max_rel_diff < 5e-2 in bf16, 1e-4 in fp32; a full-size
 bf16 tile gave 2.4e-2 on CPU). The run exits after --budget_s (rows already written are kept).
---small: a tiny tower (same image and tiles) in float32, for a CPU smoke run.
+--small: a tiny tower (same image and tiles) in float32, for a CPU smoke run (the fused kernels
+are then run as on CPU: Pallas in interpret mode, cuDNN failing with "not detected").
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from convert import vl_mapping  # noqa: E402
-from minimax_jax import vl_model  # noqa: E402
+from minimax_jax import vision, vl_model  # noqa: E402
 from minimax_jax.config import ModelConfig  # noqa: E402
 from minimax_jax.processor import MiniMaxVLProcessor  # noqa: E402
 from minimax_jax.vision import Projector, VisionConfig, VisionTower, VLConfig  # noqa: E402
@@ -150,7 +167,14 @@ def main() -> None:
     tdtype = torch.float32 if args.small else torch.bfloat16
     cfg = bench_config(args.small)
     v = cfg.vision
+    try:  # cuDNN's version as JAX sees it (None without the CUDA plugin)
+        from jax._src.lib import cuda_versions
+
+        cudnn = cuda_versions.cudnn_get_version() if cuda_versions else None
+    except Exception:  # noqa: BLE001
+        cudnn = None
     base = {"bench": "vision", "device": dev.device_kind, "platform": dev.platform,
+            "cudnn": cudnn,
             "torch_device": torch.cuda.get_device_name() if tdev == "cuda" else "cpu",
             "jax": jax.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "dtype": jnp.dtype(dtype).name,
@@ -181,30 +205,112 @@ def main() -> None:
     emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector", "attn": attn,
                  "ms": t_sec * 1e3, "tiles_per_s": EXPECTED_TILES / t_sec})  # fmt: skip
 
-    def ours_row(impl, fn, tiles_run):
-        feats = np.asarray(jax.device_get(fn()), np.float32)[:EXPECTED_TILES]
-        sec = timed(lambda: jax.block_until_ready(fn()), args.reps)
+    def ours_row(impl, fn, tiles_run, attn, **extra):
+        row = base | {"impl": impl, "attn": attn, "tiles_run": tiles_run, **extra}
+        try:
+            feats = np.asarray(jax.device_get(fn()), np.float32)[:EXPECTED_TILES]
+            sec = timed(lambda: jax.block_until_ready(fn()), args.reps)
+        except Exception as err:  # noqa: BLE001 - report and go on to the next row
+            emit(row | {"error": f"{type(err).__name__}: {err}"[:1500],
+                        "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
+            return
         diff, mean_diff = rel_diff(feats, theirs)
-        emit(base | {"impl": impl, "tiles_run": tiles_run, "ms": sec * 1e3,
-                     "tiles_per_s": EXPECTED_TILES / sec, "ratio": t_sec / sec,
-                     "max_rel_diff": diff, "mean_rel_diff": mean_diff,
-                     "diff_ok": diff < (1e-4 if args.small else 5e-2),
-                     "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
+        emit(row | {"ms": sec * 1e3, "tiles_per_s": EXPECTED_TILES / sec, "ratio": t_sec / sec,
+                    "max_rel_diff": diff, "mean_rel_diff": mean_diff,
+                    "diff_ok": diff < (1e-4 if args.small else 5e-2),
+                    "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
 
-    pad = min(32, -(-EXPECTED_TILES // vl_model.TILE_BUCKET) * vl_model.TILE_BUCKET)
-    ours_row(
-        "minimax_jax.encode_tiles[host pixels]",
-        lambda: vl_model.encode_tiles(v, params, pixels),
-        pad,
-    )
     tower_p, proj_p = params["vision_tower"], params["projector"]
-    for n in (pad, EXPECTED_TILES):
-        dpix = jax.device_put(np.pad(pixels, ((0, n - EXPECTED_TILES), (0, 0), (0, 0), (0, 0))))
-        ours_row(
-            f"minimax_jax._encode_tiles[device pixels, {n} tiles]",
-            lambda x=dpix: vl_model._encode_tiles(v, tower_p, proj_p, x, None),  # noqa: SLF001
-            n,
+    old_pad = min(32, -(-EXPECTED_TILES // 8) * 8)  # TILE_BUCKET was 8: 24 tiles
+
+    def device_row(n, attn, unroll=1, name=None):
+        dpix = jax.device_put(
+            np.pad(pixels, ((0, n - EXPECTED_TILES), (0, 0), (0, 0), (0, 0))).astype(dtype)
         )
+        fn = lambda: vl_model._encode_tiles(v, tower_p, proj_p, dpix, None, attn, unroll)  # noqa: E731,SLF001
+        ours_row(name or f"minimax_jax._encode_tiles[device pixels, {n} tiles]", fn, n, attn,
+                 unroll=unroll)  # fmt: skip
+
+    def fused_name(attn, unrolled=False):
+        return (f"minimax_jax._encode_tiles[device pixels, {EXPECTED_TILES} tiles, "
+                f"{'unrolled, ' if unrolled else ''}attn={attn}]")  # fmt: skip
+
+    def host_row(name, **kw):
+        fn = lambda: vl_model.encode_tiles(v, params, pixels, **kw)  # noqa: E731
+        try:
+            fn()  # resolves "auto" (and records failed kernels) before the row is labelled
+        except Exception:  # noqa: BLE001 - ours_row reports it
+            pass
+        failures = {k[-1]: msg[:300] for k, msg in vl_model._ATTENTION_FAILED.items()}  # noqa: SLF001
+        attn = vl_model.resolved_attention_impl(v, params)
+        ours_row(name, fn, EXPECTED_TILES, attn, tile_bucket=vl_model.TILE_BUCKET,
+                 attention_failures=failures, **kw)  # fmt: skip
+        return attn
+
+    # Most important first (the driver may cut the run short): the model's path, then the same
+    # jitted call on device pixels for each fused attention (the resolved one first).
+    auto = host_row("minimax_jax.encode_tiles[host pixels]")
+    for attn in sorted(("pallas", "cudnn"), key=lambda a: a != auto):
+        device_row(EXPECTED_TILES, attn, name=fused_name(attn))
+    # Attention alone: one layer's q, k, v [19, 577, 16, 64] (bf16), run num_layers times in a row
+    # (ms = the tower's whole attention); torch SDPA first, then ours with cuDNN last.
+    rs = np.random.RandomState(1)
+    shape = (EXPECTED_TILES, v.num_patches + 1, v.num_heads, v.head_dim)
+    qkv32 = [jnp.asarray(rs.randn(*shape), jnp.float32) for _ in range(3)]
+    with jax.default_matmul_precision("highest"):
+        ref_o = np.asarray(vision.attention(*qkv32, "xla"))  # fp32, one application
+    qkv = [t.astype(dtype) for t in qkv32]
+    att_base = base | {"shape_bsnh": list(shape), "layers": v.num_layers}
+    try:
+        tq, tk, tv = (torch.from_numpy(np.array(t, np.float32)).to(tdev, tdtype)
+                      .transpose(1, 2).contiguous() for t in qkv32)  # fmt: skip
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def torch_att():
+            with torch.inference_mode():
+                o = tq
+                for _ in range(v.num_layers):
+                    o = sdpa(o, tk, tv)
+            if tdev == "cuda":
+                torch.cuda.synchronize()
+            return o
+
+        sec = timed(torch_att, args.reps)
+        emit(att_base | {"impl": "torch.sdpa[attention only]", "ms": sec * 1e3})
+        t_att = sec
+    except Exception as err:  # noqa: BLE001
+        emit(att_base | {"impl": "torch.sdpa[attention only]", "error": repr(err)[:1500]})
+        t_att = None
+
+    def attention_row(label, fn1):
+        chain = jax.jit(lambda q, k, w: jax.lax.fori_loop(
+            0, v.num_layers, lambda i, o: fn1(o, k, w), q))  # fmt: skip
+        row = att_base | {"impl": f"minimax_jax.vision.attention[{label}]"}
+        try:
+            one = np.asarray(jax.jit(fn1)(*qkv), np.float32)
+            sec = timed(lambda: jax.block_until_ready(chain(*qkv)), args.reps)
+        except Exception as err:  # noqa: BLE001
+            emit(row | {"error": f"{type(err).__name__}: {err}"[:1500]})
+            return
+        diff = float(np.abs(one - ref_o).max() / np.abs(ref_o).max())
+        emit(row | {"ms": sec * 1e3, "ratio": (t_att / sec) if t_att else None,
+                    "max_rel_diff_vs_fp32": diff})  # fmt: skip
+
+    attention_row("xla", lambda q, k, w: vision.attention(q, k, w, "xla"))
+    for bq, bk, warps, stages in ((128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2),
+                                  (128, 128, 8, 2)):  # fmt: skip
+        attention_row(
+            f"pallas bq{bq} bk{bk} w{warps} s{stages}",
+            lambda q, k, w, c=(bq, bk, warps, stages): vision.flash_attention_pallas(
+                q, k, w, scale=v.head_dim**-0.5, block_q=c[0], block_k=c[1], num_warps=c[2],
+                num_stages=c[3]),
+        )  # fmt: skip
+    attention_row("cudnn", lambda q, k, w: vision.attention(q, k, w, "cudnn"))
+
+    device_row(EXPECTED_TILES, "xla")  # run r1's row (its attention), exact tile count
+    host_row("minimax_jax.encode_tiles[host pixels, float32 transfer]", cast_on_host=False)
+    device_row(old_pad, "xla")  # run r1's row, padded as TILE_BUCKET=8 did
+    device_row(EXPECTED_TILES, auto, unroll=True, name=fused_name(auto, True))  # slowest compile
     faulthandler.cancel_dump_traceback_later()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,23 @@ from minimax_jax.nn.layers import param
 from minimax_jax.ops import decoder
 from minimax_jax.ops.decoder import RunOptions
 from minimax_jax.processor import MiniMaxVLProcessor
-from minimax_jax.vision import Projector, VisionConfig, VisionTower, VLConfig, project, vision_tower
+from minimax_jax.vision import (
+    ATTENTION_IMPLS,
+    Projector,
+    VisionConfig,
+    VisionTower,
+    VLConfig,
+    auto_attention_candidates,
+    project,
+    vision_tower,
+)
 
-TILE_BUCKET = 8  # tile batches are padded to a multiple of this (few compiled shapes)
+# Tile batches are padded to a multiple of TILE_BUCKET (capped at max_tile_batch). 1 = exact
+# counts, no wasted tiles: the tower's cost is linear in tiles (a 1920x1080 image is 19 tiles,
+# which a bucket of 8 ran as 24: +26%), and every distinct count compiles once per process, so at
+# most max_tile_batch (32) shapes ever compile (one image is 2..37 tiles; bigger sets run as full
+# batches of 32 plus one remainder). Raise it to trade padded work for fewer compiles.
+TILE_BUCKET = 1
 
 
 class MiniMaxVLForConditionalGeneration(nnx.Module):
@@ -49,6 +64,8 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
       param_dtype: dtype of every weight (the MoE router stays fp32).
       options: text-model run options (kernels, MoE path).
       max_tile_batch: most tiles per jitted vision call.
+      vision_attention: the vision tower's attention (``minimax_jax.vision.ATTENTION_IMPLS``;
+        "auto": a fused kernel on GPU in bf16/fp16 when it works, else XLA).
     """
 
     def __init__(
@@ -59,9 +76,13 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
         param_dtype: Any = jnp.float32,
         options: RunOptions | None = None,
         max_tile_batch: int = 32,
+        vision_attention: str = "auto",
     ):
+        if vision_attention not in ATTENTION_IMPLS:
+            raise ValueError(f"vision_attention must be one of {ATTENTION_IMPLS}")
         self.config = config
         self.max_tile_batch = max_tile_batch
+        self.vision_attention = vision_attention
         self.language_model = MiniMaxForCausalLM(
             config.text, rngs=rngs, param_dtype=param_dtype, options=options
         )
@@ -102,6 +123,7 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
             image_sizes,
             max_tile_batch=self.max_tile_batch,
             compute_dtype=compute_dtype,
+            attention_impl=self.vision_attention,
         )
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
         return _forward_embeds_jit(
@@ -117,14 +139,82 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
 # ----------------------------------------------------------------------------- image features
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _encode_tiles(
-    cfg: VisionConfig, tower: dict, proj: dict, pixels: jax.Array, dtype
+    cfg: VisionConfig,
+    tower: dict,
+    proj: dict,
+    pixels: jax.Array,
+    dtype,
+    attention_impl: str = "xla",
+    unroll: int | bool = 1,
 ) -> jax.Array:
     if dtype is not None:
         tower, proj = jax.tree.map(lambda a: a.astype(dtype), (tower, proj))
         pixels = pixels.astype(dtype)
-    return project(proj, vision_tower(cfg, tower, pixels))
+    feats = vision_tower(cfg, tower, pixels, attention_impl=attention_impl, unroll=unroll)
+    return project(proj, feats)
+
+
+# "auto" attention: (backend, dtype, head dim, impl) -> the error that ruled impl out, and the
+# (config, backend, dtype, head dim, impl, tiles, unroll) calls already run to completion once.
+_ATTENTION_FAILED: dict[tuple, str] = {}
+_ATTENTION_VERIFIED: set[tuple] = set()
+
+
+def _tower_dtype(params: dict, compute_dtype: Any) -> np.dtype:
+    """The dtype the tower computes in (and the one its pixels are cast to)."""
+    if compute_dtype is not None:
+        return jnp.dtype(compute_dtype)
+    return jnp.dtype(params["vision_tower"]["embed"]["patch"].dtype)
+
+
+def resolved_attention_impl(
+    cfg: VisionConfig, params: dict, compute_dtype: Any = None, attention_impl: str = "auto"
+) -> str:
+    """The attention ``encode_tiles`` runs now for ``attention_impl`` (resolves "auto": the first
+    candidate that has not failed in this process)."""
+    if attention_impl != "auto":
+        return attention_impl
+    dtype = _tower_dtype(params, compute_dtype)
+    key = (jax.default_backend(), dtype.name, cfg.head_dim)
+    cands = auto_attention_candidates(dtype, cfg.head_dim)
+    return next(c for c in cands if (*key, c) not in _ATTENTION_FAILED or c == "xla")
+
+
+def _encode_chunk(cfg, params, chunk, compute_dtype, attention_impl, unroll) -> jax.Array:
+    """One jitted call. "auto" tries its candidates in order: a candidate that fails to trace,
+    compile or run (its first call per shape is waited for) is recorded and skipped from then
+    on, with a warning; the last one ("xla") raises."""
+    tower, proj = params["vision_tower"], params["projector"]
+    if attention_impl != "auto":
+        return _encode_tiles(cfg, tower, proj, chunk, compute_dtype, attention_impl, unroll)
+    dtype = _tower_dtype(params, compute_dtype)
+    key = (jax.default_backend(), dtype.name, cfg.head_dim)
+    cands = [
+        c
+        for c in auto_attention_candidates(dtype, cfg.head_dim)
+        if (*key, c) not in _ATTENTION_FAILED or c == "xla"
+    ]
+    for i, impl in enumerate(cands):
+        if impl == "xla":
+            return _encode_tiles(cfg, tower, proj, chunk, compute_dtype, impl, unroll)
+        call = (cfg, *key, impl, chunk.shape[0], unroll)
+        try:
+            out = _encode_tiles(cfg, tower, proj, chunk, compute_dtype, impl, unroll)
+            if call not in _ATTENTION_VERIFIED:
+                out.block_until_ready()  # a failure at run time shows here, once
+                _ATTENTION_VERIFIED.add(call)
+            return out
+        except Exception as err:  # noqa: BLE001 - any failure of a fused kernel: next one
+            _ATTENTION_FAILED[(*key, impl)] = f"{type(err).__name__}: {err}"[:2000]
+            warnings.warn(
+                f"vision attention {impl!r} failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); using {cands[i + 1]!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    raise AssertionError("unreachable: 'xla' is always the last candidate")
 
 
 def encode_tiles(
@@ -134,29 +224,47 @@ def encode_tiles(
     *,
     max_tile_batch: int = 32,
     compute_dtype: Any = None,
+    attention_impl: str = "auto",
+    tile_bucket: int | None = None,
+    cast_on_host: bool = True,
+    unroll: int | bool = 1,
 ) -> jax.Array:
     """pixel_values [n, 3, 336, 336] (tiles of any number of images) -> [n, 576, E].
 
     Tiles run in batches of at most ``max_tile_batch``; the last batch is zero-padded to a
-    multiple of ``TILE_BUCKET`` so only a few shapes compile.
+    multiple of ``tile_bucket`` (default ``TILE_BUCKET``: exact counts). Host pixels (numpy) are
+    cast to the tower's compute dtype before the transfer when ``cast_on_host`` (bf16: half the
+    bytes of float32; the same rounding the device would apply, so the result is identical);
+    a ``jax.Array`` stays where it is. ``attention_impl``: ``minimax_jax.vision.ATTENTION_IMPLS``;
+    "auto" falls back (once per process) from a fused kernel that fails. ``unroll``: the layer
+    scan's unroll factor.
     """
-    pixels = np.asarray(pixel_values, np.float32)
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    on_device = isinstance(pixel_values, jax.Array)
+    pixels = pixel_values if on_device else np.asarray(pixel_values)
     if pixels.ndim != 4 or pixels.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
         raise ValueError(
             f"pixel_values must be [n, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
             f"got {pixels.shape}: use MiniMaxVLProcessor"
         )
+    if not on_device:
+        send = _tower_dtype(params, compute_dtype) if cast_on_host else np.dtype(np.float32)
+        pixels = pixels.astype(send, copy=False)
+    bucket = TILE_BUCKET if tile_bucket is None else int(tile_bucket)
+    if bucket < 1:
+        raise ValueError(f"tile_bucket must be >= 1, got {bucket}")
+    xp = jnp if on_device else np
     outs = []
     for start in range(0, pixels.shape[0], max_tile_batch):
         chunk = pixels[start : start + max_tile_batch]
         m = chunk.shape[0]
-        padded = min(max_tile_batch, -(-m // TILE_BUCKET) * TILE_BUCKET)
-        chunk = np.pad(chunk, ((0, padded - m), (0, 0), (0, 0), (0, 0)))
-        feats = _encode_tiles(
-            cfg, params["vision_tower"], params["projector"], chunk, compute_dtype
-        )
-        outs.append(feats[:m])
-    return jnp.concatenate(outs)
+        padded = min(max_tile_batch, -(-m // bucket) * bucket)
+        if padded > m:
+            chunk = xp.pad(chunk, ((0, padded - m), (0, 0), (0, 0), (0, 0)))
+        feats = _encode_chunk(cfg, params, chunk, compute_dtype, attention_impl, unroll)
+        outs.append(feats[:m] if padded > m else feats)
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
 def pack_image(
@@ -228,6 +336,7 @@ def embed_inputs(
     *,
     max_tile_batch: int = 32,
     compute_dtype: Any = None,
+    attention_impl: str = "auto",
 ) -> jax.Array:
     """Token embeddings [B,T,E] with image features in place of the ``<image>`` tokens."""
     ids = np.asarray(input_ids)
@@ -250,6 +359,7 @@ def embed_inputs(
         image_sizes,
         max_tile_batch=max_tile_batch,
         compute_dtype=compute_dtype,
+        attention_impl=attention_impl,
     )
     if n_tokens != feats.shape[0]:
         raise ValueError(
@@ -409,6 +519,7 @@ def generate_vl_stream(
         image_sizes,
         max_tile_batch=model.max_tile_batch,
         compute_dtype=compute_dtype,
+        attention_impl=model.vision_attention,
     )
     logits, cache = prefill_vl(engine, x, mask, plan, model.options, compute_dtype)
     yield from sampling.stream_after_prefill(

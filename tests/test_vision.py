@@ -129,3 +129,49 @@ def test_bf16_params_close(clip):
     got = vision.vision_tower(cfg.vision, low, pixels)
     assert got.dtype == jnp.bfloat16
     assert rel_err(got.astype(jnp.float32), ref) <= 5e-2
+
+
+def test_attention_implementations_agree(clip):
+    """xla (the reference), auto (= xla on CPU / fp32) and the Pallas flash kernel (interpret
+    mode here) on one tile of the tiny tower, against CLIP at fp32 tolerance."""
+    cfg, model, params = clip
+    pixels = np.random.RandomState(4).randn(1, 3, 336, 336).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(pixels)).last_hidden_state[:, 1:].numpy()
+    tower = jax.jit(vision.vision_tower, static_argnums=0, static_argnames="attention_impl")
+    xla = tower(cfg.vision, params, pixels, attention_impl="xla")
+    np.testing.assert_array_equal(tower(cfg.vision, params, pixels, attention_impl="auto"), xla)
+    pallas = tower(cfg.vision, params, pixels, attention_impl="pallas")
+    assert rel_err(xla, want) <= TOL and rel_err(pallas, want) <= TOL
+    with pytest.raises(ValueError, match="attention_impl"):
+        vision.vision_tower(cfg.vision, params, pixels, attention_impl="flash")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_flash_attention_masks_padded_keys(dtype):
+    """S = 577 (not a multiple of the blocks): zero-padded keys must not take softmax mass."""
+    rng = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(3 * rng.randn(2, 577, 2, 16), dtype) for _ in range(3))
+    want = vision.attention(q, k, v, "xla").astype(jnp.float32)
+    for bq, bk in ((128, 64), (64, 64)):
+        got = vision.flash_attention_pallas(q, k, v, scale=0.25, block_q=bq, block_k=bk)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert rel_err(got.astype(jnp.float32), want) <= (1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+def test_auto_attention_candidates():
+    assert vision.auto_attention_candidates(jnp.float32, 64) == ("xla",)
+    if jax.default_backend() != "gpu":
+        assert vision.auto_attention_candidates(jnp.bfloat16, 64) == ("xla",)
+        with pytest.raises(RuntimeError, match="cuDNN"):  # explicit cudnn does not fall back
+            q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+            vision.attention(q, q, q, "cudnn")
+
+
+def test_unrolled_layers_equal_scan(clip):
+    cfg, _, params = clip
+    pixels = np.random.RandomState(5).randn(1, 3, 336, 336).astype(np.float32)
+    tower = jax.jit(vision.vision_tower, static_argnums=0, static_argnames="unroll")
+    a = tower(cfg.vision, params, pixels)
+    b = tower(cfg.vision, params, pixels, unroll=True)
+    assert rel_err(b, a) <= 1e-6

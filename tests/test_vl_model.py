@@ -220,6 +220,73 @@ def test_tile_batches_do_not_change_features(setup):
     assert rel_err(a, b) <= 1e-6  # batch shape only changes float summation order
 
 
+def test_tile_bucket_host_cast_and_device_pixels_do_not_change_features(setup):
+    """Padding to a bucket, bf16 pixels cast on the host (the transfer) or on the device, and
+    pixels already on the device: the same features (bit-exact for the cast)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, _, _, ours = setup
+    _, pixels, _ = make_inputs([(480, 640)], "<image>")  # 5 tiles
+    v, params = ours.config.vision, ours.pure_params()
+    exact = vl_model.encode_tiles(v, params, pixels)
+    assert vl_model.TILE_BUCKET == 1 and exact.shape == (5, 576, 64)
+    padded = vl_model.encode_tiles(v, params, pixels, tile_bucket=8)
+    assert rel_err(padded, exact) <= 1e-6
+    np.testing.assert_array_equal(vl_model.encode_tiles(v, params, jnp.asarray(pixels)), exact)
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    host = vl_model.encode_tiles(v, low, pixels)
+    device = vl_model.encode_tiles(v, low, pixels, cast_on_host=False)
+    assert host.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(host, np.float32), np.asarray(device, np.float32))
+    with pytest.raises(ValueError, match="attention_impl"):
+        vl_model.encode_tiles(v, params, pixels, attention_impl="flash")
+
+
+def test_auto_attention_falls_back_when_a_kernel_fails(setup, monkeypatch):
+    """Attention "auto" moves past a fused kernel that fails to trace (cuDNN on CPU) or whose
+    first run fails (simulated), once per process, with a warning; explicit choices do not fall
+    back."""
+    from flax import nnx
+
+    _, _, _, ours = setup
+    _, pixels, _ = make_inputs([(336, 336)], "<image>")
+    v, params = ours.config.vision, ours.pure_params()
+    want = vl_model.encode_tiles(v, params, pixels, attention_impl="xla")
+    monkeypatch.setattr(vl_model, "_ATTENTION_FAILED", {})
+    monkeypatch.setattr(vl_model, "_ATTENTION_VERIFIED", set())
+    monkeypatch.setattr(
+        vl_model, "auto_attention_candidates", lambda *_: ("cudnn", "pallas", "xla")
+    )
+    real = vl_model._encode_tiles
+
+    class RunFails:
+        def block_until_ready(self):
+            raise RuntimeError("simulated launch failure")
+
+    def fake(cfg, tower, proj, pixels, dtype, impl="xla", unroll=1):
+        return (
+            RunFails() if impl == "pallas" else real(cfg, tower, proj, pixels, dtype, impl, unroll)
+        )
+
+    monkeypatch.setattr(vl_model, "_encode_tiles", fake)
+    assert vl_model.resolved_attention_impl(v, params) == "cudnn"
+    with pytest.warns(RuntimeWarning) as caught:
+        got = vl_model.encode_tiles(v, params, pixels)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "'cudnn' failed" in messages[0] and "'pallas'" in messages[1]
+    np.testing.assert_array_equal(got, want)
+    assert {k[-1] for k in vl_model._ATTENTION_FAILED} == {"cudnn", "pallas"}
+    assert vl_model.resolved_attention_impl(v, params) == "xla"
+    np.testing.assert_array_equal(vl_model.encode_tiles(v, params, pixels), want)
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        vl_model.encode_tiles(v, params, pixels, attention_impl="cudnn")
+    with pytest.raises(ValueError, match="vision_attention"):
+        vl_model.MiniMaxVLForConditionalGeneration(
+            ours.config, rngs=nnx.Rngs(0), vision_attention="flash"
+        )
+
+
 def test_mismatched_inputs_are_refused(setup):
     _, _, _, ours = setup
     ids, pixels, sizes = make_inputs([(336, 336)], "<image>")
