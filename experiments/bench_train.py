@@ -80,12 +80,13 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
     key = jax.random.key(1)
     tokens = jax.random.randint(key, (1, rows, seq_len), 0, config.vocab_size, jnp.int32)
     batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens)}
-    step = jax.jit(make_train_step(config, opts, compute, optim, tx), donate_argnums=0)
+    step = jax.jit(make_train_step(config, opts, compute, optim, tx, packed=args.packed),
+                   donate_argnums=0)  # fmt: skip
     n_tok = float(rows * seq_len)
 
     def loss(p):
         return batch_loss(config, opts, compute, optim, p, tokens[0], batch["segment_ids"][0],
-                          n_tok, 1)[0]  # fmt: skip
+                          n_tok, 1, packed=args.packed)[0]  # fmt: skip
 
     fwd = jax.jit(loss)
     fwd_bwd = jax.jit(jax.grad(loss))
@@ -96,8 +97,10 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
         jax.block_until_ready(m)
 
     t_step = timed(run_step, args.reps)
-    t_fwd = timed(lambda: jax.block_until_ready(fwd(holder.state["params"])), args.reps)
-    t_fb = timed(lambda: jax.block_until_ready(fwd_bwd(holder.state["params"])), args.reps)
+    t_fwd = t_fb = float("nan")
+    if seq_len in args.breakdown:  # two more compilations
+        t_fwd = timed(lambda: jax.block_until_ready(fwd(holder.state["params"])), args.reps)
+        t_fb = timed(lambda: jax.block_until_ready(fwd_bwd(holder.state["params"])), args.reps)
     peak = measure_peak_flops(compute)
     tok_s = n_tok / t_step
     fpt = flops_per_token(config, seq_len)
@@ -107,7 +110,7 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
         "flops_per_token": fpt, "peak_bf16_flops": peak,
         "breakdown_s": {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest":
                         t_step - t_fb},
-        "remat": args.remat, "moe_impl": args.moe_impl, "lightning_impl": args.lightning_impl,
+        "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl, "lightning_impl": args.lightning_impl,
     }  # fmt: skip
 
 
@@ -126,6 +129,18 @@ def main() -> None:
     p.add_argument("--moe_impl", default="sorted")
     p.add_argument("--lightning_impl", default="auto")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="segment-aware attention (packed documents; XLA lightning path on GPU)",
+    )
+    p.add_argument(
+        "--breakdown",
+        type=int,
+        nargs="*",
+        default=[4096, 64],
+        help="sequence lengths that also time forward and forward+backward alone",
+    )
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
     args.remat = None if args.remat == "none" else args.remat

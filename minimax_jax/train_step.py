@@ -52,14 +52,19 @@ def build_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformati
     return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw), schedule
 
 
-def batch_loss(config, opts, compute_dtype, optim, params, tokens, segment_ids, total_tokens, a):
+def batch_loss(
+    config, opts, compute_dtype, optim, params, tokens, segment_ids, total_tokens, a, packed=True
+):
     """Objective of one microbatch, scaled so the sum over ``a`` microbatches is the batch loss.
 
     tokens, segment_ids [B,T] int32. Returns (objective, (nll sum, lb loss, z loss)).
+    packed=False: rows are single documents (attention ignores segment ids, so the GPU
+    lightning kernel, which has no segment support, runs instead of the XLA path).
     """
     logits, router = forward(
-        config, params, tokens, None, opts, compute_dtype, segment_ids=segment_ids
-    )
+        config, params, tokens, None, opts, compute_dtype,
+        segment_ids=segment_ids if packed else None,
+    )  # fmt: skip
     targets, weights, mask = losses.shifted_targets(tokens, segment_ids)
     nll, _ = losses.cross_entropy(logits, targets, weights)
     lb = losses.load_balancing_loss(router, config.num_experts_per_tok, mask)
@@ -69,7 +74,7 @@ def batch_loss(config, opts, compute_dtype, optim, params, tokens, segment_ids, 
 
 
 def make_train_step(
-    config: ModelConfig, opts: RunOptions, compute_dtype: Any, optim, tx
+    config: ModelConfig, opts: RunOptions, compute_dtype: Any, optim, tx, packed: bool = True
 ) -> Callable:
     """state, batch {"tokens","segment_ids": int32 [A,B,T]} -> (state, metrics of fp32 scalars).
 
@@ -78,7 +83,8 @@ def make_train_step(
     leaves params and optimizer state unchanged (``metrics["skipped"] = 1``); ``step`` advances.
     """
     grad_fn = jax.value_and_grad(
-        lambda p, *a: batch_loss(config, opts, compute_dtype, optim, p, *a), has_aux=True
+        lambda p, *a: batch_loss(config, opts, compute_dtype, optim, p, *a, packed=packed),
+        has_aux=True,
     )
 
     def step(state, batch):
