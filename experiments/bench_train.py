@@ -110,7 +110,8 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
         "flops_per_token": fpt, "peak_bf16_flops": peak,
         "breakdown_s": {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest":
                         t_step - t_fb},
-        "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl, "lightning_impl": args.lightning_impl,
+        "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl,
+        "lightning_impl": args.lightning_impl,
     }  # fmt: skip
 
 
