@@ -142,7 +142,7 @@ def _gmm_impl(x, w, *, gs, impl):
     return grouped_matmul(x, w, gs, implementation=impl)
 
 
-def layer_rows(params, x, k, impl, emit, base, ragged=True):
+def layer_rows(params, x, k, impl, emit, base, ragged=True, dense=True):
     """Time the whole MoE layer (ours and on ragged_dot) and a dense FFN over the same rows."""
     m, d = x.shape
     e, _, _, f = params["wi"].shape
@@ -159,6 +159,8 @@ def layer_rows(params, x, k, impl, emit, base, ragged=True):
         "dense_ffn": (dense_ffn, dense_p, xs),
         impl: (lambda p, x: moe_sorted(p, x, k, implementation=impl)[0], params, x),
     }
+    if not dense:
+        del variants["dense_ffn"]
     if ragged:
         variants["ragged_dot"] = (lambda p, x: moe_sorted(p, x, k, implementation="xla")[0],
                                   params, x)  # fmt: skip
@@ -205,16 +207,18 @@ def ep_setup(params, x):
     return mesh, rules, p, x3
 
 
-def ep_rows(params, x, k, impl, emit, base, single_tflops):
+def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
     """EP=2 layer on 2 devices (global tokens = x's rows) per all-to-all flavour: the padded
     `all_to_all` ("dense") dropless and with capacity 1.25, and `ragged_all_to_all`; plus the
     dispatch-only time (route + sort + both all-to-alls + combine, FFN skipped)."""
     mesh, rules, p, x3 = ep_setup(params, x)
     m, d = x.shape
     flops = 6.0 * m * k * d * params["wi"].shape[-1]
-    for dispatch, cf, modes in (("dense", None, ("fwd", "fwd_bwd")),
-                                ("dense", 1.25, ("fwd", "fwd_bwd")),
-                                ("ragged", None, ("fwd",))):  # fmt: skip
+    configs = [("dense", None, ("fwd", "fwd_bwd")), ("dense", 1.25, ("fwd", "fwd_bwd")),
+               ("ragged", None, ("fwd",))]  # fmt: skip
+    if quick:  # dropless padded all_to_all, and capacity 1.25 forward only
+        configs = [configs[0], ("dense", 1.25, ("fwd",))]
+    for dispatch, cf, modes in configs:
 
         def layer(p, x, cf=cf, dispatch=dispatch):
             return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl,
@@ -266,6 +270,8 @@ def parse_args():
     ap.add_argument("--ep", action="store_true", help="also EP=2 rows (needs 2 devices)")
     ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
     ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
+    ap.add_argument("--ep_only", action="store_true", help="only our layer on 1 GPU (the "
+                    "baseline) and the EP rows (dropless dense dispatch, capacity 1.25 fwd)")
     ap.add_argument("--ragged_max_tokens", type=int, default=16384,
                     help="time jax.lax.ragged_dot only up to this many tokens (it computes "
                     "every expert for every row on GPU: ~1 s per 64K-token forward)")
@@ -301,14 +307,16 @@ def main() -> None:
         if args.sweep and impl == "gpu" and i == 0:
             sweep_blocks(xs, gs, wi, emit, row)
         names = [impl] if impl != "xla" else []
-        ragged = args.small or m <= args.ragged_max_tokens
-        res = gmm_rows(xs, gs, wi, names, emit, row, ragged)
-        ratio_rows(res, impl, "gmm", emit, row)
-        res = layer_rows(params, x, k, impl, emit, row, ragged)
-        ratio_rows(res, impl, "layer", emit, row)
+        ragged = (args.small or m <= args.ragged_max_tokens) and not args.ep_only
+        if not args.ep_only:
+            res = gmm_rows(xs, gs, wi, names, emit, row, ragged)
+            ratio_rows(res, impl, "gmm", emit, row)
+        res = layer_rows(params, x, k, impl, emit, row, ragged, dense=not args.ep_only)
+        if not args.ep_only:
+            ratio_rows(res, impl, "layer", emit, row)
         if args.ep and jax.device_count() >= 2:
             single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
-            ep_rows(params, x, k, impl, emit, row, single)
+            ep_rows(params, x, k, impl, emit, row, single, quick=args.ep_only)
         del params, x, xs
     out.close()
 
