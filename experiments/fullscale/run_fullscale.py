@@ -10,28 +10,33 @@
     python3 experiments/fullscale/run_fullscale.py --tiny --cpu_devices 2 --mesh expert=2
 
 Random bf16 weights are drawn directly in their shards (`common.init_random_params`: per leaf,
-each device draws its own shard in pieces; no full copy anywhere). Rows (JSON lines, --out):
+each device draws its own shard in pieces; no full copy anywhere). Then every program (a decode
+loop per batch size, one prefill chunk function for all lengths) is compiled at once in threads
+(`common.Compiler`), and the rows run. Rows (JSON lines, --out):
 
   init     init time, the planner's weight bytes per device vs the bytes of the shards actually
-           placed on device 0, bytes in use / peak after init, the copy bandwidth (GB/s).
-  decode   per --decode_batches size: --new_tokens steps in the Engine's jitted loop from an empty
-           cache of 128 slots; step time, tokens/s and the bandwidth floor of a step.
+           placed on device 0 and vs bytes in use, the copy bandwidth (GB/s, measured first).
+  compile  the programs and which compiled within the budget.
+  decode   per --decode_batches size: the Engine's jitted decode loop (--new_tokens - 1 steps)
+           from an empty cache of 128 slots; step time, tokens/s and the bandwidth floor of a
+           step (bytes one device must read / the measured copy bandwidth).
   prefill  per --prefill length (batch 1): chunked prefill into a cache of max(--prefill) slots
            (one compiled chunk function serves every length); tokens/s.
 
-Rows run in increasing planned memory (decode, then prefill by length), because the measured
-`peak_bytes_in_use` is cumulative over the process: each row records the peak before and after
-it and compares the planner's total for that row (weights + cache + activations, planner
-weights) with the peak after it (`planned_over_peak`; `peak_raised` false means an earlier row
-or the init set that peak). The planner's numbers are printed before each row compiles. A row
-whose estimated time (the longest row so far) would pass --budget_s is skipped with a row saying
-so. --chunk 0 picks the largest prefill chunk whose plan, activations x 1.3, fits 90% of the
-device's bytes_limit.
+Memory per row (`common.run_row`): the planner's total (weights + cache + activations; all
+printed before anything compiles) beside XLA's own total for the compiled program (`xla_bytes`, per
+program) and the measured `peak_bytes_in_use` after the row. That peak is cumulative over the
+process, so rows run in increasing planned memory (decode, then prefill by length);
+`peak_raised` false means an earlier row or the init set it. A row is skipped (with a row saying
+so) when its program had not compiled --run_reserve_s before --budget_s, or its estimated time
+(the longest row so far) would pass --budget_s. --chunk 0 picks the largest prefill chunk whose
+plan, activations x 1.3, fits 90% of the device's bytes_limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -41,9 +46,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    GiB, Budget, Rows, device_bytes, gib, init_random_params, lightning_impl, memory_stats,
-    parse_mesh, setup_jax, text01_slice,
-)  # fmt: skip
+    Budget,
+    Compiler,
+    GiB,
+    Rows,
+    device_bytes,
+    gib,
+    init_random_params,
+    lightning_impl,
+    memory_stats,
+    parse_mesh,
+    run_row,
+    setup_jax,
+    text01_slice,
+)
 
 DECODE_SLOTS = 128  # cache slots of the decode rows (>= new_tokens)
 
@@ -86,66 +102,31 @@ def decode_floor_bytes(cfg, params, batch: int, slots: int, mesh, rules) -> int:
         active = local_e * (1 - (1 - 1 / e) ** (batch * k))  # expected distinct, per layer
         experts += wi.shape[0] * active * per_expert
         attn += device_bytes(block["attn"], dev)
-    n, kv, h = local(cfg.num_heads, "heads", mesh, rules), local(cfg.num_kv_heads, "kv_heads",
-                                                                  mesh, rules), cfg.head_dim
+    n, kv, h = (
+        local(cfg.num_heads, "heads", mesh, rules),
+        local(cfg.num_kv_heads, "kv_heads", mesh, rules),
+        cfg.head_dim,
+    )
     states = cfg.num_lightning_layers * batch * n * h * h * 4 * 2
     kv_read = cfg.num_full_layers * 2 * batch * slots * kv * h * 2
     return int(experts + attn + device_bytes(params["lm_head"], dev) + states + kv_read)
 
 
-def pick_chunk(cfg, mesh, rules, longest: int, slots: int, limit: int | None, default: int):
-    """Largest power-of-two chunk dividing `longest` whose prefill plan (activations x 1.3)
-    fits 90% of limit; `default` without a known limit."""
+def pick_chunk(cfg, mesh, rules, lengths, slots: int, limit: int | None, default: int):
+    """Largest power-of-two chunk dividing every length whose prefill plan (activations x 1.3)
+    fits 90% of limit; without a known limit, the largest dividing one up to `default`."""
     from minimax_jax import memory
 
-    if limit is None:
-        return default
-    for c in (4096, 2048, 1024, 512, 256, 128):
-        if longest % c:
+    for c in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16):
+        if any(t % c for t in lengths) or (limit is None and c > default):
             continue
-        p = memory.plan_inference(cfg, batch=1, prompt_len=longest, max_len=slots,
-                                  mesh_shape=dict(mesh.shape), rules=rules, prefill_chunk=c)  # fmt: skip
-        if p.weights + p.cache + 1.3 * p.activations <= 0.9 * limit:
+        p = memory.plan_inference(
+            cfg, batch=1, prompt_len=max(lengths), max_len=slots, mesh_shape=dict(mesh.shape),
+            rules=rules, prefill_chunk=c,
+        )  # fmt: skip
+        if limit is None or p.weights + p.cache + 1.3 * p.activations <= 0.9 * limit:
             return c
-    return 128
-
-
-class Measure:
-    """Runs one row: prints the plan, checks the budget, records memory before and after."""
-
-    def __init__(self, rows: Rows, budget: Budget, cfg, mesh, rules):
-        self.rows, self.budget, self.cfg, self.mesh, self.rules = rows, budget, cfg, mesh, rules
-
-    def __call__(self, what: str, plan_kw: dict, fn, compare: str) -> None:
-        from minimax_jax import memory
-
-        plan = memory.plan_inference(self.cfg, mesh_shape=dict(self.mesh.shape), rules=self.rules,
-                                     **plan_kw)  # fmt: skip
-        print(f"[plan] {what}: {plan.report()}", flush=True)
-        if not self.budget.allows():
-            self.rows.write(self.budget.skip_row(what))
-            return
-        before = memory_stats()
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-        except Exception as exc:  # noqa: BLE001 - one failed row must not end the run
-            out = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
-        seconds = time.perf_counter() - t0
-        self.budget.done(seconds)
-        after = memory_stats()
-        peak_b = max(before.get("peak_bytes_in_use", [0]))
-        peak = max(after["peak_bytes_in_use"]) if after else None
-        self.rows.write({
-            "row": what, **out, "row_s": seconds,
-            "planned": {k: getattr(plan, k) for k in ("weights", "cache", "activations")}
-            | {"total": plan.total},
-            "planned_gib": gib(plan.total), "compared_with": compare,
-            "peak_bytes_per_device": after.get("peak_bytes_in_use"),
-            "peak_before": peak_b or None, "peak_raised": peak is not None and peak > peak_b,
-            "bytes_in_use_before": before.get("bytes_in_use"),
-            "planned_over_peak": None if not peak else plan.total / peak,
-        })  # fmt: skip
+    return 16
 
 
 def main() -> None:
@@ -155,11 +136,17 @@ def main() -> None:
     ap.add_argument("--rules", default="ep_fold")
     ap.add_argument("--prefill", default="8192,32768")
     ap.add_argument("--decode_batches", default="1,16")
-    ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument(
+        "--new_tokens",
+        type=int,
+        default=33,
+        help="1 + a multiple of 16: one compiled copy of the step in the decode loop",
+    )
     ap.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0: largest that fits")
     ap.add_argument("--lightning_impl", default=None, help="default: xla if heads are sharded")
     ap.add_argument("--budget_s", type=float, default=480)
-    ap.add_argument("--first_row_guess_s", type=float, default=90)
+    ap.add_argument("--first_row_guess_s", type=float, default=30)
+    ap.add_argument("--run_reserve_s", type=float, default=45, help="budget kept for the rows")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu_devices", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -170,14 +157,14 @@ def main() -> None:
     import numpy as np
 
     from minimax_jax import memory
-    from minimax_jax.cache import init_cache
+    from minimax_jax.cache import cache_shapes, cache_shardings
     from minimax_jax.ops.decoder import RunOptions
     from minimax_jax.sampling import Engine, SamplingParams, sample_token
     from minimax_jax.sharding import load_rules, make_mesh
 
     if args.tiny:
         args.layers = min(args.layers, 12)  # 7 lightning + 1 softmax + 4 lightning: one block
-        args.prefill, args.new_tokens = "64,128", 8
+        args.prefill, args.new_tokens = "64,128", 17
         args.chunk = args.chunk or 32
     cfg = text01_slice(args.tiny, args.layers)
     rules, _ = load_rules(args.rules)
@@ -196,35 +183,80 @@ def main() -> None:
     planned_w = memory.weight_bytes(cfg, mesh_shape, rules, jnp.bfloat16)
     print(f"[plan] weights {planned_w / GiB:.2f} GiB per device "
           f"({cfg.param_count() * 2 / GiB:.1f} GiB in all, bf16)", flush=True)  # fmt: skip
+    limit = min(memory_stats().get("bytes_limit", [0])) or None  # known before any weight
+    lengths = sorted(int(t) for t in args.prefill.split(",") if t)
+    slots = -(-max(lengths, default=128) // 128) * 128
+    chunk = args.chunk or pick_chunk(cfg, mesh, rules, lengths or [128], slots, limit, 2048)
+    if any(t % chunk for t in lengths):
+        raise SystemExit(f"--prefill lengths must be multiples of the chunk ({chunk})")
+    batches = sorted(int(x) for x in args.decode_batches.split(",") if x)
+    print(f"[plan] prefill chunk {chunk}, cache {slots} slots; bytes_limit {gib(limit)} GiB")
+
+    def plan(**kw):
+        return memory.plan_inference(cfg, mesh_shape=mesh_shape, rules=rules, **kw)
+
+    plans = {f"decode_b{b}": plan(batch=b, prompt_len=1, max_len=DECODE_SLOTS, prefill_chunk=1)
+             for b in batches}  # fmt: skip
+    plans |= {f"prefill_{t}": plan(batch=1, prompt_len=t, max_len=slots, prefill_chunk=chunk)
+              for t in lengths}  # fmt: skip
+    for name, p in plans.items():
+        print(f"[plan] {name}: {p.report()}", flush=True)
+    gbps = copy_gbps(jax, (1 << 22) if dev.platform == "cpu" else (1 << 28))  # before the
+    # weights, so that its buffers do not set the peak the rows are compared with
     params, init_s = init_random_params(cfg, mesh, rules, jnp.bfloat16)
     placed, stats = device_bytes(params), memory_stats()
-    gbps = copy_gbps(jax, (1 << 22) if dev.platform == "cpu" else (1 << 29))
-    limit = min(stats["bytes_limit"]) if "bytes_limit" in stats else None
     rows.write({
         "row": "init", "init_s": init_s, "planned_weight_bytes": planned_w,
         "placed_weight_bytes_dev0": placed, "planned_over_placed": planned_w / placed,
+        "planned_over_in_use": planned_w / max(stats["bytes_in_use"]) if stats else None,
         "bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_per_device":
         stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit"),
-        "copy_gbps": gbps, "elapsed_s": budget.elapsed(),
+        "copy_gbps": gbps, "chunk": chunk, "elapsed_s": budget.elapsed(),
     })  # fmt: skip
 
-    lengths = sorted(int(t) for t in args.prefill.split(",") if t)
-    slots = -(-max(lengths, default=128) // 128) * 128
-    chunk = pick_chunk(cfg, mesh, rules, max(lengths, default=128), slots, limit, args.chunk or 2048)
     engine = Engine(cfg, params, options=opts, prefill_chunk=chunk)
     rng = np.random.RandomState(0)
-    measure = Measure(rows, budget, cfg, mesh, rules)
-    sp, eos = SamplingParams(), jnp.asarray([-1], jnp.int32)
+    sp, eos, key = SamplingParams(), jnp.asarray([-1], jnp.int32), jax.random.key(1)
+
+    def cache_abstract(b: int, n: int):
+        shapes = cache_shapes(cfg, b, n, engine.kv_dtype)
+        shardings = cache_shardings(cfg, b, n, mesh, rules)
+        return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                            shapes, shardings)  # fmt: skip
+
+    @functools.cache
+    def cache_fn(b: int, n: int):
+        shapes = cache_shapes(cfg, b, n, engine.kv_dtype)
+        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+        return jax.jit(zeros, out_shardings=cache_shardings(cfg, b, n, mesh, rules))
+
+    def new_cache(b: int, n: int):  # an empty cache in its shards, made outside the timings
+        return jax.block_until_ready(cache_fn(b, n)())
+
+    compiler = Compiler()  # every program at once; the rows then reuse the executables
+    for b in batches:
+        first = jax.ShapeDtypeStruct((b,), jnp.int32)
+        compiler.submit(
+            f"decode_b{b}",
+            lambda b=b, first=first: engine._loop.lower(
+                params, cache_abstract(b, DECODE_SLOTS), first, key, args.new_tokens, sp, eos
+            ),
+        )
+    if lengths:
+        ids = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
+        compiler.submit("prefill", lambda: engine._prefill.lower(
+            params, ids, ids, cache_abstract(1, slots)))  # fmt: skip
+    compiler.wait(args.budget_s - budget.elapsed() - args.run_reserve_s)
+    rows.write({"row": "compile", "programs": list(compiler.jobs), "elapsed_s": budget.elapsed(),
+                "done": [k for k, j in compiler.jobs.items() if j.done()]})  # fmt: skip
 
     def decode(b: int) -> dict:
         first = jnp.asarray(rng.randint(0, cfg.vocab_size, (b,)), jnp.int32)
         times = []
-        for _ in range(2):  # the first call compiles
-            cache = init_cache(cfg, b, DECODE_SLOTS, engine.kv_dtype, mesh=mesh, rules=rules)
-            jax.block_until_ready(cache)
+        for _ in range(2):  # the first call warms up
+            cache = new_cache(b, DECODE_SLOTS)
             t0 = time.perf_counter()
-            toks, cache = engine._loop(params, cache, first, jax.random.key(1), args.new_tokens,
-                                       sp, eos)  # fmt: skip
+            toks, cache = engine._loop(params, cache, first, key, args.new_tokens, sp, eos)
             jax.block_until_ready(toks)
             times.append(time.perf_counter() - t0)
             del cache
@@ -236,27 +268,39 @@ def main() -> None:
                 "floor_ms": floor / (gbps * 1e9) * 1e3,
                 "floor_over_step": floor / (gbps * 1e9) / step}  # fmt: skip
 
+    done_prefill: dict[int, float] = {}  # length -> seconds of one prefill
+
     def prefill(t: int) -> dict:
-        ids = rng.randint(0, cfg.vocab_size, (1, t))
-        plan = {"padded_prompt": t, "chunk": chunk, "max_len": slots}
+        ids = rng.randint(0, cfg.vocab_size, (1, t)).astype(np.int32)
+        mask = np.ones_like(ids)
         times = []
-        for _ in range(2):  # the first call compiles (once for every length: same shapes)
+        for _ in range(2):  # the first call warms up
+            cache = new_cache(1, slots)
             t0 = time.perf_counter()
-            logits, cache = engine.prefill(ids, np.ones_like(ids), plan)
+            for s in range(0, t, chunk):  # as Engine.prefill, with the cache made beforehand
+                logits, cache = engine._prefill(params, ids[:, s : s + chunk],
+                                                mask[:, s : s + chunk], cache)  # fmt: skip
             jax.block_until_ready(sample_token(logits, jax.random.key(0), sp))
             times.append(time.perf_counter() - t0)
             del logits, cache
+        done_prefill[t] = times[-1]
         return {"batch": 1, "prompt": t, "chunk": chunk, "cache_slots": slots,
                 "first_call_s": times[0], "prefill_s": times[-1],
                 "prefill_tok_per_s": t / times[-1]}  # fmt: skip
 
-    for b in sorted(int(x) for x in args.decode_batches.split(",") if x):
-        kw = dict(batch=b, prompt_len=1, max_len=DECODE_SLOTS, prefill_chunk=1)
-        measure(f"decode_b{b}", kw, lambda b=b: decode(b), "decode-step plan vs peak after row")
+    for b in batches:
+        name = f"decode_b{b}"
+        run_row(rows, budget, name, plans[name], lambda b=b: decode(b), compiler, name)
     for t in lengths:
-        kw = dict(batch=1, prompt_len=t, max_len=slots, prefill_chunk=chunk)
-        measure(f"prefill_{t}", kw, lambda t=t: prefill(t), "prefill-chunk plan vs peak after row")
+        est = None  # the longest row so far; after one length: 2 runs, at worst quadratic
+        if done_prefill:
+            t0, s0 = max(done_prefill.items())
+            est = 2 * s0 * (t / t0) ** 2 + 10
+        name = f"prefill_{t}"
+        run_row(rows, budget, name, plans[name], lambda t=t: prefill(t), compiler, "prefill", est)
     rows.write({"row": "done", "elapsed_s": budget.elapsed()})
+    compiler.close()
+    os._exit(0)  # do not wait for a compile the budget gave up on
 
 
 if __name__ == "__main__":
