@@ -48,7 +48,7 @@ class RunOptions:
     ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
     ep_capacity_factor: float | None = None  # None: dropless EP buffers (see moe_parallel)
     # "sorted" without a mesh: calls with at most this many token-expert assignments (B*T*k)
-    # use `moe_gather` (decode steps at small batch); None: fewer than num_experts; 0: never.
+    # use `moe_gather` (decode steps at small batch); None: 2 * num_experts; 0: never.
     moe_gather_rows: int | None = None
     unroll_blocks: bool = False  # unroll the scan over blocks (the Engine's decode step does)
 
@@ -115,7 +115,7 @@ def _moe(config, params, v, opts):
     if opts.moe_impl == "dense":
         y, logits = moe_dense(params, v.reshape(b * t, d), k)
     elif b * t * k <= (
-        config.num_experts - 1 if opts.moe_gather_rows is None else opts.moe_gather_rows
+        2 * config.num_experts if opts.moe_gather_rows is None else opts.moe_gather_rows
     ):
         y, logits = moe_gather(params, v.reshape(b * t, d), k)
     else:
