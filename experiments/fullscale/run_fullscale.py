@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--budget_s", type=float, default=480)
     ap.add_argument("--first_row_guess_s", type=float, default=30)
     ap.add_argument("--run_reserve_s", type=float, default=45, help="budget kept for the rows")
+    ap.add_argument("--compile_workers", type=int, default=4, help="programs compiled at once")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu_devices", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -233,7 +234,7 @@ def main() -> None:
     def new_cache(b: int, n: int):  # an empty cache in its shards, made outside the timings
         return jax.block_until_ready(cache_fn(b, n)())
 
-    compiler = Compiler()  # every program at once; the rows then reuse the executables
+    compiler = Compiler(args.compile_workers)  # all at once; the rows reuse the executables
     for b in batches:
         first = jax.ShapeDtypeStruct((b,), jnp.int32)
         compiler.submit(

@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--budget_s", type=float, default=240)
     ap.add_argument("--first_row_guess_s", type=float, default=30)
     ap.add_argument("--run_reserve_s", type=float, default=30, help="budget kept for the rows")
+    ap.add_argument("--compile_workers", type=int, default=4, help="programs compiled at once")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu_devices", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -131,7 +132,7 @@ def main() -> None:
                       donate_argnums=0, out_shardings=(fixed, None))  # fmt: skip
     for b, t in shapes:
         print(f"[plan] train_{b}x{t}: {plan(b, t).report()}", flush=True)
-    compiler = Compiler()  # every shape at once; the rows then reuse the executables
+    compiler = Compiler(args.compile_workers)  # all at once; the rows reuse the executables
     for b, t in shapes:
         tokens = jax.ShapeDtypeStruct((1, b, t), jnp.int32)
         batch = {"tokens": tokens, "segment_ids": tokens}
