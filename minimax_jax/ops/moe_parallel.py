@@ -72,8 +72,14 @@ def _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, *, axis, chu
     chunks = jnp.where((cols < send[:, None])[..., None], operand[src], 0)  # [P,chunk,D]
     got = jax.lax.all_to_all(chunks, axis, 0, 0)  # got[i]: the chunk device i sent me
     where = jax.lax.all_to_all(out_off, axis, 0, 0, tiled=True)  # where device i wants it
-    rows = jnp.where(cols < recv[:, None], where[:, None] + cols, output.shape[0])
-    return output.at[rows.reshape(-1)].set(got.reshape(p * chunk, -1), mode="drop")
+    # Each output row r takes row r - where[i] of the chunk whose range [where[i], +recv[i])
+    # holds it (ranges are disjoint), else keeps output[r]: a gather, not a scatter.
+    r = jnp.arange(output.shape[0], dtype=where.dtype)[:, None]
+    inside = (r >= where[None]) & (r < (where + recv)[None])  # [R,P]
+    src = jnp.argmax(inside, axis=1)
+    col = jnp.clip(r[:, 0] - where[src], 0, chunk - 1)
+    vals = got.reshape(p * chunk, -1)[src * chunk + col]
+    return jnp.where(jnp.any(inside, axis=1)[:, None], vals, output)
 
 
 def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk):
