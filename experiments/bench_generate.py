@@ -175,11 +175,19 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prefill", default="16384,32768,65536,131072")
     ap.add_argument("--chunk", type=int, default=8192)
-    ap.add_argument("--hybrid_max", type=int, default=65536,
-                    help="prefill the hybrid model only up to this length (its softmax layers "
-                    "materialise [N,chunk,T] scores); the lightning-only model runs every length")
-    ap.add_argument("--variants", default="default", help="decode variants, comma-separated "
-                    "(see parse_variant), e.g. default,sync1+gather0,16:gather32 (B: that batch only)")
+    ap.add_argument(
+        "--hybrid_max",
+        type=int,
+        default=65536,
+        help="prefill the hybrid model only up to this length (its softmax layers "
+        "materialise [N,chunk,T] scores); the lightning-only model runs every length",
+    )
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help="decode variants, comma-separated "
+        "(see parse_variant), e.g. default,sync1+gather0,16:gather32 (B: that batch only)",
+    )
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128

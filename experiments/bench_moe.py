@@ -236,7 +236,8 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
             emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
                   "dispatch": dispatch, "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu,
                   "single_gpu_tflops": one, "goal": 0.8, "error": err,
-                  "per_gpu_vs_single": None if not (per_gpu and one) else per_gpu / one})  # fmt: skip
+                  "per_gpu_vs_single": None if not (per_gpu and one)
+                  else per_gpu / one})  # fmt: skip
         real_ffn = moe_parallel.expert_ffn
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
         try:
@@ -270,11 +271,19 @@ def parse_args():
     ap.add_argument("--ep", action="store_true", help="also EP=2 rows (needs 2 devices)")
     ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
     ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
-    ap.add_argument("--ep_only", action="store_true", help="only our layer on 1 GPU (the "
-                    "baseline) and the EP rows (dropless dense dispatch, capacity 1.25 fwd)")
-    ap.add_argument("--ragged_max_tokens", type=int, default=16384,
-                    help="time jax.lax.ragged_dot only up to this many tokens (it computes "
-                    "every expert for every row on GPU: ~1 s per 64K-token forward)")
+    ap.add_argument(
+        "--ep_only",
+        action="store_true",
+        help="only our layer on 1 GPU (the "
+        "baseline) and the EP rows (dropless dense dispatch, capacity 1.25 fwd)",
+    )
+    ap.add_argument(
+        "--ragged_max_tokens",
+        type=int,
+        default=16384,
+        help="time jax.lax.ragged_dot only up to this many tokens (it computes "
+        "every expert for every row on GPU: ~1 s per 64K-token forward)",
+    )
     return ap.parse_args()
 
 
@@ -295,7 +304,8 @@ def main() -> None:
     def emit(row):
         out.write(json.dumps(row) + "\n")
         out.flush()
-        keys = ("what", "impl", "dispatch", "capacity_factor", "mode", "tokens", "ms", "tflops", "vs_dense", "vs_ragged_dot",
+        keys = ("what", "impl", "dispatch", "capacity_factor", "mode", "tokens", "ms", "tflops",
+                "vs_dense", "vs_ragged_dot",
                 "tflops_per_gpu", "per_gpu_vs_single", "error")  # fmt: skip
         print({kk: row[kk] for kk in keys if row.get(kk) is not None}, flush=True)
 

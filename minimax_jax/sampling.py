@@ -239,7 +239,9 @@ class Engine:
             i, _, _, done, _ = state
             return (i < 1 + full) & ~jnp.all(done)
 
-        state = jax.lax.while_loop(cond, functools.partial(steps, chunk), (1, cache, out, done, key))
+        state = jax.lax.while_loop(
+            cond, functools.partial(steps, chunk), (1, cache, out, done, key)
+        )
         if n - 1 - full:
             state = jax.lax.cond(
                 jnp.all(state[3]), lambda s: s, functools.partial(steps, n - 1 - full), state

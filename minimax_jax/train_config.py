@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 
-
 class ConfigError(ValueError):
     """A bad run configuration (unknown key, wrong type, impossible value)."""
 

@@ -135,7 +135,7 @@ def test_sorted_matches_dense(problem):
     # Gradients through the gather-only dispatch/combine (custom VJP of permute_rows).
     g = _loss(lambda p, x: moe_sorted(p, x.reshape(-1, D), K))(params, x)
     g0 = _loss(lambda p, x: moe_dense(p, x.reshape(-1, D), K))(params, x)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         assert _rel(a, b) < 1e-5
 
 

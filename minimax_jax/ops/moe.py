@@ -5,8 +5,9 @@ token-expert assignments.
 Three paths compute the same thing: `moe_dense` runs every expert on every token (a reference
 for tests and tiny models), `moe_sorted` sorts assignments by expert and runs grouped matmuls
 (dropless, `pallas_kernels.moe.grouped_matmul`), and `moe_gather` gathers each assignment's
-expert weights (decode-sized batches: only the routed experts' weights are read). The expert-parallel path is in
-`minimax_jax.ops.moe_parallel` and reuses `sort_by_expert`, `expert_ffn` and `combine`.
+expert weights (decode-sized batches: only the routed experts' weights are read). The
+expert-parallel path is in `minimax_jax.ops.moe_parallel` and reuses `sort_by_expert`,
+`expert_ffn`, `dispatch` and `combine`.
 `router_aux` turns router logits into the training losses (Switch load balancing, z-loss) and
 the per-expert load.
 """

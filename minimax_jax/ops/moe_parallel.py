@@ -34,12 +34,14 @@ from jax.sharding import Mesh, PartitionSpec
 
 from minimax_jax.ops.moe import (
     combine,
-    dispatch as dispatch_rows,
     expert_ffn,
     inverse_permutation,
     permute_rows,
     route,
     sort_by_expert,
+)
+from minimax_jax.ops.moe import (
+    dispatch as dispatch_rows,
 )
 from pallas_kernels.moe.api import match_vma
 
