@@ -26,6 +26,19 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def add_run_args(ap, budget_s: float, run_reserve_s: float) -> None:
+    """The flags both scripts share: kernels, time budget, compile threads, smoke mode, output."""
+    ap.add_argument("--lightning_impl", default=None, help="default: xla if heads are sharded")
+    ap.add_argument("--budget_s", type=float, default=budget_s)
+    ap.add_argument("--first_row_guess_s", type=float, default=30)
+    ap.add_argument("--run_reserve_s", type=float, default=run_reserve_s,
+                    help="budget kept for the rows")  # fmt: skip
+    ap.add_argument("--compile_workers", type=int, default=4, help="programs compiled at once")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cpu_devices", type=int, default=0)
+    ap.add_argument("--out", default=None)
+
+
 def setup_jax(cpu_devices: int = 0):
     """Import JAX; with cpu_devices, run on that many simulated CPU devices."""
     import jax

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     Compiler,
     GiB,
     Rows,
+    add_run_args,
     device_bytes,
     gib,
     init_random_params,
@@ -143,14 +144,7 @@ def main() -> None:
         help="1 + a multiple of 16: one compiled copy of the step in the decode loop",
     )
     ap.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0: largest that fits")
-    ap.add_argument("--lightning_impl", default=None, help="default: xla if heads are sharded")
-    ap.add_argument("--budget_s", type=float, default=480)
-    ap.add_argument("--first_row_guess_s", type=float, default=30)
-    ap.add_argument("--run_reserve_s", type=float, default=45, help="budget kept for the rows")
-    ap.add_argument("--compile_workers", type=int, default=4, help="programs compiled at once")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--cpu_devices", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    add_run_args(ap, budget_s=480, run_reserve_s=45)
     args = ap.parse_args()
     budget = Budget(args.budget_s, args.first_row_guess_s)
     jax = setup_jax(args.cpu_devices)

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     Budget,
     Compiler,
     Rows,
+    add_run_args,
     device_bytes,
     init_random_params,
     lightning_impl,
@@ -59,14 +60,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x4096,1x8192", help="BxT per row")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     ap.add_argument("--remat", default="full", choices=["none", "dots", "full"])
-    ap.add_argument("--lightning_impl", default=None, help="default: xla if heads are sharded")
-    ap.add_argument("--budget_s", type=float, default=240)
-    ap.add_argument("--first_row_guess_s", type=float, default=30)
-    ap.add_argument("--run_reserve_s", type=float, default=30, help="budget kept for the rows")
-    ap.add_argument("--compile_workers", type=int, default=4, help="programs compiled at once")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--cpu_devices", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    add_run_args(ap, budget_s=240, run_reserve_s=30)
     args = ap.parse_args()
     budget = Budget(args.budget_s, args.first_row_guess_s)
     jax = setup_jax(args.cpu_devices)
