@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
 from minimax_jax.ops.decoder import RunOptions  # noqa: E402
 from minimax_jax.sampling import Engine, SamplingParams, sample_token  # noqa: E402
@@ -51,21 +52,10 @@ def bench_config(tiny: bool, layer_types=None) -> ModelConfig:
     )  # fmt: skip
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of fn() (which must block) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     x = jnp.ones((1 << 28,), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
-    sec = timed(lambda: f(x).block_until_ready(), 10)
+    sec = timed(lambda: f(x).block_until_ready(), 10, warmup=1)
     return 2 * x.size * 2 / sec
 
 
@@ -145,7 +135,7 @@ def bench_hf(cfg, model, batch, prompt, new, base):
             ref.generate(ids, **kw)
         torch.cuda.synchronize()
 
-    sec = timed(run, 2)
+    sec = timed(run, 2, warmup=1)
     return base | {"impl": "transformers.generate", "batch": batch, "prompt": prompt,
                    "new_tokens": new, "tokens_per_s": batch * new / sec,
                    "step_ms": sec / new * 1e3}  # fmt: skip
@@ -160,7 +150,7 @@ def bench_prefill(cfg, model, length, chunk, base, label):
         logits, _ = engine.prefill(ids, np.ones_like(ids), plan)
         logits.block_until_ready()
 
-    sec = timed(run, 2)
+    sec = timed(run, 2, warmup=1)
     return base | {"impl": f"minimax_jax.prefill[{label}]", "batch": 1, "tokens": length,
                    "chunk": chunk, "ms": sec * 1e3, "us_per_token": sec / length * 1e6}  # fmt: skip
 

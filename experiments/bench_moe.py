@@ -42,6 +42,7 @@ import jaxlib  # noqa: E402
 
 from minimax_jax import sharding  # noqa: E402
 from minimax_jax.ops import moe_parallel  # noqa: E402
+from minimax_jax.ops.moe import dispatch as dispatch_rows  # noqa: E402
 from minimax_jax.ops.moe import moe_sorted, route, sort_by_expert  # noqa: E402
 from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
 from pallas_kernels.moe.api import grouped_matmul, resolve_implementation  # noqa: E402
@@ -94,8 +95,8 @@ def make_problem(m: int, d: int, f: int, e: int, k: int, dtype, seed: int = 0):
 def sorted_rows(params, x, k):
     """The gmm operands of the layer: rows sorted by expert [A,D] and group sizes [E]."""
     _, experts, _ = route(x, params["router"], k)
-    _, token_of, gs = sort_by_expert(experts, params["wi"].shape[0])
-    return jnp.take(x, token_of, axis=0), gs
+    order, gs = sort_by_expert(experts, params["wi"].shape[0])
+    return dispatch_rows(x, order, k), gs
 
 
 def fwd_and_bwd(fn):

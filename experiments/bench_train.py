@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import types
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -31,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig  # noqa: E402
 from minimax_jax.ops.decoder import RunOptions  # noqa: E402
 from minimax_jax.train_config import OptimSection  # noqa: E402
@@ -55,18 +54,6 @@ def bench_config(tiny: bool) -> ModelConfig:
         max_position_embeddings=1 << 20, schema="native", slope_formula="native",
         architecture="MiniMaxForCausalLM",
     )  # fmt: skip
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of fn() (which must block) after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_one(config, seq_len: int, rows: int, args) -> dict:

@@ -43,7 +43,6 @@ import argparse
 import faulthandler
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -56,6 +55,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from convert import vl_mapping  # noqa: E402
+from experiments.timing import timed  # noqa: E402
 from minimax_jax import vision, vl_model  # noqa: E402
 from minimax_jax.config import ModelConfig  # noqa: E402
 from minimax_jax.processor import MiniMaxVLProcessor  # noqa: E402
@@ -71,17 +71,6 @@ def bench_config(small: bool) -> VLConfig:
     text = ModelConfig.preset("tiny-remote").replace(hidden_size=64, vocab_size=512)
     vis = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
     return VLConfig(text=text, vision=vis, image_token_index=500)
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of fn() (which must synchronise) after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def synthetic_pixels(cfg: VLConfig) -> np.ndarray:

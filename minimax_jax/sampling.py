@@ -123,9 +123,8 @@ class Engine:
         self.config, self.params = config, params
         self.prefill_chunk = prefill_chunk
         self.kv_dtype = kv_dtype or jnp.asarray(params["embed"]).dtype
-        self.mesh = options.mesh if options else None
-        self.rules = options.rules if options else None
         options = options or RunOptions()
+        self.mesh, self.rules = options.mesh, options.rules
         prefill = functools.partial(
             forward_cached, config, opts=options, compute_dtype=compute_dtype, last_only=True
         )

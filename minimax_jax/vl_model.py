@@ -176,10 +176,15 @@ def resolved_attention_impl(
     candidate that has not failed in this process)."""
     if attention_impl != "auto":
         return attention_impl
+    return _live_candidates(cfg, params, compute_dtype)[1][0]
+
+
+def _live_candidates(cfg, params, compute_dtype) -> tuple[tuple, list[str]]:
+    """(backend, dtype, head dim) and the "auto" candidates that have not failed there."""
     dtype = _tower_dtype(params, compute_dtype)
     key = (jax.default_backend(), dtype.name, cfg.head_dim)
     cands = auto_attention_candidates(dtype, cfg.head_dim)
-    return next(c for c in cands if (*key, c) not in _ATTENTION_FAILED or c == "xla")
+    return key, [c for c in cands if (*key, c) not in _ATTENTION_FAILED or c == "xla"]
 
 
 def _encode_chunk(cfg, params, chunk, compute_dtype, attention_impl, unroll) -> jax.Array:
@@ -189,13 +194,7 @@ def _encode_chunk(cfg, params, chunk, compute_dtype, attention_impl, unroll) -> 
     tower, proj = params["vision_tower"], params["projector"]
     if attention_impl != "auto":
         return _encode_tiles(cfg, tower, proj, chunk, compute_dtype, attention_impl, unroll)
-    dtype = _tower_dtype(params, compute_dtype)
-    key = (jax.default_backend(), dtype.name, cfg.head_dim)
-    cands = [
-        c
-        for c in auto_attention_candidates(dtype, cfg.head_dim)
-        if (*key, c) not in _ATTENTION_FAILED or c == "xla"
-    ]
+    key, cands = _live_candidates(cfg, params, compute_dtype)
     for i, impl in enumerate(cands):
         if impl == "xla":
             return _encode_tiles(cfg, tower, proj, chunk, compute_dtype, impl, unroll)

@@ -117,16 +117,16 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
-def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """experts [M,k] int32 -> (order [A], token_of [A], group_sizes [E] int32).
+def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """experts [M,k] int32 -> (order [A], group_sizes [E] int32).
 
-    order: the flat assignments (m*k + slot) sorted by expert (stable); token_of: the source token
-    of each sorted row; group_sizes: rows per expert.
+    order: the flat assignments (m*k + slot) sorted by expert (stable), so sorted row a comes
+    from token order[a] // k; group_sizes: rows per expert.
     """
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, order // experts.shape[1], group_sizes
+    return order, group_sizes
 
 
 def expert_ffn(
@@ -165,7 +165,7 @@ def moe_sorted(
     """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E])."""
     e = params["wi"].shape[0]
     weights, experts, logits = route(x, params["router"], top_k)
-    order, _, group_sizes = sort_by_expert(experts, e)
+    order, group_sizes = sort_by_expert(experts, e)
     xs = dispatch(x, order, top_k)  # [A,D]
     ys = expert_ffn(xs, params["wi"], params["wo"], group_sizes, implementation)
     return combine(ys, weights, order, x.shape[0]).astype(x.dtype), logits

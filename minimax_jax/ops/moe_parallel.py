@@ -153,7 +153,7 @@ def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, 
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     weights, experts, logits = route(xf, router, top_k)
-    order, _, gs = sort_by_expert(experts, router.shape[1])
+    order, gs = sort_by_expert(experts, router.shape[1])
     xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert
     if mode == "local":
         ys = expert_ffn(xs, wi, wo, gs, impl)
