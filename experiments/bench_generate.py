@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.profiling import kernel_profile  # noqa: E402
 from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
 from minimax_jax.ops.decoder import RunOptions  # noqa: E402
@@ -90,7 +91,8 @@ def parse_variant(name: str) -> dict:
     return kw
 
 
-def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default"):
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default",
+                 profile=False):
     params = model.pure_params()
     kw = parse_variant(variant)
     opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"])
@@ -114,7 +116,21 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="defaul
     sec = statistics.median(run() for _ in range(reps))
     step = sec / (new - 1)
     floor = decode_floor_bytes(cfg, params, batch, prompt + new) / bw
-    return base | {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
+    extra = {}
+    if profile:  # kernel time of one decode loop (new - 1 steps), per op
+        starts = []  # the loop donates its cache: one prefilled cache per profiled call
+        for _ in range(2):
+            logits, cache = engine.prefill(ids, np.ones_like(ids), plan)
+            starts.append((cache, sample_token(logits, jax.random.key(0), sp)))
+        jax.block_until_ready(starts)
+
+        def loop():
+            cache, first = starts.pop()
+            out, _ = engine._loop(engine.params, cache, first, jax.random.key(1), new, sp, eos)
+            out.block_until_ready()
+
+        extra["profile"] = kernel_profile(loop, reps=2, top=40)
+    return base | extra | {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
                    "new_tokens": new, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "tokens_per_s": batch / step, "step_ms": step * 1e3,
                    "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
@@ -178,6 +194,8 @@ def main() -> None:
         help="decode variants, comma-separated "
         "(see parse_variant), e.g. default,sync1+gather0,16:gather32 (B: that batch only)",
     )
+    ap.add_argument("--profile", action="store_true",
+                    help="add a kernel profile of one decode loop to each decode row")
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128
@@ -201,7 +219,8 @@ def main() -> None:
             only, _, v = v.rpartition(":")  # "16:gather32": batch 16 only
             if only and int(only) != b:
                 continue
-            emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base, v))
+            emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base, v,
+                              profile=args.profile))  # fmt: skip
         if not args.no_hf:
             emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, base))
     lin_cfg = bench_config(args.tiny, layer_types=lambda n: [LIN] * n)

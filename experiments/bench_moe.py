@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 
+from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import sharding  # noqa: E402
 from minimax_jax.ops import moe_parallel  # noqa: E402
 from minimax_jax.ops.moe import dispatch as dispatch_rows  # noqa: E402
@@ -56,6 +57,20 @@ SWEEP = [
     moe_gpu.BlockSizes(128, 128, 64, 6, 8),
     moe_gpu.BlockSizes(192, 128, 64, 4, 4),
 ]
+
+
+PROFILE = False  # --profile: add kernel profiles of our layer and the EP rows
+
+
+def profile_row(emit, row, fn, *args) -> None:
+    """A kernel profile of fn(*args) (already compiled and warm) as a row of its own."""
+    if not PROFILE:
+        return
+    try:
+        prof = kernel_profile(lambda: jax.block_until_ready(fn(*args)), reps=2)
+    except Exception as e:  # noqa: BLE001 - a failed profile must not end the benchmark
+        prof = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    emit({**row, "what": f"profile:{row.get('what')}", "profile": prof})
 
 
 def time_ms(fn, *args, iters: int = 10) -> float:
@@ -174,8 +189,11 @@ def layer_rows(params, x, k, impl, emit, base, ragged=True, dense=True):
             ms, err = safe_time(g, p, inp)
             tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
             out[(name, mode)] = tf
-            emit({**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
-                  "routed_rows": a, "ms": ms, "tflops": tf, "error": err})  # fmt: skip
+            row = {**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
+                   "routed_rows": a, "ms": ms, "tflops": tf, "error": err}  # fmt: skip
+            emit(row)
+            if ms is not None and name == impl:
+                profile_row(emit, row, g, p, inp)
     return out
 
 
@@ -234,20 +252,27 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
             ms, err = safe_time(g, p, x3)
             per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
             one = single_tflops.get(mode)
-            emit({**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
-                  "dispatch": dispatch, "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu,
-                  "single_gpu_tflops": one, "goal": 0.8, "error": err,
-                  "per_gpu_vs_single": None if not (per_gpu and one)
-                  else per_gpu / one})  # fmt: skip
+            row = {**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
+                   "dispatch": dispatch, "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu,
+                   "single_gpu_tflops": one, "goal": 0.8, "error": err,
+                   "per_gpu_vs_single": None if not (per_gpu and one)
+                   else per_gpu / one}  # fmt: skip
+            emit(row)
+            if ms is not None and mode == "fwd":
+                profile_row(emit, row, g, p, x3)
         real_ffn = moe_parallel.expert_ffn
-        moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl: xs  # dispatch only
+        moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl, **kw: xs  # dispatch only
+        only = jax.jit(layer)
         try:
-            ms, err = safe_time(jax.jit(layer), p, x3)
+            ms, err = safe_time(only, p, x3)
+            row = {**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
+                   "capacity_factor": cf, "dispatch": dispatch, "ms": ms, "error": err,
+                   "note": "route + sort + 2 all-to-alls + combine, FFN skipped"}  # fmt: skip
+            emit(row)
+            if ms is not None:
+                profile_row(emit, row, only, p, x3)
         finally:
             moe_parallel.expert_ffn = real_ffn
-        emit({**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
-              "capacity_factor": cf, "dispatch": dispatch, "ms": ms, "error": err,
-              "note": "route + sort + 2 all-to-alls + combine, FFN skipped"})  # fmt: skip
 
 
 def sweep_blocks(xs, gs, w, emit, base) -> None:
@@ -278,6 +303,8 @@ def parse_args():
         help="only our layer on 1 GPU (the "
         "baseline) and the EP rows (dropless dense dispatch, capacity 1.25 fwd)",
     )
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel profiles of our layer (fwd, fwd+bwd) and of the EP rows")
     ap.add_argument(
         "--ragged_max_tokens",
         type=int,
@@ -289,7 +316,9 @@ def parse_args():
 
 
 def main() -> None:
+    global PROFILE
     args = parse_args()
+    PROFILE = args.profile
     e, k, d, f = (32, 2, 6144, 9216) if not args.small else (8, 2, 128, 192)
     tokens = [int(t) for t in args.tokens.split(",")] if not args.small else [256]
     dtype = jnp.bfloat16

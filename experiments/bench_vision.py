@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from convert import vl_mapping  # noqa: E402
+from experiments.profiling import kernel_profile, torch_profile  # noqa: E402
 from experiments.timing import timed  # noqa: E402
 from minimax_jax import vision, vl_model  # noqa: E402
 from minimax_jax.config import ModelConfig  # noqa: E402
@@ -141,6 +142,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny tower, float32 (CPU smoke run)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget_s", type=int, default=180, help="hard exit after this many s")
+    ap.add_argument("--profile", action="store_true",
+                    help="only: transformers and our device-pixel tower (cuDNN attention), each "
+                    "with a kernel profile (experiments/profiling.py)")
     args = ap.parse_args()
     # Hard limit from a watchdog thread (fires even inside a blocked device call); rows are
     # written as soon as measured, so a cut-short run keeps them.
@@ -193,6 +197,9 @@ def main() -> None:
     t_sec = timed(lambda: ref(tpix), args.reps)
     emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector", "attn": attn,
                  "ms": t_sec * 1e3, "tiles_per_s": EXPECTED_TILES / t_sec})  # fmt: skip
+    if args.profile and tdev == "cuda":
+        emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector", "what": "profile",
+                     "profile": torch_profile(lambda: (ref(tpix), torch.cuda.synchronize()))})
 
     def ours_row(impl, fn, tiles_run, attn, **extra):
         row = base | {"impl": impl, "attn": attn, "tiles_run": tiles_run, **extra}
@@ -217,8 +224,11 @@ def main() -> None:
             np.pad(pixels, ((0, n - EXPECTED_TILES), (0, 0), (0, 0), (0, 0))).astype(dtype)
         )
         fn = lambda: vl_model._encode_tiles(v, tower_p, proj_p, dpix, None, attn, unroll)  # noqa: E731,SLF001
-        ours_row(name or f"minimax_jax._encode_tiles[device pixels, {n} tiles]", fn, n, attn,
-                 unroll=unroll)  # fmt: skip
+        name = name or f"minimax_jax._encode_tiles[device pixels, {n} tiles]"
+        ours_row(name, fn, n, attn, unroll=unroll)
+        if args.profile:
+            emit(base | {"impl": name, "attn": attn, "what": "profile",
+                         "profile": kernel_profile(lambda: jax.block_until_ready(fn()))})
 
     def fused_name(attn, unrolled=False):
         return (f"minimax_jax._encode_tiles[device pixels, {EXPECTED_TILES} tiles, "
@@ -236,6 +246,10 @@ def main() -> None:
                  attention_failures=failures, **kw)  # fmt: skip
         return attn
 
+    if args.profile:
+        device_row(EXPECTED_TILES, "cudnn" if dev.platform == "gpu" else "xla")
+        device_row(EXPECTED_TILES, "cudnn" if dev.platform == "gpu" else "xla", unroll=True)
+        return
     # Most important first (the driver may cut the run short): the model's path, then the same
     # jitted call on device pixels for each fused attention (the resolved one first).
     auto = host_row("minimax_jax.encode_tiles[host pixels]")

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from minimax_jax import sharding
-from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted, route, router_aux
+from minimax_jax.ops.moe import expert_ffn, moe_dense, moe_gather, moe_sorted, route, router_aux
+from minimax_jax.ops.moe import row_bucket_sizes as expert_ffn_sizes
+from minimax_jax.ops import moe_parallel
 from minimax_jax.ops.moe_parallel import moe_ep
 
 D, E, F, K = 64, 4, 96, 2
@@ -61,8 +63,10 @@ def _place(params, mesh, rules):
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_ep_matches_dense(problem, mesh_name):
+def test_ep_matches_dense(problem, mesh_name, monkeypatch):
     params, x = problem
+    # Row buckets of 8 rows, so the receive side's lax.switch runs at these tiny sizes too.
+    monkeypatch.setattr(moe_parallel, "EP_ROW_MULTIPLE", 8)
     mesh = _mesh(mesh_name)
     rules, _ = sharding.load_rules("fsdp_ep")
     ps = _place(params, mesh, rules)
@@ -173,3 +177,33 @@ def test_router_aux_and_jitter(problem):
     w2, _, _ = route(xf, params["router"], K, jitter_key=jax.random.key(1), jitter_noise=0.1)
     w0, _, _ = route(xf, params["router"], K)
     assert np.array_equal(w1, w2) and not np.array_equal(w1, w0)
+
+
+@pytest.mark.parametrize("used", [0, 1, 300, 777, 1024])
+def test_expert_ffn_row_buckets(used):
+    """The bucketed FFN (EP receive buffers) equals the plain one, values and gradients, for
+    every used-row count; rows past the used ones give zero either way."""
+    assert expert_ffn_sizes(1024, 8) == (128, 256, 384, 512, 640, 768, 896, 1024)
+    assert expert_ffn_sizes(1000, 3) == (384, 768, 1000)
+    k = jax.random.split(jax.random.key(3), 4)
+    xs = jax.random.normal(k[0], (1024, D))  # the unused tail holds garbage, not zeros
+    wi = jax.random.normal(k[1], (E, D, 2, F)) / 8
+    wo = jax.random.normal(k[2], (E, F, D)) / 10
+    cuts = np.sort(np.random.RandomState(used).randint(0, used + 1, E - 1))
+    gs = jnp.asarray(np.diff(np.concatenate([[0], cuts, [used]])), jnp.int32)
+    assert int(gs.sum()) == used
+
+    def loss(buckets):
+        def f(xs, wi, wo):
+            y = expert_ffn(xs, wi, wo, gs, "xla", row_buckets=buckets)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(xs, wi, wo)
+
+    (l1, y1), g1 = loss(1)
+    (l8, y8), g8 = loss(8)
+    assert np.all(np.asarray(y8[used:]) == 0) and np.all(np.asarray(y1[used:]) == 0)
+    if used:
+        assert _rel(y8, y1) < 1e-6
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
+        assert _rel(a, b) < 1e-5 if np.any(np.asarray(b)) else not np.any(np.asarray(a))

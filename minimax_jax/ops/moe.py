@@ -12,6 +12,8 @@ expert-parallel path is in `minimax_jax.ops.moe_parallel` and reuses `sort_by_ex
 the per-expert load.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -129,17 +131,51 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     return order, group_sizes
 
 
-def expert_ffn(
-    xs: jax.Array, wi: jax.Array, wo: jax.Array, group_sizes: jax.Array, implementation="auto"
-) -> jax.Array:
-    """Rows sorted by expert xs [A,D], wi [E,D,2,F], wo [E,F,D], group_sizes [E] -> [A,D].
-
-    Rows past sum(group_sizes) give zero. w1/w3 run as one fused grouped matmul.
-    """
+def _ffn(xs, wi, wo, group_sizes, implementation):
     e, d, _, f = wi.shape
     h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), group_sizes, implementation=implementation)
     h = _swiglu(h.reshape(-1, 2, f))
     return grouped_matmul(h, wo, group_sizes, implementation=implementation)
+
+
+def row_bucket_sizes(rows: int, buckets: int, multiple: int = 128) -> tuple[int, ...]:
+    """Static prefix lengths for `expert_ffn(row_buckets=...)`: i/buckets of rows (i = 1..n),
+    rounded up to `multiple`, the last one rows itself."""
+    sizes = {min(rows, -(-(rows * i // buckets) // multiple) * multiple) for i in range(1, buckets)}
+    return tuple(sorted(sizes | {rows}))
+
+
+def expert_ffn(
+    xs: jax.Array,
+    wi: jax.Array,
+    wo: jax.Array,
+    group_sizes: jax.Array,
+    implementation="auto",
+    *,
+    row_buckets: int = 1,
+    row_multiple: int = 128,
+) -> jax.Array:
+    """Rows sorted by expert xs [A,D], wi [E,D,2,F], wo [E,F,D], group_sizes [E] -> [A,D].
+
+    Rows past sum(group_sizes) give zero. w1/w3 run as one fused grouped matmul.
+    row_buckets > 1: for buffers mostly made of unused tail rows (the expert-parallel receive
+    buffer is sized for the worst case), run the matmuls on the shortest of `row_bucket_sizes`
+    prefixes (multiples of row_multiple) that holds every used row (a `lax.switch`): the
+    grouped-matmul kernels do work for every row tile of their operand, used or not.
+    """
+    a = xs.shape[0]
+    sizes = row_bucket_sizes(a, row_buckets, row_multiple) if row_buckets > 1 else (a,)
+    if len(sizes) == 1:
+        return _ffn(xs, wi, wo, group_sizes, implementation)
+
+    def prefix(n, xs, wi, wo, gs):
+        ys = _ffn(xs[:n], wi, wo, gs, implementation)
+        return jnp.pad(ys, ((0, a - n), (0, 0)))
+
+    used = jnp.sum(group_sizes)
+    which = jnp.searchsorted(jnp.asarray(sizes, used.dtype), used, side="left")
+    branches = [functools.partial(prefix, n) for n in sizes]
+    return jax.lax.switch(jnp.minimum(which, len(sizes) - 1), branches, xs, wi, wo, group_sizes)
 
 
 def combine(ys: jax.Array, weights: jax.Array, order: jax.Array, m: int) -> jax.Array:

@@ -46,6 +46,10 @@ from minimax_jax.ops.moe import (
 from pallas_kernels.moe.api import match_vma
 
 DISPATCHES = ("auto", "ragged", "dense")
+# The receive buffer holds up to P*A rows, about A of them used with balanced routing: the
+# grouped matmuls run on the shortest of this many static prefixes that holds the used rows.
+EP_ROW_BUCKETS = 8
+EP_ROW_MULTIPLE = 128  # the GPU kernels' row tile
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -129,7 +133,9 @@ def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
     got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk)
     order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True).astype(jnp.int32)
     inv = inverse_permutation(order)
-    ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl)
+    ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl,
+                    row_buckets=EP_ROW_BUCKETS if capacity > a else 1,
+                    row_multiple=EP_ROW_MULTIPLE)  # fmt: skip
     ys = permute_rows(ys, inv, order)  # back to arrival order
     back_off = _exclusive_cumsum(full, axis=1)[:, me]  # where each source keeps my experts' rows
     out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
