@@ -72,7 +72,8 @@ def kernel_profile(fn, reps: int = 3, top: int = 30) -> dict:
 
     Returns {"devices": {plane: {"span_us", "busy_us", "idle_us", "kernels"}} per rep,
     "by_kind": {kind: {"us", "count"}} per rep (`kernel_kind`),
-    "top": [{"op", "kernel", "us", "count", "share"}] per rep over all devices, top entries}.
+    "top": [{"op", "kernel", "us", "count", "share"}] per rep over all devices, top entries,
+    "top_kernels": the same per kernel name}.
     """
     tmp = tempfile.mkdtemp(prefix="jaxprof")
     try:
@@ -83,16 +84,17 @@ def kernel_profile(fn, reps: int = 3, top: int = 30) -> dict:
         if not files:
             return {"error": "no xplane.pb written"}
         per_op = collections.defaultdict(lambda: [0.0, 0, ""])
+        per_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
         by_kind = collections.defaultdict(lambda: [0.0, 0])
         spans = collections.defaultdict(list)
         for plane, _line, name, op, start, dur in _device_events(files[0]):
             kind = by_kind[kernel_kind(name)]
             kind[0] += dur
             kind[1] += 1
-            acc = per_op[op]
-            acc[0] += dur
-            acc[1] += 1
-            acc[2] = acc[2] or name[:120]
+            for acc, label in ((per_op[op], name), (per_kernel[name[:120]], op)):
+                acc[0] += dur
+                acc[1] += 1
+                acc[2] = acc[2] or label[:120]
             spans[plane].append((start, start + dur))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +109,12 @@ def kernel_profile(fn, reps: int = 3, top: int = 30) -> dict:
     top_rows = [{"op": op, "kernel": kern, "us": ns / 1e3 / reps, "count": n / reps,
                  "share": ns / total} for op, (ns, n, kern) in rows]  # fmt: skip
     kinds = {k: {"us": ns / 1e3 / reps, "count": n / reps} for k, (ns, n) in by_kind.items()}
-    return {"devices": devices, "by_kind": kinds, "top": top_rows, "reps": reps}
+    # Kernels inside a command buffer share its op name: the same totals per kernel name too.
+    krows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    top_kernels = [{"kernel": kern, "op": op, "us": ns / 1e3 / reps, "count": n / reps,
+                    "share": ns / total} for kern, (ns, n, op) in krows]  # fmt: skip
+    return {"devices": devices, "by_kind": kinds, "top": top_rows, "top_kernels": top_kernels,
+            "reps": reps}  # fmt: skip
 
 
 def torch_profile(fn, reps: int = 3, top: int = 30) -> dict:

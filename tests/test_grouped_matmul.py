@@ -113,3 +113,16 @@ class TestGpu(GroupedMatmulTest):
     impl = "gpu"
     dtype = jnp.bfloat16
     fwd_tol, grad_tol = 2e-2, 5e-2
+
+
+def test_gpu_blocks_fit_n_without_padding_the_weights():
+    """grid_block_n shrinks to divide N's tile count (no per-call copy of padded weights)."""
+    from pallas_kernels.moe.gpu import BlockSizes, fit_blocks
+
+    base = BlockSizes()  # block_n 128, grid_block_n 4
+    assert fit_blocks(base, 2 * 1408).grid_block_n == 2  # 22 tiles
+    assert fit_blocks(base, 2 * 9216) is base  # 144 tiles: unchanged
+    assert fit_blocks(base, 2048).grid_block_n == 4
+    assert fit_blocks(base, 100).grid_block_n == 1  # one (padded) tile
+    assert fit_blocks(base, 5 * 128).grid_block_n == 1
+    assert fit_blocks(base, 6 * 128).grid_block_n == 3

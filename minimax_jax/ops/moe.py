@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.moe import grouped_matmul
+from pallas_kernels.moe.api import grouped_matmul_vjp, match_vma
 
 
 def route(
@@ -161,21 +162,70 @@ def expert_ffn(
     row_buckets > 1: for buffers mostly made of unused tail rows (the expert-parallel receive
     buffer is sized for the worst case), run the matmuls on the shortest of `row_bucket_sizes`
     prefixes (multiples of row_multiple) that holds every used row (a `lax.switch`): the
-    grouped-matmul kernels do work for every row tile of their operand, used or not.
+    grouped-matmul kernels do work for every row tile of their operand, used or not. Its custom
+    VJP keeps one [A,2F] residual (a plain switch under autodiff keeps every branch's).
     """
     a = xs.shape[0]
     sizes = row_bucket_sizes(a, row_buckets, row_multiple) if row_buckets > 1 else (a,)
     if len(sizes) == 1:
         return _ffn(xs, wi, wo, group_sizes, implementation)
+    # One set of varying mesh axes for every operand (inside shard_map), so the custom VJP's
+    # cotangents have the primal types; the pcast outside transposes to a psum of the weights'.
+    wi, wo, group_sizes = (match_vma(t, xs) for t in (wi, wo, group_sizes))
+    xs = match_vma(xs, wi)
+    return _bucketed_ffn(sizes, implementation, xs, wi, wo, group_sizes)
 
-    def prefix(n, xs, wi, wo, gs):
-        ys = _ffn(xs[:n], wi, wo, gs, implementation)
-        return jnp.pad(ys, ((0, a - n), (0, 0)))
 
+def _bucket(sizes: tuple[int, ...], group_sizes: jax.Array) -> jax.Array:
     used = jnp.sum(group_sizes)
     which = jnp.searchsorted(jnp.asarray(sizes, used.dtype), used, side="left")
-    branches = [functools.partial(prefix, n) for n in sizes]
-    return jax.lax.switch(jnp.minimum(which, len(sizes) - 1), branches, xs, wi, wo, group_sizes)
+    return jnp.minimum(which, len(sizes) - 1)
+
+
+def _pad_rows(y: jax.Array, rows: int) -> jax.Array:
+    return jnp.pad(y, ((0, rows - y.shape[0]), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bucketed_ffn(sizes, impl, xs, wi, wo, gs):
+    return _bucketed_fwd(sizes, impl, xs, wi, wo, gs)[0]
+
+
+def _bucketed_fwd(sizes, impl, xs, wi, wo, gs):
+    a = xs.shape[0]
+    e, d, _, f = wi.shape
+
+    def branch(n, xs, wi, wo, gs):
+        h = grouped_matmul(xs[:n], wi.reshape(e, d, 2 * f), gs, implementation=impl)
+        y = grouped_matmul(_swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
+        return _pad_rows(y, a), _pad_rows(h, a)
+
+    which = _bucket(sizes, gs)
+    branches = [functools.partial(branch, n) for n in sizes]
+    y, h = jax.lax.switch(which, branches, xs, wi, wo, gs)
+    return y, (xs, wi, wo, gs, h, which)
+
+
+def _bucketed_bwd(sizes, impl, res, dy):
+    xs, wi, wo, gs, h, which = res
+    a = xs.shape[0]
+    e, d, _, f = wi.shape
+
+    def branch(n, xs, wi, wo, gs, h, dy):
+        hn = h[:n].reshape(-1, 2, f)
+        act, act_vjp = jax.vjp(_swiglu, hn)
+        dact, dwo = grouped_matmul_vjp(act, wo, gs, dy[:n].astype(act.dtype), implementation=impl)
+        (dh,) = act_vjp(dact)
+        dxs, dwi = grouped_matmul_vjp(xs[:n], wi.reshape(e, d, 2 * f), gs, dh.reshape(n, 2 * f),
+                                      implementation=impl)  # fmt: skip
+        return _pad_rows(dxs, a), dwi.reshape(wi.shape), dwo
+
+    branches = [functools.partial(branch, n) for n in sizes]
+    dxs, dwi, dwo = jax.lax.switch(which, branches, xs, wi, wo, gs, h, dy)
+    return dxs.astype(xs.dtype), dwi.astype(wi.dtype), dwo.astype(wo.dtype), None
+
+
+_bucketed_ffn.defvjp(_bucketed_fwd, _bucketed_bwd)
 
 
 def combine(ys: jax.Array, weights: jax.Array, order: jax.Array, m: int) -> jax.Array:

@@ -30,7 +30,14 @@ from pallas_kernels.moe import reference as _reference
 from pallas_kernels.moe import tpu as _tpu
 from pallas_kernels.moe import xla as _xla
 
-__all__ = ["IMPLEMENTATIONS", "grouped_matmul", "match_vma", "resolve_implementation", "tgmm"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "grouped_matmul",
+    "grouped_matmul_vjp",
+    "match_vma",
+    "resolve_implementation",
+    "tgmm",
+]
 
 IMPLEMENTATIONS = ("auto", "xla", "gpu", "tpu", "tpu_interpret", "reference")
 
@@ -101,6 +108,21 @@ def grouped_matmul(
     # the primal types (the pcast outside transposes to the psum of dw over the data axes).
     x, w = match_vma(x, w), match_vma(w.astype(x.dtype), x)
     return _grouped_matmul(impl, x, w, match_vma(group_sizes.astype("int32"), x))
+
+
+def grouped_matmul_vjp(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, dy: jax.Array, *,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """The backward of `grouped_matmul(x, w, group_sizes)` for cotangent dy [M,N], without its
+    forward: (dx [M,K] in x's dtype, dw [E,K,N] in w's dtype). For fused custom VJPs."""
+    _check(x, w, group_sizes)
+    impl = resolve_implementation(implementation)
+    if implementation == "auto" and impl == "gpu" and x.dtype.itemsize != 2:
+        impl = "xla"
+    x, wc = match_vma(x, w), match_vma(w.astype(x.dtype), x)
+    dx, dw, _ = _bwd(impl, (x, wc, match_vma(group_sizes.astype("int32"), x)), dy)
+    return dx, dw.astype(w.dtype)
 
 
 def _varying(x: jax.Array) -> frozenset:

@@ -1,0 +1,171 @@
+"""Benchmark: decode-sized matmuls (1 or 16 rows) written several ways, as XLA:GPU compiles them.
+
+The decode profile (experiments/README.md, round 6) showed XLA rewriting some 1-row dots into
+an elementwise multiply that materialises a weight-sized product, then a reduce (e.g. a
+[1,16,128,2048] bf16 temporary for a 2048x2048 projection, an fp32 [2,2048,2,1408] one for the
+gathered-expert MoE), and copying each layer's slice of the stacked weights. This script times a
+16-layer chain of each formulation and counts, in the optimised HLO, the loop fusions whose
+output is at least as large as one weight and the cuBLAS / Triton GEMM calls:
+
+    python3 experiments/bench_matvec.py --out results.jsonl      # GPU
+    python3 experiments/bench_matvec.py --small                  # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.timing import timed  # noqa: E402
+
+L = 16
+
+
+def hlo_stats(compiled_text: str, big: int) -> dict:
+    """Loop fusions with >= big output elements, GEMM calls, total fusions."""
+    n_big = 0
+    for m in re.finditer(r"= [a-z0-9]+\[([0-9,]*)\]\{[^}]*\} fusion\(.*?kind=kLoop", compiled_text):
+        dims = [int(d) for d in m.group(1).split(",") if d]
+        if dims and int(np.prod(dims)) >= big:
+            n_big += 1
+    return {"big_loop_fusions": n_big,
+            "cublas": compiled_text.count('custom_call_target="__cublas'),
+            "triton_gemm": compiled_text.count("__triton_gemm"),
+            "fusions": compiled_text.count(" fusion(")}  # fmt: skip
+
+
+def proj_variants(d, n1, n2):
+    """x [B,D] -> [B,N] with w [D,n1,n2] written four ways."""
+
+    def einsum_nd(x, w):
+        return jnp.einsum("btd,dnh->btnh", x[:, None], w).reshape(x.shape[0], -1)
+
+    def dot_2d(x, w):
+        return jnp.dot(x, w.reshape(d, n1 * n2))
+
+    def dot_2d_f32(x, w):
+        y = jnp.dot(x, w.reshape(d, n1 * n2), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+
+    def pad_rows(x, w):  # at least 2 rows: never a vector operand
+        if x.shape[0] > 1:
+            return dot_2d_f32(x, w)
+        xp = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+        return dot_2d_f32(xp, w)[:1]
+
+    return {"einsum_nd": einsum_nd, "dot_2d": dot_2d, "dot_2d_f32": dot_2d_f32,
+            "pad_rows": pad_rows}  # fmt: skip
+
+
+def moe_variants(d, f):
+    """Gathered-expert SwiGLU for A = B*2 assignments: x [A,D], wi [E,D,2,F], wo [E,F,D]."""
+
+    def cur(x, wi, wo, ex):
+        h = jnp.einsum("ad,adcf->acf", x, jnp.take(wi, ex, axis=0),
+                       preferred_element_type=jnp.float32).astype(x.dtype)  # fmt: skip
+        a = jax.nn.silu(h[:, 0]) * h[:, 1]
+        return jnp.einsum("af,afd->ad", a, jnp.take(wo, ex, axis=0),
+                          preferred_element_type=jnp.float32).astype(x.dtype)  # fmt: skip
+
+    def flat(x, wi, wo, ex):
+        w1 = jnp.take(wi.reshape(wi.shape[0], d, 2 * f), ex, axis=0)
+        h = jnp.einsum("ad,adn->an", x, w1, preferred_element_type=jnp.float32).astype(x.dtype)
+        a = jax.nn.silu(h[:, :f]) * h[:, f:]
+        return jnp.einsum("af,afd->ad", a, jnp.take(wo, ex, axis=0),
+                          preferred_element_type=jnp.float32).astype(x.dtype)  # fmt: skip
+
+    def rows2(x, wi, wo, ex):  # one extra zero row per assignment: [A,2,D] batched matmuls
+        w1 = jnp.take(wi.reshape(wi.shape[0], d, 2 * f), ex, axis=0)
+        xp = jnp.stack([x, jnp.zeros_like(x)], axis=1)
+        h = jnp.einsum("amd,adn->amn", xp, w1, preferred_element_type=jnp.float32)
+        h = h.astype(x.dtype)
+        a = jax.nn.silu(h[..., :f]) * h[..., f:]
+        y = jnp.einsum("amf,afd->amd", a, jnp.take(wo, ex, axis=0),
+                       preferred_element_type=jnp.float32)  # fmt: skip
+        return y[:, 0].astype(x.dtype)
+
+    def loop(x, wi, wo, ex):  # one 1-row matmul per assignment on a dynamically indexed expert
+        w1 = wi.reshape(wi.shape[0], d, 2 * f)
+        outs = []
+        for i in range(x.shape[0]):
+            h = jnp.dot(x[i : i + 1], w1[ex[i]], preferred_element_type=jnp.float32)
+            h = h.astype(x.dtype)
+            a = jax.nn.silu(h[:, :f]) * h[:, f:]
+            outs.append(jnp.dot(a, wo[ex[i]], preferred_element_type=jnp.float32))
+        return jnp.concatenate(outs).astype(x.dtype)
+
+    return {"moe_cur": cur, "moe_flat": flat, "moe_rows2": rows2, "moe_loop": loop}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--batches", default="1,16")
+    args = ap.parse_args()
+    d, n1, n2, e, f = (64, 4, 16, 4, 48) if args.small else (2048, 16, 128, 8, 1408)
+    dt = jnp.bfloat16
+    dev = jax.devices()[0]
+    base = {"bench": "matvec", "device": dev.device_kind, "jax": jax.__version__, "layers": L}
+    rs = np.random.RandomState(0)
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    stacked = jnp.asarray(rs.randn(L, d, n1, n2) * d**-0.5, dt)
+    layers = [stacked[i] for i in range(L)]
+    wi = jnp.asarray(rs.randn(L, e, d, 2, f) * d**-0.5, dt)
+    wo = jnp.asarray(rs.randn(L, e, f, d) * f**-0.5, dt)
+    wi_l, wo_l = [wi[i] for i in range(L)], [wo[i] for i in range(L)]
+    for b in map(int, args.batches.split(",")):
+        x = jnp.asarray(rs.randn(b, d), dt)
+        for name, fn in proj_variants(d, n1, n2).items():
+            for src, ws in (("stacked", stacked), ("list", layers)):
+
+                def chain(x, ws, fn=fn):
+                    for i in range(L):
+                        x = fn(x, ws[i])[:, :d] * 0.5 + x
+                    return x
+
+                g = jax.jit(chain)
+                txt = g.lower(x, ws).compile().as_text()
+                sec = timed(lambda g=g, ws=ws: g(x, ws).block_until_ready(), 20)
+                byts = L * d * n1 * n2 * 2
+                emit(base | {"what": "proj", "variant": name, "weights": src, "batch": b,
+                             "us_per_layer": sec / L * 1e6, "GBps": byts / sec / 1e9,
+                             **hlo_stats(txt, d * n1 * n2)})  # fmt: skip
+        xa = jnp.repeat(x, 2, axis=0)
+        ex = jnp.asarray(rs.randint(0, e, (L, 2 * b)), jnp.int32)
+        for name, fn in moe_variants(d, f).items():
+            if name == "moe_loop" and b > 1:
+                continue
+
+            def mchain(x, wi, wo, ex, fn=fn):
+                for i in range(L):
+                    x = fn(x, wi[i], wo[i], ex[i]) * 0.5 + x
+                return x
+
+            g = jax.jit(mchain)
+            txt = g.lower(xa, wi_l, wo_l, ex).compile().as_text()
+            sec = timed(lambda g=g: g(xa, wi_l, wo_l, ex).block_until_ready(), 20)
+            touched = min(e, 2 * b)
+            byts = L * touched * 3 * d * f * 2
+            emit(base | {"what": "moe_gather", "variant": name, "batch": b, "assignments": 2 * b,
+                         "us_per_layer": sec / L * 1e6, "GBps_touched": byts / sec / 1e9,
+                         **hlo_stats(txt, d * f)})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
