@@ -262,7 +262,9 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
                 profile_row(emit, row, g, p, x3)
         real_ffn = moe_parallel.expert_ffn
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl, **kw: xs  # dispatch only
-        only = jax.jit(layer)
+        # A new function object: jax.jit(layer) would reuse the executable compiled above with
+        # the real FFN (rounds 4-6 measured whole layers as "dispatch only" that way).
+        only = jax.jit(lambda p, x, f=layer: f(p, x))
         try:
             ms, err = safe_time(only, p, x3)
             row = {**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,

@@ -109,7 +109,7 @@ def test_eos_fills_the_rest_and_sampling_is_seeded(tiny_model, engine):
 
 def test_decode_loop_variants_are_exact(tiny_model, engine):
     """The default engine (16 steps between stop checks, unrolled block scan in decode, the
-    gathered-weight MoE up to 2 x num_experts assignments) gives the same tokens as one step per
+    gathered-weight MoE up to num_experts // 2 assignments) gives the same tokens as one step per
     check with grouped matmuls only, and as other chunkings (also when eos stops every row
     inside a chunk)."""
     cfg, params = tiny_model.config, tiny_model.pure_params()

@@ -7,6 +7,7 @@ heads per kv head, H head dim, D model dim.
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.proj import proj
 from minimax_jax.ops.rope import apply_rope
 
 # A finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax instead of
@@ -50,12 +51,12 @@ def softmax_attention_layer(
     params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; mask [B,T,T].
     Returns [B,T,D].
     """
-    q = jnp.einsum("btd,dnh->btnh", x, params["q"])
-    k = jnp.einsum("btd,dkh->btkh", x, params["k"])
-    v = jnp.einsum("btd,dkh->btkh", x, params["v"])
+    q = proj("btd,dnh->btnh", x, params["q"])
+    k = proj("btd,dkh->btkh", x, params["k"])
+    v = proj("btd,dkh->btkh", x, params["v"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, mask, q.shape[-1] ** -0.5)
-    return jnp.einsum("btnh,nhd->btd", out, params["o"])
+    return proj("btnh,nhd->btd", out, params["o"])
 
 
 def softmax_attention_cached(
@@ -72,13 +73,13 @@ def softmax_attention_cached(
     x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; mask
     [B,T,S] over cache slots. Returns (y [B,T,D], updated cache).
     """
-    q = jnp.einsum("btd,dnh->btnh", x, params["q"])
-    k = jnp.einsum("btd,dkh->btkh", x, params["k"])
-    v = jnp.einsum("btd,dkh->btkh", x, params["v"])
+    q = proj("btd,dnh->btnh", x, params["q"])
+    k = proj("btd,dkh->btkh", x, params["k"])
+    v = proj("btd,dkh->btkh", x, params["v"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = dot_product_attention(
         q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5
     )
-    return jnp.einsum("btnh,nhd->btd", out, params["o"]), {"k": k_all, "v": v_all}
+    return proj("btnh,nhd->btd", out, params["o"]), {"k": k_all, "v": v_all}

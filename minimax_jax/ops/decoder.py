@@ -48,7 +48,9 @@ class RunOptions:
     ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
     ep_capacity_factor: float | None = None  # None: dropless EP buffers (see moe_parallel)
     # "sorted" without a mesh: calls with at most this many token-expert assignments (B*T*k)
-    # use `moe_gather` (decode steps at small batch); None: 2 * num_experts; 0: never.
+    # use `moe_gather` (decode steps at small batch); None: num_experts // 2 (it reads one
+    # expert per assignment; at 32 assignments of 8 experts it made the decode step 1.4x slower
+    # than the grouped kernels, experiments/README.md round 7); 0: never.
     moe_gather_rows: int | None = None
     unroll_blocks: bool = False  # unroll the scan over blocks (the Engine's decode step does)
 
@@ -115,7 +117,7 @@ def _moe(config, params, v, opts):
     if opts.moe_impl == "dense":
         y, logits = moe_dense(params, v.reshape(b * t, d), k)
     elif b * t * k <= (
-        2 * config.num_experts if opts.moe_gather_rows is None else opts.moe_gather_rows
+        config.num_experts // 2 if opts.moe_gather_rows is None else opts.moe_gather_rows
     ):
         y, logits = moe_gather(params, v.reshape(b * t, d), k)
     else:

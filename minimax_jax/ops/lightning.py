@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops.norm import rms_norm
+from minimax_jax.ops.proj import proj
 from pallas_kernels.lightning.api import lightning_attention, lightning_decode
 
 
@@ -31,7 +32,7 @@ def lightning_attention_layer(
     """
     b, t, _ = x.shape
     n, h = params["norm"].shape
-    qkv = jax.nn.silu(jnp.einsum("btd,dnch->btnch", x, params["qkv"]))
+    qkv = jax.nn.silu(proj("btd,dnch->btnch", x, params["qkv"]))
     if token_mask is not None:
         qkv = qkv * token_mask[:, :, None, None, None].astype(qkv.dtype)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -53,6 +54,6 @@ def lightning_attention_layer(
             implementation=implementation,
         )
     o = rms_norm(o.reshape(b, t, n * h), params["norm"].reshape(n * h), norm_eps)
-    gate = jax.nn.sigmoid(jnp.einsum("btd,dnh->btnh", x, params["gate"]))
+    gate = jax.nn.sigmoid(proj("btd,dnh->btnh", x, params["gate"]))
     o = (gate * o.reshape(b, t, n, h)).astype(x.dtype)
-    return jnp.einsum("btnh,nhd->btd", o, params["out"]), state
+    return proj("btnh,nhd->btd", o, params["out"]), state

@@ -263,14 +263,19 @@ def moe_gather(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.A
     For decode-sized M (a few rows): the grouped-matmul kernels visit a tile of every expert
     whatever the group sizes, while this reads only the M*k routed experts' weights. Rounding
     as in `moe_sorted` (expert matmuls in x's dtype with fp32 accumulation, fp32 combine).
+    Each assignment's row is paired with a zero row ([A,2,D] batched matmuls): with one row
+    XLA:GPU materialised an fp32 product of the gathered weights (~2x slower, bench_matvec.py).
     """
-    m, _ = x.shape
+    m, d = x.shape
+    e, _, _, f = params["wi"].shape
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k
     xa = jnp.repeat(x, top_k, axis=0)
-    wi = jnp.take(params["wi"], flat, axis=0).astype(x.dtype)  # [A,D,2,F]
-    h = jnp.einsum("ad,adcf->acf", xa, wi, preferred_element_type=jnp.float32).astype(x.dtype)
+    pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
+    wi = jnp.take(params["wi"].reshape(e, d, 2 * f), flat, axis=0).astype(x.dtype)  # [A,D,2F]
+    h = jnp.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32).astype(x.dtype)
+    act = _swiglu(h.reshape(*h.shape[:2], 2, f))  # [A,2,F]
     wo = jnp.take(params["wo"], flat, axis=0).astype(x.dtype)  # [A,F,D]
-    y = jnp.einsum("af,afd->ad", _swiglu(h), wo, preferred_element_type=jnp.float32)
+    y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
     y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)
     return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits
