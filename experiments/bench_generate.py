@@ -91,8 +91,7 @@ def parse_variant(name: str) -> dict:
     return kw
 
 
-def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default",
-                 profile=False):
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default", profile=False):
     params = model.pure_params()
     kw = parse_variant(variant)
     opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"])
@@ -130,10 +129,11 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="defaul
             out.block_until_ready()
 
         extra["profile"] = kernel_profile(loop, reps=2, top=40)
-    return base | extra | {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
-                   "new_tokens": new, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                   "tokens_per_s": batch / step, "step_ms": step * 1e3,
-                   "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
+    row = {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
+           "new_tokens": new, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "tokens_per_s": batch / step, "step_ms": step * 1e3,
+           "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
+    return base | extra | row
 
 
 def bench_hf(cfg, model, batch, prompt, new, base):
@@ -194,8 +194,11 @@ def main() -> None:
         help="decode variants, comma-separated "
         "(see parse_variant), e.g. default,sync1+gather0,16:gather32 (B: that batch only)",
     )
-    ap.add_argument("--profile", action="store_true",
-                    help="add a kernel profile of one decode loop to each decode row")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="add a kernel profile of one decode loop to each decode row",
+    )
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128

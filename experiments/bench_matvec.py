@@ -141,7 +141,7 @@ def main() -> None:
 
                 g = jax.jit(chain)
                 txt = g.lower(x, ws).compile().as_text()
-                sec = timed(lambda g=g, ws=ws: g(x, ws).block_until_ready(), 20)
+                sec = timed(lambda g=g, ws=ws, x=x: g(x, ws).block_until_ready(), 20)
                 byts = L * d * n1 * n2 * 2
                 emit(base | {"what": "proj", "variant": name, "weights": src, "batch": b,
                              "us_per_layer": sec / L * 1e6, "GBps": byts / sec / 1e9,
@@ -159,7 +159,7 @@ def main() -> None:
 
             g = jax.jit(mchain)
             txt = g.lower(xa, wi_l, wo_l, ex).compile().as_text()
-            sec = timed(lambda g=g: g(xa, wi_l, wo_l, ex).block_until_ready(), 20)
+            sec = timed(lambda g=g, xa=xa, ex=ex: g(xa, wi_l, wo_l, ex).block_until_ready(), 20)
             touched = min(e, 2 * b)
             byts = L * touched * 3 * d * f * 2
             emit(base | {"what": "moe_gather", "variant": name, "batch": b, "assignments": 2 * b,

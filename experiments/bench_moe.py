@@ -305,8 +305,11 @@ def parse_args():
         help="only our layer on 1 GPU (the "
         "baseline) and the EP rows (dropless dense dispatch, capacity 1.25 fwd)",
     )
-    ap.add_argument("--profile", action="store_true",
-                    help="kernel profiles of our layer (fwd, fwd+bwd) and of the EP rows")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="kernel profiles of our layer (fwd, fwd+bwd) and of the EP rows",
+    )
     ap.add_argument(
         "--ragged_max_tokens",
         type=int,

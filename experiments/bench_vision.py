@@ -142,9 +142,12 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny tower, float32 (CPU smoke run)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget_s", type=int, default=180, help="hard exit after this many s")
-    ap.add_argument("--profile", action="store_true",
-                    help="only: transformers and our device-pixel tower (cuDNN attention), each "
-                    "with a kernel profile (experiments/profiling.py)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="only: transformers and our device-pixel tower (cuDNN attention), each "
+        "with a kernel profile (experiments/profiling.py)",
+    )
     args = ap.parse_args()
     # Hard limit from a watchdog thread (fires even inside a blocked device call); rows are
     # written as soon as measured, so a cut-short run keeps them.
@@ -224,8 +227,15 @@ def main() -> None:
         name = name or f"minimax_jax._encode_tiles[device pixels, {n} tiles]"
         ours_row(name, fn, n, attn, unroll=unroll)
         if args.profile:
-            emit(base | {"impl": name, "attn": attn, "what": "profile",
-                         "profile": kernel_profile(lambda: jax.block_until_ready(fn()))})
+            emit(
+                base
+                | {
+                    "impl": name,
+                    "attn": attn,
+                    "what": "profile",
+                    "profile": kernel_profile(lambda: jax.block_until_ready(fn())),
+                }
+            )
 
     def fused_name(attn, unrolled=False):
         return (f"minimax_jax._encode_tiles[device pixels, {EXPECTED_TILES} tiles, "
@@ -247,9 +257,14 @@ def main() -> None:
         device_row(EXPECTED_TILES, "cudnn" if dev.platform == "gpu" else "xla")
         device_row(EXPECTED_TILES, "cudnn" if dev.platform == "gpu" else "xla", unroll=True)
         if tdev == "cuda":  # after ours: a torch profiler session first left JAX's trace empty
-            emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector",
-                         "what": "profile",
-                         "profile": torch_profile(lambda: (ref(tpix), torch.cuda.synchronize()))})
+            emit(
+                base
+                | {
+                    "impl": "transformers.CLIPVisionModel+torch_projector",
+                    "what": "profile",
+                    "profile": torch_profile(lambda: (ref(tpix), torch.cuda.synchronize())),
+                }
+            )
         return
     # Most important first (the driver may cut the run short): the model's path, then the same
     # jitted call on device pixels for each fused attention (the resolved one first).

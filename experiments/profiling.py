@@ -49,8 +49,14 @@ def _device_events(path: str):
                 op = stats.get("hlo_op")
                 if not on_device and not op:
                     continue
-                yield plane.name, line.name, ev.name, str(op or ev.name), ev.start_ns, \
-                    ev.duration_ns
+                yield (
+                    plane.name,
+                    line.name,
+                    ev.name,
+                    str(op or ev.name),
+                    ev.start_ns,
+                    ev.duration_ns,
+                )
 
 
 _KINDS = (("nccl", ("nccl",)), ("copy", ("memcpy", "memset")),
@@ -103,7 +109,8 @@ def kernel_profile(fn, reps: int = 3, top: int = 30) -> dict:
         span = max(e for _, e in iv) - min(s for s, _ in iv)
         busy = _union_ns(iv)
         devices[plane] = {"span_us": span / 1e3 / reps, "busy_us": busy / 1e3 / reps,
-                          "idle_us": (span - busy) / 1e3 / reps, "kernels": len(iv) / reps}  # fmt: skip
+                          "idle_us": (span - busy) / 1e3 / reps,
+                          "kernels": len(iv) / reps}  # fmt: skip
     total = sum(v[0] for v in per_op.values()) or 1.0
     rows = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
     top_rows = [{"op": op, "kernel": kern, "us": ns / 1e3 / reps, "count": n / reps,
@@ -145,10 +152,17 @@ def torch_profile(fn, reps: int = 3, top: int = 30) -> dict:
     total = sum(v[0] for v in per.values()) or 1.0
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
     return {
-        "devices": {"cuda": {"span_us": span / reps, "busy_us": _union_ns(iv) / reps,
-                             "kernels": len(iv) / reps}},  # fmt: skip
+        "devices": {
+            "cuda": {
+                "span_us": span / reps,
+                "busy_us": _union_ns(iv) / reps,
+                "kernels": len(iv) / reps,
+            }
+        },  # fmt: skip
         "by_kind": {k: {"us": us / reps, "count": n / reps} for k, (us, n) in by_kind.items()},
-        "top": [{"kernel": k[:120], "us": us / reps, "count": n / reps, "share": us / total}
-                for k, (us, n) in rows],  # fmt: skip
+        "top": [
+            {"kernel": k[:120], "us": us / reps, "count": n / reps, "share": us / total}
+            for k, (us, n) in rows
+        ],  # fmt: skip
         "reps": reps,
     }

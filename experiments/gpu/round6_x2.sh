@@ -5,15 +5,7 @@
 # GPU 0, the vision tower beside transformers on GPU 1. The decode loop's optimised HLO is
 # kept (tar) so that the profile's op names can be read. Results and logs under $OUT.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-DEADLINE=${DEADLINE:-570}
-t0=$SECONDS
-cap() { # cap MAX: seconds a part may take, at most what is left before the deadline
-  local left=$((DEADLINE - (SECONDS - t0)))
-  ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
+source experiments/gpu/lib.sh
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   timeout -k 5 "$(cap 200)" python3 experiments/bench_moe.py --tokens 65536 --ep --ep_only \

@@ -3,15 +3,7 @@
 # fixes: EP=2 MoE at 64K tokens (both GPUs); then GPU 0: the grouped-matmul GPU tests and decode
 # beside transformers' generate; GPU 1: the vision tower beside transformers. Results under $OUT.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-DEADLINE=${DEADLINE:-560}
-t0=$SECONDS
-cap() { # cap MAX: seconds a part may take, at most what is left before the deadline
-  local left=$((DEADLINE - (SECONDS - t0)))
-  ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
+source experiments/gpu/lib.sh
 timeout -k 5 "$(cap 200)" python3 experiments/bench_moe.py --tokens 65536 --ep --ep_only \
   --out "$OUT/bench_moe.jsonl" > "$OUT/ep.log" 2>&1
 echo "[ep] done at $((SECONDS - t0)) s" >> "$OUT/ep.log"

@@ -6,7 +6,6 @@ The recurrence itself (decay exp(-slope) per token, fp32 state [B,N,H,H]) lives 
 """
 
 import jax
-import jax.numpy as jnp
 
 from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.proj import proj
