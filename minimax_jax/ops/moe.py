@@ -132,11 +132,16 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     return order, group_sizes
 
 
-def _ffn(xs, wi, wo, group_sizes, implementation):
+def _ffn_and_h(xs, wi, wo, group_sizes, implementation):
+    """(expert outputs [A,D], the fused w1/w3 product h [A,2F] before SwiGLU)."""
     e, d, _, f = wi.shape
     h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), group_sizes, implementation=implementation)
-    h = _swiglu(h.reshape(-1, 2, f))
-    return grouped_matmul(h, wo, group_sizes, implementation=implementation)
+    act = _swiglu(h.reshape(-1, 2, f))
+    return grouped_matmul(act, wo, group_sizes, implementation=implementation), h
+
+
+def _ffn(xs, wi, wo, group_sizes, implementation):
+    return _ffn_and_h(xs, wi, wo, group_sizes, implementation)[0]
 
 
 def row_bucket_sizes(rows: int, buckets: int, multiple: int = 128) -> tuple[int, ...]:
@@ -193,11 +198,9 @@ def _bucketed_ffn(sizes, impl, xs, wi, wo, gs):
 
 def _bucketed_fwd(sizes, impl, xs, wi, wo, gs):
     a = xs.shape[0]
-    e, d, _, f = wi.shape
 
     def branch(n, xs, wi, wo, gs):
-        h = grouped_matmul(xs[:n], wi.reshape(e, d, 2 * f), gs, implementation=impl)
-        y = grouped_matmul(_swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
+        y, h = _ffn_and_h(xs[:n], wi, wo, gs, impl)
         return _pad_rows(y, a), _pad_rows(h, a)
 
     which = _bucket(sizes, gs)
