@@ -77,8 +77,9 @@ def decode_floor_bytes(cfg: ModelConfig, params, batch: int, kv_len: int) -> int
 
 def parse_variant(name: str) -> dict:
     """'default' (the Engine's defaults) or '+'-joined overrides: syncN (Engine sync_every=N),
-    gatherN (RunOptions moe_gather_rows=N; gather0 = grouped matmuls only)."""
-    kw = {"sync_every": 16, "moe_gather_rows": None}
+    gatherN (RunOptions moe_gather_rows=N; gather0 = grouped matmuls only), mvxla (one-row
+    projections and the gathered MoE on XLA instead of the pallas_kernels.matvec kernel)."""
+    kw = {"sync_every": 16, "moe_gather_rows": None, "matvec_impl": "auto"}
     for tok in filter(None, name.split("+")):
         if tok == "default":
             continue
@@ -86,6 +87,8 @@ def parse_variant(name: str) -> dict:
             kw["sync_every"] = int(tok[4:])
         elif tok.startswith("gather"):
             kw["moe_gather_rows"] = int(tok[6:])
+        elif tok == "mvxla":
+            kw["matvec_impl"] = "xla"
         else:
             raise SystemExit(f"unknown variant token {tok!r} in {name!r}")
     return kw
@@ -94,7 +97,7 @@ def parse_variant(name: str) -> dict:
 def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default", profile=False):
     params = model.pure_params()
     kw = parse_variant(variant)
-    opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"])
+    opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"], matvec_impl=kw["matvec_impl"])
     engine = Engine(
         cfg, params, prefill_chunk=min(prompt, 2048), options=opts, sync_every=kw["sync_every"]
     )

@@ -26,6 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.timing import timed  # noqa: E402
+from pallas_kernels.matvec import gathered_matvec  # noqa: E402
+from pallas_kernels.moe import grouped_matmul  # noqa: E402
 
 L = 16
 
@@ -62,8 +64,14 @@ def proj_variants(d, n1, n2):
         xp = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
         return dot_2d_f32(xp, w)[:1]
 
+    def kernel(x, w):  # pallas_kernels.matvec (one row only; other batches: the GEMM)
+        if x.shape[0] > 1:
+            return dot_2d_f32(x, w)
+        y = gathered_matvec(x, w.reshape(1, d, n1 * n2), jnp.zeros((1,), jnp.int32))
+        return y.astype(x.dtype)
+
     return {"einsum_nd": einsum_nd, "dot_2d": dot_2d, "dot_2d_f32": dot_2d_f32,
-            "pad_rows": pad_rows}  # fmt: skip
+            "pad_rows": pad_rows, "kernel": kernel}  # fmt: skip
 
 
 def moe_variants(d, f):
@@ -103,7 +111,60 @@ def moe_variants(d, f):
             outs.append(jnp.dot(a, wo[ex[i]], preferred_element_type=jnp.float32))
         return jnp.concatenate(outs).astype(x.dtype)
 
-    return {"moe_cur": cur, "moe_flat": flat, "moe_rows2": rows2, "moe_loop": loop}
+    def kernel(x, wi, wo, ex):  # pallas_kernels.matvec: the routed experts read in place
+        h = gathered_matvec(x, wi.reshape(wi.shape[0], d, 2 * f), ex).astype(x.dtype)
+        a = jax.nn.silu(h[:, :f]) * h[:, f:]
+        return gathered_matvec(a, wo, ex).astype(x.dtype)
+
+    def gmm(x, wi, wo, ex):  # the grouped-matmul kernels on the rows sorted by expert
+        order = jnp.argsort(ex)
+        gs = jnp.bincount(ex, length=wi.shape[0]).astype(jnp.int32)
+        xs = x[order]
+        h = grouped_matmul(xs, wi.reshape(wi.shape[0], d, 2 * f), gs)
+        a = jax.nn.silu(h[:, :f]) * h[:, f:]
+        y = grouped_matmul(a, wo, gs)
+        return jnp.zeros_like(y).at[order].set(y)
+
+    return {"moe_cur": cur, "moe_flat": flat, "moe_rows2": rows2, "moe_loop": loop,
+            "moe_kernel": kernel, "moe_gmm": gmm}  # fmt: skip
+
+
+def kernel_sweep(emit, base, d, f, e, rs):
+    """pallas_kernels.matvec block choices on the MoE w1/w3 and a qkv-sized projection."""
+    from pallas_kernels.matvec.gpu import BlockSizes, gathered_matvec_gpu, pick_blocks
+
+    interpret = jax.default_backend() == "cpu"
+    for a, ee, k, n in [(2, e, d, 2 * f), (1, 1, d, 3 * d)]:
+        x = jnp.asarray(rs.randn(a, k), jnp.bfloat16)
+        w = jnp.asarray(rs.randn(L, ee, k, n) * k**-0.5, jnp.bfloat16)  # L copies: no L2 reuse
+        idx = jnp.asarray(rs.randint(0, ee, (L, a)), jnp.int32)
+        auto = pick_blocks(a, k, n)
+        grid = [auto] + [BlockSizes(bk, bn, sp, nw) for bk in (32, 64) for bn in (128, 256)
+                         for sp in (4, 8, 16) for nw in (4, 8)]  # fmt: skip
+        for blocks in grid:
+            if (k // blocks.block_k) % blocks.splits or n % blocks.block_n:
+                continue
+
+            def chain(x, w, idx, blocks=blocks):
+                out = 0.0
+                for i in range(L):
+                    out = out + gathered_matvec_gpu(x, w[i], idx[i], blocks=blocks,
+                                                    interpret=interpret)  # fmt: skip
+                return out
+
+            g = jax.jit(chain)
+            try:
+                sec = timed(lambda g=g: g(x, w, idx).block_until_ready(), 20)
+            except Exception as err:  # noqa: BLE001 - a config the backend rejects
+                emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n],
+                             "blocks": blocks.__dict__, "error": repr(err)[:300]})  # fmt: skip
+                continue
+            byts = L * a * k * n * 2
+            emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n], "auto": blocks == auto,
+                         "blocks": blocks.__dict__, "us": sec / L * 1e6,
+                         "GBps": byts / sec / 1e9})  # fmt: skip
+        if interpret:
+            return
 
 
 def main() -> None:
@@ -111,6 +172,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the matvec kernel's blocks")
     args = ap.parse_args()
     d, n1, n2, e, f = (64, 4, 16, 4, 48) if args.small else (2048, 16, 128, 8, 1408)
     dt = jnp.bfloat16
@@ -149,7 +211,7 @@ def main() -> None:
         xa = jnp.repeat(x, 2, axis=0)
         ex = jnp.asarray(rs.randint(0, e, (L, 2 * b)), jnp.int32)
         for name, fn in moe_variants(d, f).items():
-            if name == "moe_loop" and b > 1:
+            if name in ("moe_loop", "moe_kernel") and b > 1:
                 continue
 
             def mchain(x, wi, wo, ex, fn=fn):
@@ -165,6 +227,8 @@ def main() -> None:
             emit(base | {"what": "moe_gather", "variant": name, "batch": b, "assignments": 2 * b,
                          "us_per_layer": sec / L * 1e6, "GBps_touched": byts / sec / 1e9,
                          **hlo_stats(txt, d * f)})  # fmt: skip
+    if args.sweep:
+        kernel_sweep(emit, base, d, f, e, rs)
 
 
 if __name__ == "__main__":

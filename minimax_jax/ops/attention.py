@@ -44,19 +44,20 @@ def dot_product_attention(
 
 
 def softmax_attention_layer(
-    params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+    params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    matvec: str = "xla",
 ) -> jax.Array:
     """A full-attention layer without cache.
 
     params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; mask [B,T,T].
-    Returns [B,T,D].
+    matvec: `proj`'s implementation for one-row (batch-1 decode) projections. Returns [B,T,D].
     """
-    q = proj("btd,dnh->btnh", x, params["q"])
-    k = proj("btd,dkh->btkh", x, params["k"])
-    v = proj("btd,dkh->btkh", x, params["v"])
+    q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
+    k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
+    v = proj("btd,dkh->btkh", x, params["v"], matvec=matvec)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, mask, q.shape[-1] ** -0.5)
-    return proj("btnh,nhd->btd", out, params["o"])
+    return proj("btnh,nhd->btd", out, params["o"], matvec=matvec)
 
 
 def softmax_attention_cached(
@@ -67,19 +68,20 @@ def softmax_attention_cached(
     mask: jax.Array,
     cache: dict,
     index: jax.Array,
+    matvec: str = "xla",
 ) -> tuple[jax.Array, dict]:
     """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
 
     x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; mask
     [B,T,S] over cache slots. Returns (y [B,T,D], updated cache).
     """
-    q = proj("btd,dnh->btnh", x, params["q"])
-    k = proj("btd,dkh->btkh", x, params["k"])
-    v = proj("btd,dkh->btkh", x, params["v"])
+    q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
+    k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
+    v = proj("btd,dkh->btkh", x, params["v"], matvec=matvec)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = dot_product_attention(
         q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5
     )
-    return proj("btnh,nhd->btd", out, params["o"]), {"k": k_all, "v": v_all}
+    return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}

@@ -23,6 +23,8 @@ from minimax_jax.ops.attention import (
 from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
 from minimax_jax.ops.moe_parallel import moe_ep
+from pallas_kernels.matvec import gathered_matvec
+from pallas_kernels.matvec.api import supported as matvec_supported
 from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.rope import rope_tables
 from minimax_jax.sharding import constrain
@@ -53,6 +55,10 @@ class RunOptions:
     # than the grouped kernels, experiments/README.md round 7); 0: never.
     moe_gather_rows: int | None = None
     unroll_blocks: bool = False  # unroll the scan over blocks (the Engine's decode step does)
+    # One-row projections and `moe_gather` (batch-1 decode): "xla" (paired zero row, gathered
+    # weights), "gpu" (`pallas_kernels.matvec` kernel: reads each weight once), "gpu_interpret"
+    # (tests); "auto": gpu on a GPU without a mesh (a Pallas call is not partitioned), else xla.
+    matvec_impl: str = "auto"
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense", "ep"):
@@ -65,6 +71,18 @@ class RunOptions:
             raise ValueError("RunOptions: give both mesh and rules, or neither")
         if self.moe_impl == "ep" and self.mesh is None:
             raise ValueError("RunOptions(moe_impl='ep') needs mesh and rules")
+        if self.matvec_impl not in ("auto", "xla", "gpu", "gpu_interpret"):
+            raise ValueError(
+                "matvec_impl must be 'auto', 'xla', 'gpu' or 'gpu_interpret', "
+                f"got {self.matvec_impl!r}"
+            )
+
+    @property
+    def matvec(self) -> str:
+        """matvec_impl with 'auto' resolved for the default backend and the mesh."""
+        if self.matvec_impl != "auto":
+            return self.matvec_impl
+        return "gpu" if self.mesh is None and jax.default_backend() in ("gpu", "cuda") else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +116,14 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
             block_size=config.block_size,
             initial_state=None if cache is None else cache["state"],
             implementation=opts.lightning_impl,
+            matvec=opts.matvec,
         )
         return y, None if cache is None else {"state": state}
     if cache is None:
-        return softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask), None
+        y = softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask, opts.matvec)
+        return y, None
     return softmax_attention_cached(
-        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index
+        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, opts.matvec
     )
 
 
@@ -119,7 +139,7 @@ def _moe(config, params, v, opts):
     elif b * t * k <= (
         config.num_experts // 2 if opts.moe_gather_rows is None else opts.moe_gather_rows
     ):
-        y, logits = moe_gather(params, v.reshape(b * t, d), k)
+        y, logits = moe_gather(params, v.reshape(b * t, d), k, matvec=opts.matvec)
     else:
         y, logits = moe_sorted(params, v.reshape(b * t, d), k, implementation=opts.gmm_impl)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
@@ -279,9 +299,16 @@ def embed_tokens(table: jax.Array, input_ids: jax.Array, opts: RunOptions) -> ja
     return jnp.take(table, input_ids, axis=0)
 
 
-def _logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
-    """Final norm and the output projection, in fp32."""
+def _logits(config: ModelConfig, params: dict, x: jax.Array, matvec: str = "xla") -> jax.Array:
+    """Final norm and the output projection, in fp32 (one row: `matvec`, as in `proj`)."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    b, t, d = x.shape
+    if b * t == 1 and matvec != "xla" and not config.tie_word_embeddings:
+        w = params["lm_head"]
+        if matvec_supported(d, w.shape[1]):
+            y = gathered_matvec(x.reshape(1, d), w[None], jnp.zeros((1,), jnp.int32),
+                                implementation=matvec)  # fmt: skip
+            return y.reshape(1, 1, -1)
     if config.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
@@ -352,7 +379,7 @@ def forward_cached_embedded(
     x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
     if last_only:
         x = x[:, -1:]
-    return _logits(config, params, x), {"blocks": blocks, **book}
+    return _logits(config, params, x, opts.matvec), {"blocks": blocks, **book}
 
 
 def cast_params(params: dict, dtype: Any) -> dict:

@@ -23,6 +23,7 @@ def lightning_attention_layer(
     initial_state: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     implementation: str = "auto",
+    matvec: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """params: qkv [D,N,3,H], gate [D,N,H], norm [N,H], out [N,H,D]; x [B,T,D]; slopes [N] fp32.
 
@@ -31,7 +32,7 @@ def lightning_attention_layer(
     """
     b, t, _ = x.shape
     n, h = params["norm"].shape
-    qkv = jax.nn.silu(proj("btd,dnch->btnch", x, params["qkv"]))
+    qkv = jax.nn.silu(proj("btd,dnch->btnch", x, params["qkv"], matvec=matvec))
     if token_mask is not None:
         qkv = qkv * token_mask[:, :, None, None, None].astype(qkv.dtype)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -53,6 +54,6 @@ def lightning_attention_layer(
             implementation=implementation,
         )
     o = rms_norm(o.reshape(b, t, n * h), params["norm"].reshape(n * h), norm_eps)
-    gate = jax.nn.sigmoid(proj("btd,dnh->btnh", x, params["gate"]))
+    gate = jax.nn.sigmoid(proj("btd,dnh->btnh", x, params["gate"], matvec=matvec))
     o = (gate * o.reshape(b, t, n, h)).astype(x.dtype)
-    return proj("btnh,nhd->btd", o, params["out"]), state
+    return proj("btnh,nhd->btd", o, params["out"], matvec=matvec), state

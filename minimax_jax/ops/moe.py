@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.matvec import gathered_matvec
+from pallas_kernels.matvec.api import supported as matvec_supported
 from pallas_kernels.moe import grouped_matmul
 from pallas_kernels.moe.api import grouped_matmul_vjp, match_vma
 
@@ -260,25 +262,35 @@ def moe_sorted(
     return combine(ys, weights, order, x.shape[0]).astype(x.dtype), logits
 
 
-def moe_gather(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+def moe_gather(
+    params: dict, x: jax.Array, top_k: int, *, matvec: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
     """Per-assignment weight gather: x [M,D] -> ([M,D], router logits [M,E]).
 
     For decode-sized M (a few rows): the grouped-matmul kernels visit a tile of every expert
     whatever the group sizes, while this reads only the M*k routed experts' weights. Rounding
     as in `moe_sorted` (expert matmuls in x's dtype with fp32 accumulation, fp32 combine).
-    Each assignment's row is paired with a zero row ([A,2,D] batched matmuls): with one row
-    XLA:GPU materialised an fp32 product of the gathered weights (~2x slower, bench_matvec.py).
+    matvec="xla": each assignment's row is paired with a zero row ([A,2,D] batched matmuls on
+    gathered weights; with one row XLA:GPU materialised an fp32 product, bench_matvec.py);
+    another value runs `pallas_kernels.matvec.gathered_matvec` with that implementation, which
+    reads each routed expert's weights in place (no gathered copy).
     """
     m, d = x.shape
     e, _, _, f = params["wi"].shape
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k
     xa = jnp.repeat(x, top_k, axis=0)
-    pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
-    wi = jnp.take(params["wi"].reshape(e, d, 2 * f), flat, axis=0).astype(x.dtype)  # [A,D,2F]
-    h = jnp.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32).astype(x.dtype)
-    act = _swiglu(h.reshape(*h.shape[:2], 2, f))  # [A,2,F]
-    wo = jnp.take(params["wo"], flat, axis=0).astype(x.dtype)  # [A,F,D]
-    y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
+    wi = params["wi"].reshape(e, d, 2 * f)
+    if matvec != "xla" and matvec_supported(d, 2 * f) and matvec_supported(f, d):
+        h = gathered_matvec(xa, wi, flat, implementation=matvec).astype(x.dtype)
+        act = _swiglu(h.reshape(-1, 2, f))  # [A,F]
+        y = gathered_matvec(act, params["wo"], flat, implementation=matvec)
+    else:
+        pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
+        wa = jnp.take(wi, flat, axis=0).astype(x.dtype)  # [A,D,2F]
+        h = jnp.einsum("ard,adn->arn", pair, wa, preferred_element_type=jnp.float32)
+        act = _swiglu(h.astype(x.dtype).reshape(*h.shape[:2], 2, f))  # [A,2,F]
+        wo = jnp.take(params["wo"], flat, axis=0).astype(x.dtype)  # [A,F,D]
+        y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
     y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)
     return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits

@@ -1,0 +1,51 @@
+"""Gathered matrix-vector products for decode: dispatcher.
+
+    gathered_matvec(x [A,K], w [E,K,N], index [A] int32, *, implementation="auto") -> [A,N] fp32
+
+Row a is x[a] @ w[index[a]] with fp32 accumulation. A is small (the token-expert assignments of
+a batch-1 decode step, or one row with E = 1 for a plain projection) and every call is bound by
+reading the A selected [K,N] weights. Implementations: "xla" (`reference.py`: gather + einsum;
+CPU path and fallback), "gpu" (Pallas Triton kernel, `gpu.py`: reads each selected weight once),
+"gpu_interpret" (the same kernel in Pallas interpret mode, for CPU tests). "auto": gpu on a GPU
+when the shape is supported (K, N multiples of 16), else xla. Not differentiable (inference).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.matvec import gpu as _gpu
+from pallas_kernels.matvec.reference import gathered_matvec_reference
+
+IMPLEMENTATIONS = ("auto", "xla", "gpu", "gpu_interpret")
+
+
+def supported(k: int, n: int) -> bool:
+    """Whether the kernel tiles w [.,K,N] (K and N multiples of 16); else callers use xla."""
+    return _gpu.supported(k, n)
+
+
+def resolve_implementation(implementation: str, k: int, n: int) -> str:
+    """'auto' -> 'gpu' on a GPU backend for supported shapes, else 'xla'; others are checked."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"gathered_matvec implementation must be one of {IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    if implementation != "auto":
+        return implementation
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    return "gpu" if on_gpu and _gpu.AVAILABLE and _gpu.supported(k, n) else "xla"
+
+
+def gathered_matvec(
+    x: jax.Array, w: jax.Array, index: jax.Array, *, implementation: str = "auto"
+) -> jax.Array:
+    """x [A,K], w [E,K,N], index [A] int32 -> [A,N] fp32; row a = x[a] @ w[index[a]]."""
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or index.shape != x.shape[:1]:
+        raise ValueError(f"gathered_matvec needs x [A,K], w [E,K,N], index [A]; got "
+                         f"{x.shape}, {w.shape}, {index.shape}")  # fmt: skip
+    impl = resolve_implementation(implementation, w.shape[1], w.shape[2])
+    if impl == "xla":
+        return gathered_matvec_reference(x, w, index)
+    return _gpu.gathered_matvec_gpu(x, w, index, interpret=impl == "gpu_interpret")
