@@ -154,7 +154,7 @@ def kernel_sweep(emit, base, d, f, e, rs):
 
             g = jax.jit(chain)
             try:
-                sec = timed(lambda g=g: g(x, w, idx).block_until_ready(), 20)
+                sec = timed(lambda g=g, x=x, w=w, idx=idx: g(x, w, idx).block_until_ready(), 20)
             except Exception as err:  # noqa: BLE001 - a config the backend rejects
                 emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n],
                              "blocks": blocks.__dict__, "error": repr(err)[:300]})  # fmt: skip

@@ -44,7 +44,11 @@ def dot_product_attention(
 
 
 def softmax_attention_layer(
-    params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    params: dict,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
     matvec: str = "xla",
 ) -> jax.Array:
     """A full-attention layer without cache.

@@ -23,11 +23,11 @@ from minimax_jax.ops.attention import (
 from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
 from minimax_jax.ops.moe_parallel import moe_ep
-from pallas_kernels.matvec import gathered_matvec
-from pallas_kernels.matvec.api import supported as matvec_supported
 from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.rope import rope_tables
 from minimax_jax.sharding import constrain
+from pallas_kernels.matvec import gathered_matvec
+from pallas_kernels.matvec.api import supported as matvec_supported
 
 LIGHTNING = "linear_attention"
 
