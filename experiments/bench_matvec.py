@@ -14,6 +14,8 @@ output is at least as large as one weight and the cuBLAS / Triton GEMM calls:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import re
@@ -129,26 +131,33 @@ def moe_variants(d, f):
             "moe_kernel": kernel, "moe_gmm": gmm}  # fmt: skip
 
 
-def kernel_sweep(emit, base, d, f, e, rs):
-    """pallas_kernels.matvec block choices on the MoE w1/w3 and a qkv-sized projection."""
-    from pallas_kernels.matvec.gpu import BlockSizes, gathered_matvec_gpu, pick_blocks
+def kernel_sweep(emit, base, d, f, e, rs, vocab=32000):
+    """pallas_kernels.matvec tilings on the decode shapes of the benchmark model, each weight
+    stacked over L layers and indexed in place (as the model calls it: no sliced copies)."""
+    from pallas_kernels.matvec.gpu import gathered_matvec_gpu, pick_blocks
 
     interpret = jax.default_backend() == "cpu"
-    for a, ee, k, n in [(2, e, d, 2 * f), (1, 1, d, 3 * d)]:
+    shapes = [(2, e, d, 2 * f), (2, e, f, d), (1, 1, d, 3 * d), (1, 1, d, d), (1, 1, d, vocab)]
+    for a, ee, k, n in shapes[:1] if interpret else shapes:
+        layers = L if n != vocab else 1
         x = jnp.asarray(rs.randn(a, k), jnp.bfloat16)
-        w = jnp.asarray(rs.randn(L, ee, k, n) * k**-0.5, jnp.bfloat16)  # L copies: no L2 reuse
-        idx = jnp.asarray(rs.randint(0, ee, (L, a)), jnp.int32)
+        w = jnp.asarray(rs.randn(layers * ee, k, n) * k**-0.5, jnp.bfloat16)
+        idx = jnp.asarray(rs.randint(0, ee, (layers, a)) + ee * np.arange(layers)[:, None],
+                          jnp.int32)  # fmt: skip
         auto = pick_blocks(a, k, n)
-        grid = [auto] + [BlockSizes(bk, bn, sp, nw) for bk in (32, 64) for bn in (128, 256)
-                         for sp in (4, 8, 16) for nw in (4, 8)]  # fmt: skip
-        for blocks in grid:
-            if (k // blocks.block_k) % blocks.splits or n % blocks.block_n:
-                continue
+        grid = {auto}
+        for bk, bn, nw, tp in itertools.product((32, 64, 128), (128, 256), (4, 8),
+                                                (264, 528, 1056)):  # fmt: skip
+            if bk * bn <= 64 * 256:
+                grid.add(pick_blocks(a, k, n, target_programs=tp, block_k=bk, block_n=bn,
+                                     num_warps=nw))  # fmt: skip
+        grid |= {dataclasses.replace(b, num_stages=3) for b in list(grid) if b.num_warps == 4}
+        for blocks in sorted(grid, key=lambda b: (b != auto, str(b))):
 
             def chain(x, w, idx, blocks=blocks):
                 out = 0.0
-                for i in range(L):
-                    out = out + gathered_matvec_gpu(x, w[i], idx[i], blocks=blocks,
+                for i in range(idx.shape[0]):
+                    out = out + gathered_matvec_gpu(x, w, idx[i], blocks=blocks,
                                                     interpret=interpret)  # fmt: skip
                 return out
 
@@ -156,15 +165,15 @@ def kernel_sweep(emit, base, d, f, e, rs):
             try:
                 sec = timed(lambda g=g, x=x, w=w, idx=idx: g(x, w, idx).block_until_ready(), 20)
             except Exception as err:  # noqa: BLE001 - a config the backend rejects
-                emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n],
-                             "blocks": blocks.__dict__, "error": repr(err)[:300]})  # fmt: skip
+                bad = {"blocks": dataclasses.asdict(blocks), "error": repr(err)[:300]}
+                emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n]} | bad)
                 continue
-            byts = L * a * k * n * 2
+            byts = layers * a * k * n * 2
             emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n], "auto": blocks == auto,
-                         "blocks": blocks.__dict__, "us": sec / L * 1e6,
+                         "blocks": dataclasses.asdict(blocks), "us": sec / layers * 1e6,
                          "GBps": byts / sec / 1e9})  # fmt: skip
-        if interpret:
-            return
+            if interpret:
+                return
 
 
 def main() -> None:

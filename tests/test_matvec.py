@@ -10,7 +10,7 @@ import test_model as tm
 from minimax_jax import sampling
 from minimax_jax.ops.decoder import RunOptions
 from minimax_jax.ops.moe import moe_dense, moe_gather
-from minimax_jax.ops.proj import proj
+from minimax_jax.ops.proj import LayerSlice, proj
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import resolve_implementation
 from pallas_kernels.matvec.gpu import BlockSizes, gathered_matvec_gpu, pick_blocks
@@ -121,9 +121,11 @@ def test_proj_kernel_path_equals_einsum(spec, xs, ws):
     kx, kw = jax.random.split(jax.random.key(len(spec)))
     x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
     want = jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST)
+    stacked = jnp.stack([jnp.zeros_like(w), w, 2 * w])  # layer 1 of 3, left unsliced
     for matvec in ("xla", "gpu_interpret"):
-        got = proj(spec, x, w, matvec=matvec)
-        assert got.shape == want.shape and _rel(got, want) < 1e-5, matvec
+        for weight in (w, LayerSlice(stacked, jnp.int32(1))):
+            got = proj(spec, x, weight, matvec=matvec)
+            assert got.shape == want.shape and _rel(got, want) < 1e-5, (matvec, type(weight))
 
 
 def test_moe_gather_kernel_path_equals_dense():
@@ -138,6 +140,12 @@ def test_moe_gather_kernel_path_equals_dense():
     want, lg0 = moe_dense(params, x, k)
     got, lg = moe_gather(params, x, k, matvec="gpu_interpret")
     assert _rel(got, want) < 1e-5 and _rel(lg, lg0) == 0
+    # Expert weights stacked over 3 layers, this one the last: indexed in place by the kernel.
+    views = {n: LayerSlice(jnp.stack([params[n] * 3, -params[n], params[n]]), 2)
+             for n in ("wi", "wo")}  # fmt: skip
+    for matvec in ("xla", "gpu_interpret"):
+        got, _ = moe_gather({**params, **views}, x, k, matvec=matvec)
+        assert _rel(got, want) < 1e-5, matvec
 
 
 def test_batch1_decode_with_the_kernel_equals_xla(monkeypatch):

@@ -24,6 +24,7 @@ from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
 from minimax_jax.ops.moe_parallel import moe_ep
 from minimax_jax.ops.norm import rms_norm
+from minimax_jax.ops.proj import LayerSlice, materialize
 from minimax_jax.ops.rope import rope_tables
 from minimax_jax.sharding import constrain
 from pallas_kernels.matvec import gathered_matvec
@@ -127,19 +128,24 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
     )
 
 
+def _gather_rows(config: ModelConfig, opts: RunOptions) -> int:
+    """Token-expert assignments up to which the MoE uses `moe_gather`."""
+    return config.num_experts // 2 if opts.moe_gather_rows is None else opts.moe_gather_rows
+
+
 def _moe(config, params, v, opts):
     b, t, d = v.shape
     k = config.num_experts_per_tok
+    if b * t * k <= _gather_rows(config, opts) and opts.moe_impl != "dense" and opts.mesh is None:
+        y, logits = moe_gather(params, v.reshape(b * t, d), k, matvec=opts.matvec)
+        return y.reshape(b, t, d), logits.reshape(b, t, -1)
+    params = {name: materialize(w) for name, w in params.items()}
     if opts.mesh is not None and opts.moe_impl != "dense":
         return moe_ep(params, v, k, mesh=opts.mesh, rules=opts.rules,
                       implementation=opts.gmm_impl, dispatch=opts.ep_dispatch,
                       capacity_factor=opts.ep_capacity_factor)  # fmt: skip
     if opts.moe_impl == "dense":
         y, logits = moe_dense(params, v.reshape(b * t, d), k)
-    elif b * t * k <= (
-        config.num_experts // 2 if opts.moe_gather_rows is None else opts.moe_gather_rows
-    ):
-        y, logits = moe_gather(params, v.reshape(b * t, d), k, matvec=opts.matvec)
     else:
         y, logits = moe_sorted(params, v.reshape(b * t, d), k, implementation=opts.gmm_impl)
     return y.reshape(b, t, d), logits.reshape(b, t, -1)
@@ -193,9 +199,22 @@ def decoder_stack(
     pattern = config.block_pattern
     slopes = _slopes_array(config)  # [P, num_blocks, N]; rows of softmax positions are unused
     caches = [None] * len(pattern) if caches is None else caches
+    b, t = x.shape[:2]
+    # Decode-sized calls on the matvec kernel: its weights stay stacked (closed over, indexed by
+    # the block number) instead of being scanned, since a sliced operand is copied first.
+    views = (
+        opts.matvec != "xla"
+        and opts.mesh is None
+        and (b * t == 1 or b * t * config.num_experts_per_tok <= _gather_rows(config, opts))
+    )
+    blocks, whole = _split_matvec_weights(blocks) if views else (blocks, None)
 
     def block(x, scanned):
-        block_params, block_slopes, block_caches = scanned
+        block_params, block_slopes, block_caches, i = scanned
+        if whole is not None:
+            block_params = [
+                _with_views(bp, wp, i) for bp, wp in zip(block_params, whole, strict=True)
+            ]
         x = constrain(x, ("batch", "length", "act_embed"), opts.mesh, opts.rules)
         logits, new_caches = [], []
         for p, kind in enumerate(pattern):  # heterogeneous positions inside one block: static
@@ -207,12 +226,36 @@ def decoder_stack(
         x = constrain(x, ("batch", "length", "act_embed"), opts.mesh, opts.rules)
         return x, (jnp.stack(logits), new_caches)
 
-    scanned = (blocks, slopes.swapaxes(0, 1), caches)
+    scanned = (blocks, slopes.swapaxes(0, 1), caches, jnp.arange(config.num_blocks))
     x, (logits, new_caches) = jax.lax.scan(
         _remat(block, opts.remat_policy), x, scanned, unroll=bool(opts.unroll_blocks)
     )
     nb, p = logits.shape[:2]
     return x, logits.reshape(nb * p, *logits.shape[2:]), new_caches
+
+
+_MATVEC_WEIGHTS = {"attn": ("qkv", "gate", "out", "q", "k", "v", "o"), "moe": ("wi", "wo")}
+
+
+def _split_matvec_weights(blocks: list) -> tuple[list, list]:
+    """(block params without the matvec-kernel weights, those weights, still stacked)."""
+    rest, whole = [], []
+    for p in blocks:
+        r, w = dict(p), {}
+        for group, names in _MATVEC_WEIGHTS.items():
+            r[group] = {n: a for n, a in p[group].items() if n not in names}
+            w[group] = {n: a for n, a in p[group].items() if n in names}
+        rest.append(r)
+        whole.append(w)
+    return rest, whole
+
+
+def _with_views(sliced: dict, whole: dict, i: jax.Array) -> dict:
+    """One layer's params: the scanned slices plus `LayerSlice` views of the stacked weights."""
+    out = dict(sliced)
+    for group, ws in whole.items():
+        out[group] = {**sliced[group], **{n: LayerSlice(a, i) for n, a in ws.items()}}
+    return out
 
 
 def make_context(

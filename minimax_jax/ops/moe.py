@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.proj import LayerSlice
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported as matvec_supported
 from pallas_kernels.moe import grouped_matmul
@@ -273,24 +274,28 @@ def moe_gather(
     matvec="xla": each assignment's row is paired with a zero row ([A,2,D] batched matmuls on
     gathered weights; with one row XLA:GPU materialised an fp32 product, bench_matvec.py);
     another value runs `pallas_kernels.matvec.gathered_matvec` with that implementation, which
-    reads each routed expert's weights in place (no gathered copy).
+    reads each routed expert's weights in place (no gathered copy). params["wi"], ["wo"] may be
+    `LayerSlice`s (the kernel then indexes the weights stacked over blocks).
     """
     m, d = x.shape
-    e, _, _, f = params["wi"].shape
+    wi_v, wo_v = (w if isinstance(w, LayerSlice) else LayerSlice(w[None], 0)
+                  for w in (params["wi"], params["wo"]))  # fmt: skip
+    e, _, _, f = wi_v.stacked.shape[1:]
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k
     xa = jnp.repeat(x, top_k, axis=0)
-    wi = params["wi"].reshape(e, d, 2 * f)
     if matvec != "xla" and matvec_supported(d, 2 * f) and matvec_supported(f, d):
-        h = gathered_matvec(xa, wi, flat, implementation=matvec).astype(x.dtype)
+        wi, first = wi_v.rows(e, d)  # [L*E, D, 2F]: the stacked weights, indexed in place
+        h = gathered_matvec(xa, wi, first + flat, implementation=matvec).astype(x.dtype)
         act = _swiglu(h.reshape(-1, 2, f))  # [A,F]
-        y = gathered_matvec(act, params["wo"], flat, implementation=matvec)
+        wo, first = wo_v.rows(e, f)
+        y = gathered_matvec(act, wo, first + flat, implementation=matvec)
     else:
         pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
-        wa = jnp.take(wi, flat, axis=0).astype(x.dtype)  # [A,D,2F]
-        h = jnp.einsum("ard,adn->arn", pair, wa, preferred_element_type=jnp.float32)
+        wi = jnp.take(wi_v.get().reshape(e, d, 2 * f), flat, axis=0).astype(x.dtype)
+        h = jnp.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32)
         act = _swiglu(h.astype(x.dtype).reshape(*h.shape[:2], 2, f))  # [A,2,F]
-        wo = jnp.take(params["wo"], flat, axis=0).astype(x.dtype)  # [A,F,D]
+        wo = jnp.take(wo_v.get(), flat, axis=0).astype(x.dtype)  # [A,F,D]
         y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
     y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)
     return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits

@@ -12,11 +12,42 @@ weight once). Either way the real row's result is the einsum's, up to summation 
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """Layer `index` of a weight stacked [L, ...] over the scanned blocks, left unsliced.
+
+    XLA:GPU copies a slice of a stacked weight before handing it to a Pallas call (custom-call
+    operands are whole buffers): at batch 1 those copies took 1.4 ms of a 2.4 ms decode step
+    (experiments/README.md, round 9). The matvec kernel instead indexes the stacked array
+    itself. Everything else takes `get()`, which XLA fuses into its own GEMMs.
+    """
+
+    stacked: jax.Array
+    index: jax.Array | int
+
+    def get(self) -> jax.Array:
+        return self.stacked[self.index]
+
+    def rows(self, groups: int, k: int) -> tuple[jax.Array, jax.Array]:
+        """(the stacked weight as [L*groups, k, n] (a bitcast), the row of this layer's first
+        matrix): for a per-layer weight made of `groups` matrices of k rows each."""
+        first = jnp.asarray(self.index, jnp.int32) * groups
+        return self.stacked.reshape(self.stacked.shape[0] * groups, k, -1), first
+
+
+def materialize(w):
+    """w itself, or the slice a LayerSlice stands for."""
+    return w.get() if isinstance(w, LayerSlice) else w
 
 
 def _split_spec(spec: str, x_ndim: int) -> int | None:
@@ -29,20 +60,22 @@ def _split_spec(spec: str, x_ndim: int) -> int | None:
     return c
 
 
-def proj(spec: str, x: jax.Array, w: jax.Array, *, matvec: str = "xla", **kwargs) -> jax.Array:
-    """jnp.einsum(spec, x, w, **kwargs) for x [B,T,...]. With B*T == 1: matvec="xla" computes on
-    [2,T,...] (x and a zero row) and slices back, so the product is never a vector-matrix one;
-    another matvec implementation (`pallas_kernels.matvec`) takes the row alone, for specs of
-    the form 'bt<in>,<in><out>->bt<out>'."""
+def proj(spec: str, x: jax.Array, w, *, matvec: str = "xla", **kwargs) -> jax.Array:
+    """jnp.einsum(spec, x, w, **kwargs) for x [B,T,...], w an array or a `LayerSlice`.
+
+    With B*T == 1: matvec="xla" computes on [2,T,...] (x and a zero row) and slices back, so the
+    product is never a vector-matrix one; another matvec implementation (`pallas_kernels.matvec`)
+    takes the row alone, for specs of the form 'bt<in>,<in><out>->bt<out>'."""
     if x.shape[0] * x.shape[1] != 1:
-        return jnp.einsum(spec, x, w, **kwargs)
+        return jnp.einsum(spec, x, materialize(w), **kwargs)
     c = _split_spec(spec, x.ndim)
-    if matvec != "xla" and c is not None and not kwargs and supported(x.size, w.size // x.size):
-        k = x.size
-        y = gathered_matvec(
-            x.reshape(1, k), w.reshape(1, k, -1), jnp.zeros((1,), jnp.int32),
-            implementation=matvec,
-        )  # fmt: skip
-        return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(1, 1, *w.shape[c:])
+    shape = w.stacked.shape[1:] if isinstance(w, LayerSlice) else w.shape
+    k = x.size
+    if matvec != "xla" and c is not None and not kwargs and supported(k, math.prod(shape) // k):
+        view = w if isinstance(w, LayerSlice) else LayerSlice(w[None], 0)
+        stacked, first = view.rows(1, k)
+        y = gathered_matvec(x.reshape(1, k), stacked, first[None], implementation=matvec)
+        return y.astype(jnp.result_type(x.dtype, stacked.dtype)).reshape(1, 1, *shape[c:])
+    w = materialize(w)
     pair = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     return jnp.einsum(spec, pair, w, **kwargs)[:1]

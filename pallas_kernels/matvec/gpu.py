@@ -46,6 +46,7 @@ class BlockSizes:
     block_n: int
     splits: int
     num_warps: int = 4
+    num_stages: int = 1
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -69,18 +70,22 @@ def supported(k: int, n: int) -> bool:
     return k % 16 == 0 and n % 16 == 0
 
 
-def pick_blocks(a: int, k: int, n: int, target_programs: int = _TARGET_PROGRAMS) -> BlockSizes:
-    """Tiles for x [a,k] @ w [.,k,n]: the widest column tile up to 256, 32-row K steps, and the
-    divisor of K's step count that brings the grid closest to `target_programs`."""
+def pick_blocks(
+    a: int, k: int, n: int, *, target_programs: int = _TARGET_PROGRAMS, block_k: int = 32,
+    block_n: int = 256, num_warps: int = 4, num_stages: int = 1,
+) -> BlockSizes:  # fmt: skip
+    """Tiles for x [a,k] @ w [.,k,n]: the widest column tile up to block_n, K steps of up to
+    block_k rows, and the divisor of K's step count that brings the grid closest to
+    `target_programs`."""
     if not supported(k, n):
         raise ValueError(f"gathered_matvec kernel needs K and N multiples of 16, got {k}, {n}")
-    block_n = _largest_pow2_divisor(n, 256)
-    block_k = _largest_pow2_divisor(k, 32)
+    block_n = _largest_pow2_divisor(n, block_n)
+    block_k = _largest_pow2_divisor(k, block_k)
     steps = k // block_k
     base = a * (n // block_n)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
     splits = min(divisors, key=lambda s: (abs(base * s - target_programs), s))
-    return BlockSizes(block_k=block_k, block_n=block_n, splits=splits)
+    return BlockSizes(block_k, block_n, splits, num_warps, num_stages)
 
 
 def _kernel(index_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, steps: int):
@@ -127,7 +132,9 @@ def gathered_matvec_gpu(
         in_specs=[whole((a,)), whole((a, k)), whole((e, k, n))],
         out_specs=pl.BlockSpec((None, None, blocks.block_n), lambda ai, j, s: (s, ai, j)),
         out_shape=jax.ShapeDtypeStruct((blocks.splits, a, n), jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages
+        ),
         interpret=interpret,
         name="gathered_matvec",
     )(index.astype(jnp.int32), x, w)
