@@ -226,10 +226,11 @@ def ep_setup(params, x):
     return mesh, rules, p, x3
 
 
-def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
+def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbatches=(1,)):
     """EP=2 layer on 2 devices (global tokens = x's rows) per all-to-all flavour: the padded
     `all_to_all` ("dense") dropless and with capacity 1.25, and `ragged_all_to_all`; plus the
-    dispatch-only time (route + sort + both all-to-alls + combine, FFN skipped)."""
+    dispatch-only time (route + sort + both all-to-alls + combine, FFN skipped). Each padded
+    flavour once per entry of `microbatches` (independent exchanges per device)."""
     mesh, rules, p, x3 = ep_setup(params, x)
     m, d = x.shape
     flops = 6.0 * m * k * d * params["wi"].shape[-1]
@@ -237,11 +238,14 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
                ("ragged", None, ("fwd",))]  # fmt: skip
     if quick:  # dropless padded all_to_all, and capacity 1.25 forward only
         configs = [configs[0], ("dense", 1.25, ("fwd",))]
-    for dispatch, cf, modes in configs:
+    configs = [(dp, cf, mb, modes) for dp, cf, modes in configs
+               for mb in (microbatches if dp == "dense" else (1,))]  # fmt: skip
+    for dispatch, cf, mb, modes in configs:
 
-        def layer(p, x, cf=cf, dispatch=dispatch):
+        def layer(p, x, cf=cf, dispatch=dispatch, mb=mb):
             return moe_parallel.moe_ep(p, x, k, mesh=mesh, rules=rules, implementation=impl,
-                                       capacity_factor=cf, dispatch=dispatch)[0]  # fmt: skip
+                                       capacity_factor=cf, dispatch=dispatch,
+                                       microbatches=mb)[0]  # fmt: skip
 
         fwd = jax.jit(layer)
         bwd = jax.jit(jax.grad(lambda p, x, f=layer: jnp.sum(f(p, x).astype(jnp.float32) ** 2),
@@ -253,13 +257,16 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False):
             per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
             one = single_tflops.get(mode)
             row = {**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
-                   "dispatch": dispatch, "tokens": m, "ms": ms, "tflops_per_gpu": per_gpu,
+                   "dispatch": dispatch, "microbatches": mb, "tokens": m, "ms": ms,
+                   "tflops_per_gpu": per_gpu,
                    "single_gpu_tflops": one, "goal": 0.8, "error": err,
                    "per_gpu_vs_single": None if not (per_gpu and one)
                    else per_gpu / one}  # fmt: skip
             emit(row)
             if ms is not None and mode == "fwd":
                 profile_row(emit, row, g, p, x3)
+        if mb > 1:
+            continue
         real_ffn = moe_parallel.expert_ffn
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl, **kw: xs  # dispatch only
         # A new function object: jax.jit(layer) would reuse the executable compiled above with
@@ -298,6 +305,7 @@ def parse_args():
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--ep", action="store_true", help="also EP=2 rows (needs 2 devices)")
     ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
+    ap.add_argument("--ep_microbatches", default="1", help="EP micro-batch counts, e.g. 1,2")
     ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
     ap.add_argument(
         "--ep_only",
@@ -331,7 +339,7 @@ def main() -> None:
     dev = jax.devices()[0]
     base = {"device": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "E": e, "top_k": k, "D": d, "F": f, "dtype": "bfloat16", "gmm_impl": impl,
-            "anchor": ANCHOR,
+            "anchor": ANCHOR, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     out = open(args.out, "a")
@@ -339,7 +347,8 @@ def main() -> None:
     def emit(row):
         out.write(json.dumps(row) + "\n")
         out.flush()
-        keys = ("what", "impl", "dispatch", "capacity_factor", "mode", "tokens", "ms", "tflops",
+        keys = ("what", "impl", "dispatch", "capacity_factor", "microbatches", "mode", "tokens",
+                "ms", "tflops",
                 "vs_dense", "vs_ragged_dot",
                 "tflops_per_gpu", "per_gpu_vs_single", "error")  # fmt: skip
         print({kk: row[kk] for kk in keys if row.get(kk) is not None}, flush=True)
@@ -361,7 +370,17 @@ def main() -> None:
             ratio_rows(res, impl, "layer", emit, row)
         if args.ep and jax.device_count() >= 2:
             single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
-            ep_rows(params, x, k, impl, emit, row, single, quick=args.ep_only)
+            ep_rows(
+                params,
+                x,
+                k,
+                impl,
+                emit,
+                row,
+                single,
+                quick=args.ep_only,
+                microbatches=tuple(int(v) for v in args.ep_microbatches.split(",")),
+            )
         del params, x, xs
     out.close()
 

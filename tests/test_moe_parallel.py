@@ -83,6 +83,25 @@ def test_ep_matches_dense(problem, mesh_name, monkeypatch):
         assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("mb", [2, 4])  # 6 tokens per device: 2 micro-batches of 3; 4 -> 1
+def test_ep_microbatches_match_dense(problem, mb):
+    params, x = problem
+    mesh = _mesh("data2_expert4")
+    rules, _ = sharding.load_rules("fsdp_ep")
+
+    def fn(p, x):
+        return moe_ep(p, x, K, mesh=mesh, rules=rules, dispatch="dense", microbatches=mb)
+
+    y, logits = jax.jit(fn)(params, x)
+    y0, logits0 = _dense(params, x)
+    assert _rel(y, y0) < 1e-5 and _rel(logits, logits0) < 1e-5
+    for got, want in zip(jax.tree.leaves(jax.jit(_loss(fn))(params, x)),
+                         jax.tree.leaves(_loss(_dense)(params, x)), strict=True):  # fmt: skip
+        assert _rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="microbatches"):
+        moe_ep(params, x, K, mesh=mesh, rules=rules, microbatches=0)
+
+
 def test_ep_tokens_replicated_over_expert_axis(problem):
     """Decode-style: tokens not split over `expert`; each device adds its experts' rows."""
     params, x = problem

@@ -154,23 +154,41 @@ def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):
     return ys[(jnp.arange(a) - start) % a]
 
 
-def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, cf):
+def _a2a_moe(xf, weights, experts, wi, wo, *, e, top_k, axis, p, impl, dispatch, cf):
+    """Tokens xf [M,D] routed to (weights, experts) [M,k] -> combined outputs [M,D] fp32, with
+    the experts across the `axis` devices (sort, all-to-all there and back, grouped matmuls)."""
+    order, gs = sort_by_expert(experts, e)
+    xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert
+    a = xs.shape[0]
+    cap = p * a if cf is None else min(p * a, max(1, math.ceil(cf * a)))
+    ys = _dispatch_a2a(xs, gs, wi, wo, axis=axis, p=p, impl=impl, dispatch=dispatch,
+                       capacity=cap)  # fmt: skip
+    return combine(ys, weights, order, xf.shape[0])
+
+
+def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, cf, mb):
     """Per-device view: x [b,T,D] local tokens, wi [El,D,2,Fl], wo [El,Fl,D] local experts."""
     b, t, d = x.shape
-    xf = x.reshape(b * t, d)
+    m = b * t
+    xf = x.reshape(m, d)
     weights, experts, logits = route(xf, router, top_k)
-    order, gs = sort_by_expert(experts, router.shape[1])
-    xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert
-    if mode == "local":
-        ys = expert_ffn(xs, wi, wo, gs, impl)
-    elif mode == "a2a":
-        a = xs.shape[0]
-        cap = p * a if cf is None else min(p * a, max(1, math.ceil(cf * a)))
-        ys = _dispatch_a2a(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl, dispatch=dispatch,
-                           capacity=cap)  # fmt: skip
+    if mode == "a2a":
+        # Micro-batches are independent chains (sort, exchange, FFN, exchange back), so the
+        # scheduler can run one's all-to-all while another's grouped matmuls compute.
+        n = mb if m % mb == 0 else 1
+        run = functools.partial(_a2a_moe, wi=wi, wo=wo, e=router.shape[1], top_k=top_k,
+                                axis=e_axis, p=p, impl=impl, dispatch=dispatch, cf=cf)  # fmt: skip
+        cut = [slice(i * m // n, (i + 1) * m // n) for i in range(n)]
+        parts = [run(xf[c], weights[c], experts[c]) for c in cut]
+        y = parts[0] if n == 1 else jnp.concatenate(parts)
     else:
-        ys = _local_experts_only(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl)
-    y = combine(ys, weights, order, b * t)  # [M,D] fp32
+        order, gs = sort_by_expert(experts, router.shape[1])
+        xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert
+        if mode == "local":
+            ys = expert_ffn(xs, wi, wo, gs, impl)
+        else:
+            ys = _local_experts_only(xs, gs, wi, wo, axis=e_axis, p=p, impl=impl)
+        y = combine(ys, weights, order, m)  # [M,D] fp32
     if mode == "replicated":
         y = jax.lax.psum(y, e_axis)
     if f_axes:
@@ -200,6 +218,7 @@ def moe_ep(
     implementation: str = "auto",
     dispatch: str = "auto",
     capacity_factor: float | None = None,
+    microbatches: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel MoE layer. x [B,T,D] -> (y [B,T,D], router logits [B,T,E] fp32).
 
@@ -210,7 +229,12 @@ def moe_ep(
     case); c > 0 sizes it to c*A rows (less memory and, on GPU, less padded work in the grouped
     matmul) and drops the assignments that do not fit (they contribute 0), like capacity-based
     MoE. Only the all-to-all mode uses it.
+    microbatches: the all-to-all mode splits each device's tokens into this many independent
+    exchanges (when they divide evenly), so that exchanges overlap other micro-batches' expert
+    matmuls; the capacity then applies per micro-batch.
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     e = params["wi"].shape[0]
     f = params["wi"].shape[-1]
     x_spec = rules.spec(("batch", "length", "act_embed"), mesh, x.shape)
@@ -234,6 +258,7 @@ def moe_ep(
     body = functools.partial(
         _body, top_k=top_k, mode=mode, e_axis=e_name, p=p, f_axes=f_axes,
         impl=implementation, dispatch=resolve_dispatch(dispatch), cf=capacity_factor,
+        mb=microbatches,
     )  # fmt: skip
     x_spec = PartitionSpec(x_spec[0], None, None)
     in_specs = (
