@@ -151,7 +151,7 @@ def row_bucket_sizes(rows: int, buckets: int, multiple: int = 128) -> tuple[int,
     """Static prefix lengths for `expert_ffn(row_buckets=...)`: i/buckets of rows (i = 1..n),
     rounded up to `multiple`, the last one rows itself."""
     sizes = {min(rows, -(-(rows * i // buckets) // multiple) * multiple) for i in range(1, buckets)}
-    return tuple(sorted(sizes | {rows}))
+    return tuple(sorted((sizes - {0}) | {rows}))
 
 
 def expert_ffn(

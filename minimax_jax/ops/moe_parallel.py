@@ -38,6 +38,7 @@ from minimax_jax.ops.moe import (
     inverse_permutation,
     permute_rows,
     route,
+    row_bucket_sizes,
     sort_by_expert,
 )
 from minimax_jax.ops.moe import (
@@ -48,6 +49,8 @@ from pallas_kernels.moe.api import match_vma
 DISPATCHES = ("auto", "ragged", "dense")
 # The receive buffer holds up to P*A rows, about A of them used with balanced routing: the
 # grouped matmuls run on the shortest of this many static prefixes that holds the used rows.
+# The padded all-to-all likewise sends chunks of the shortest of this many sizes that holds the
+# largest send (each chunk can hold A rows, about A/P are sent).
 EP_ROW_BUCKETS = 8
 EP_ROW_MULTIPLE = 128  # the GPU kernels' row tile
 
@@ -88,11 +91,21 @@ def _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, *, axis, chu
     return jnp.where(jnp.any(inside, axis=1)[:, None], vals, output)
 
 
-def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk):
+def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk, need):
+    """need: the largest send size over every pair of devices (the same value on all of them):
+    the padded exchange runs with the smallest of `row_bucket_sizes(chunk)` that holds it (a
+    `lax.switch` every device takes alike), not with the worst case `chunk`."""
     if dispatch == "ragged":
         return jax.lax.ragged_all_to_all(operand, output, in_off, send, out_off, recv,
                                          axis_name=axis)  # fmt: skip
-    return _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, axis=axis, chunk=chunk)
+    sizes = row_bucket_sizes(chunk, EP_ROW_BUCKETS, EP_ROW_MULTIPLE)
+    branches = [
+        functools.partial(_ragged_a2a_dense, axis=axis, chunk=c) for c in sizes
+    ]  # fmt: skip
+    if len(branches) == 1:
+        return branches[0](operand, output, in_off, send, out_off, recv)
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, need.dtype), need), len(sizes) - 1)
+    return jax.lax.switch(which, branches, operand, output, in_off, send, out_off, recv)
 
 
 def _local_expert_ids(recv_gs: jax.Array, rows: int) -> jax.Array:
@@ -130,7 +143,9 @@ def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
     # Buffers must vary like the rows they receive (ragged_all_to_all types its result by them).
     buf = match_vma(jnp.zeros((capacity, xs.shape[1]), xs.dtype), xs)
     chunk = min(a, capacity)
-    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk)
+    need = jnp.max(sizes)  # from the all-gathered counts: the same on every device
+    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk,
+                      need=need)  # fmt: skip
     order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True).astype(jnp.int32)
     inv = inverse_permutation(order)
     ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl,
@@ -139,7 +154,8 @@ def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
     ys = permute_rows(ys, inv, order)  # back to arrival order
     back_off = _exclusive_cumsum(full, axis=1)[:, me]  # where each source keeps my experts' rows
     out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
-    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=chunk)
+    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=chunk,
+                       need=need)  # fmt: skip
 
 
 def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):

@@ -60,6 +60,12 @@ def resolve_implementation(implementation: str) -> str:
 
 
 def _gmm(x, w, group_sizes, impl: str, transpose_rhs: bool = False):
+    # Inside shard_map a Pallas call's result may be typed as not varying over the manual axes;
+    # give it x's (the custom VJPs below must return their primals' types).
+    return match_vma(_gmm_impl(x, w, group_sizes, impl, transpose_rhs), x)
+
+
+def _gmm_impl(x, w, group_sizes, impl: str, transpose_rhs: bool):
     if impl == "gpu":
         return _gpu.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs)
     if impl in ("tpu", "tpu_interpret"):
@@ -73,6 +79,10 @@ def _gmm(x, w, group_sizes, impl: str, transpose_rhs: bool = False):
 
 
 def _tgmm(x, dy, group_sizes, impl: str):
+    return match_vma(_tgmm_impl(x, dy, group_sizes, impl), x)
+
+
+def _tgmm_impl(x, dy, group_sizes, impl: str):
     if impl == "gpu":
         return _gpu.tgmm(x, dy, group_sizes)
     if impl in ("tpu", "tpu_interpret"):
