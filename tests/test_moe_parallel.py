@@ -62,6 +62,17 @@ def _place(params, mesh, rules):
     return {k: jax.device_put(v, rules.sharding(mesh, axes[k], v.shape)) for k, v in params.items()}
 
 
+def _assert_matches_dense(fn, params, x, placed=None, placed_x=None):
+    """fn's outputs and gradients (on the placed inputs, if given) equal the dense layer's."""
+    p, xs = (params if placed is None else placed), (x if placed_x is None else placed_x)
+    y, logits = jax.jit(fn)(p, xs)
+    y0, logits0 = _dense(params, x)
+    assert _rel(y, y0) < 1e-5 and _rel(logits, logits0) < 1e-5
+    for got, want in zip(jax.tree.leaves(jax.jit(_loss(fn))(p, xs)),
+                         jax.tree.leaves(_loss(_dense)(params, x)), strict=True):  # fmt: skip
+        assert _rel(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_ep_matches_dense(problem, mesh_name, monkeypatch):
     params, x = problem
@@ -75,12 +86,7 @@ def test_ep_matches_dense(problem, mesh_name, monkeypatch):
     def fn(p, x):
         return moe_ep(p, x, K, mesh=mesh, rules=rules, dispatch="dense")
 
-    y, logits = jax.jit(fn)(ps, xs)
-    y0, logits0 = _dense(params, x)
-    assert _rel(y, y0) < 1e-5 and _rel(logits, logits0) < 1e-5
-    for got, want in zip(jax.tree.leaves(jax.jit(_loss(fn))(ps, xs)),
-                         jax.tree.leaves(_loss(_dense)(params, x)), strict=True):  # fmt: skip
-        assert _rel(got, want) < 1e-5
+    _assert_matches_dense(fn, params, x, ps, xs)
 
 
 @pytest.mark.parametrize("mb", [2, 4])  # 6 tokens per device: 2 micro-batches of 3; 4 -> 1
@@ -92,12 +98,7 @@ def test_ep_microbatches_match_dense(problem, mb):
     def fn(p, x):
         return moe_ep(p, x, K, mesh=mesh, rules=rules, dispatch="dense", microbatches=mb)
 
-    y, logits = jax.jit(fn)(params, x)
-    y0, logits0 = _dense(params, x)
-    assert _rel(y, y0) < 1e-5 and _rel(logits, logits0) < 1e-5
-    for got, want in zip(jax.tree.leaves(jax.jit(_loss(fn))(params, x)),
-                         jax.tree.leaves(_loss(_dense)(params, x)), strict=True):  # fmt: skip
-        assert _rel(got, want) < 1e-5
+    _assert_matches_dense(fn, params, x)
     with pytest.raises(ValueError, match="microbatches"):
         moe_ep(params, x, K, mesh=mesh, rules=rules, microbatches=0)
 
@@ -112,10 +113,7 @@ def test_ep_tokens_replicated_over_expert_axis(problem):
     def fn(p, x):
         return moe_ep(p, x, K, mesh=mesh, rules=rules)
 
-    assert _rel(jax.jit(fn)(params, x)[0], _dense(params, x)[0]) < 1e-5
-    for got, want in zip(jax.tree.leaves(jax.jit(_loss(fn))(params, x)),
-                         jax.tree.leaves(_loss(_dense)(params, x)), strict=True):  # fmt: skip
-        assert _rel(got, want) < 1e-5
+    _assert_matches_dense(fn, params, x)
 
 
 def test_capacity_factor(problem):
