@@ -268,7 +268,9 @@ def train(
     cfg, d = setup.config, setup.config.data
     os.makedirs(workdir, exist_ok=True)
     tx, schedule = build_optimizer(cfg.optim, setup.steps)
-    opts = RunOptions(cfg.model.lightning_impl, cfg.model.moe_impl, cfg.model.remat)
+    opts = RunOptions(
+        cfg.model.lightning_impl, cfg.model.moe_impl, cfg.model.remat, matvec_impl="xla"
+    )  # the matvec kernel has no VJP
     compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
     pid, pcount = jax.process_index(), jax.process_count()
     data_iter = data_lib.train_dataset(
