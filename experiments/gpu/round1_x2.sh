@@ -4,16 +4,9 @@
 # the whole script a deadline. Results and logs under $OUT (at most 8 files).
 #   bash experiments/gpu/round1_x2.sh
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
 DEADLINE=${DEADLINE:-565}
-t0=$SECONDS
-cap() { # cap MAX: seconds a part may take, at most what is left before the deadline
-  local left=$((DEADLINE - (SECONDS - t0)))
-  ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
+source experiments/gpu/lib.sh
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   python3 -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"

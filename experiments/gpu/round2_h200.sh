@@ -3,15 +3,8 @@
 # scaling, the training-step MFU benchmark, the vision tower. Results and logs under $OUT.
 #   bash experiments/gpu/round2_h200.sh
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 DEADLINE=${DEADLINE:-570}
-t0=$SECONDS
-cap() {
-  local left=$((DEADLINE - (SECONDS - t0)))
-  ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
+source experiments/gpu/lib.sh
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv
   timeout -k 5 "$(cap 240)" python3 experiments/bench_generate.py \

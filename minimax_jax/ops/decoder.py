@@ -24,11 +24,9 @@ from minimax_jax.ops.lightning import lightning_attention_layer
 from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
 from minimax_jax.ops.moe_parallel import moe_ep
 from minimax_jax.ops.norm import rms_norm
-from minimax_jax.ops.proj import LayerSlice, materialize
+from minimax_jax.ops.proj import LayerSlice, materialize, proj
 from minimax_jax.ops.rope import rope_tables
 from minimax_jax.sharding import constrain
-from pallas_kernels.matvec import gathered_matvec
-from pallas_kernels.matvec.api import supported as matvec_supported
 
 LIGHTNING = "linear_attention"
 
@@ -347,16 +345,10 @@ def embed_tokens(table: jax.Array, input_ids: jax.Array, opts: RunOptions) -> ja
 def _logits(config: ModelConfig, params: dict, x: jax.Array, matvec: str = "xla") -> jax.Array:
     """Final norm and the output projection, in fp32 (one row: `matvec`, as in `proj`)."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    b, t, d = x.shape
-    if b * t == 1 and matvec != "xla" and not config.tie_word_embeddings:
-        w = params["lm_head"]
-        if matvec_supported(d, w.shape[1]):
-            y = gathered_matvec(x.reshape(1, d), w[None], jnp.zeros((1,), jnp.int32),
-                                implementation=matvec)  # fmt: skip
-            return y.reshape(1, 1, -1)
     if config.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+    return proj("btd,dv->btv", x, params["lm_head"], matvec=matvec,
+                preferred_element_type=jnp.float32)  # fmt: skip
 
 
 def make_cached_context(

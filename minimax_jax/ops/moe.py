@@ -278,8 +278,7 @@ def moe_gather(
     `LayerSlice`s (the kernel then indexes the weights stacked over blocks).
     """
     m, d = x.shape
-    wi_v, wo_v = (w if isinstance(w, LayerSlice) else LayerSlice(w[None], 0)
-                  for w in (params["wi"], params["wo"]))  # fmt: skip
+    wi_v, wo_v = LayerSlice.of(params["wi"]), LayerSlice.of(params["wo"])
     e, _, _, f = wi_v.stacked.shape[1:]
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k

@@ -99,9 +99,7 @@ def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis,
         return jax.lax.ragged_all_to_all(operand, output, in_off, send, out_off, recv,
                                          axis_name=axis)  # fmt: skip
     sizes = row_bucket_sizes(chunk, EP_ROW_BUCKETS, EP_ROW_MULTIPLE)
-    branches = [
-        functools.partial(_ragged_a2a_dense, axis=axis, chunk=c) for c in sizes
-    ]  # fmt: skip
+    branches = [functools.partial(_ragged_a2a_dense, axis=axis, chunk=c) for c in sizes]
     if len(branches) == 1:
         return branches[0](operand, output, in_off, send, out_off, recv)
     which = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, need.dtype), need), len(sizes) - 1)
@@ -196,7 +194,7 @@ def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, 
                                 axis=e_axis, p=p, impl=impl, dispatch=dispatch, cf=cf)  # fmt: skip
         cut = [slice(i * m // n, (i + 1) * m // n) for i in range(n)]
         parts = [run(xf[c], weights[c], experts[c]) for c in cut]
-        y = parts[0] if n == 1 else jnp.concatenate(parts)
+        y = jnp.concatenate(parts)
     else:
         order, gs = sort_by_expert(experts, router.shape[1])
         xs = dispatch_rows(xf, order, top_k)  # [A,D] sorted by expert

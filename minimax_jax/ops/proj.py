@@ -35,6 +35,11 @@ class LayerSlice:
     stacked: jax.Array
     index: jax.Array | int
 
+    @classmethod
+    def of(cls, w) -> LayerSlice:
+        """w itself if a LayerSlice, else a plain weight as the only layer of a stack of one."""
+        return w if isinstance(w, LayerSlice) else cls(w[None], 0)
+
     def get(self) -> jax.Array:
         return self.stacked[self.index]
 
@@ -69,13 +74,13 @@ def proj(spec: str, x: jax.Array, w, *, matvec: str = "xla", **kwargs) -> jax.Ar
     if x.shape[0] * x.shape[1] != 1:
         return jnp.einsum(spec, x, materialize(w), **kwargs)
     c = _split_spec(spec, x.ndim)
-    shape = w.stacked.shape[1:] if isinstance(w, LayerSlice) else w.shape
-    k = x.size
-    if matvec != "xla" and c is not None and not kwargs and supported(k, math.prod(shape) // k):
-        view = w if isinstance(w, LayerSlice) else LayerSlice(w[None], 0)
+    view = LayerSlice.of(w)
+    shape, k = view.stacked.shape[1:], x.size
+    kernel = matvec != "xla" and c is not None and set(kwargs) <= {"preferred_element_type"}
+    if kernel and supported(k, math.prod(shape) // k):
         stacked, first = view.rows(1, k)
         y = gathered_matvec(x.reshape(1, k), stacked, first[None], implementation=matvec)
-        return y.astype(jnp.result_type(x.dtype, stacked.dtype)).reshape(1, 1, *shape[c:])
-    w = materialize(w)
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, stacked.dtype)
+        return y.astype(dtype).reshape(1, 1, *shape[c:])
     pair = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-    return jnp.einsum(spec, pair, w, **kwargs)[:1]
+    return jnp.einsum(spec, pair, view.get(), **kwargs)[:1]
