@@ -158,8 +158,9 @@ def _gmm_impl(x, w, *, gs, impl):
     return grouped_matmul(x, w, gs, implementation=impl)
 
 
-def layer_rows(params, x, k, impl, emit, base, ragged=True, dense=True):
-    """Time the whole MoE layer (ours and on ragged_dot) and a dense FFN over the same rows."""
+def layer_rows(params, x, k, impls, emit, base, ragged=True, dense=True):
+    """Time the whole MoE layer (ours per implementation, and on ragged_dot) and a dense FFN
+    over the same rows."""
     m, d = x.shape
     e, _, _, f = params["wi"].shape
     a = m * k
@@ -171,10 +172,9 @@ def layer_rows(params, x, k, impl, emit, base, ragged=True, dense=True):
         h = jnp.einsum("ad,dcf->acf", rows, p["wi"])
         return (jax.nn.silu(h[:, 0]) * h[:, 1]) @ p["wo"]
 
-    variants = {
-        "dense_ffn": (dense_ffn, dense_p, xs),
-        impl: (lambda p, x: moe_sorted(p, x, k, implementation=impl)[0], params, x),
-    }
+    variants = {"dense_ffn": (dense_ffn, dense_p, xs)}
+    for impl in impls:
+        variants[impl] = (functools.partial(_layer, k=k, impl=impl), params, x)
     if not dense:
         del variants["dense_ffn"]
     if ragged:
@@ -192,9 +192,13 @@ def layer_rows(params, x, k, impl, emit, base, ragged=True, dense=True):
             row = {**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
                    "routed_rows": a, "ms": ms, "tflops": tf, "error": err}  # fmt: skip
             emit(row)
-            if ms is not None and name == impl:
+            if ms is not None and name in impls:
                 profile_row(emit, row, g, p, inp)
     return out
+
+
+def _layer(p, x, *, k, impl):
+    return moe_sorted(p, x, k, implementation=impl)[0]
 
 
 def ratio_rows(res: dict, ours: str, what: str, emit, base) -> None:
@@ -202,7 +206,7 @@ def ratio_rows(res: dict, ours: str, what: str, emit, base) -> None:
     for mode in ("fwd", "fwd_bwd"):
         dense = res.get(("dense" if what == "gmm" else "dense_ffn", mode))
         o, r = res.get((ours, mode)), res.get(("ragged_dot", mode))
-        emit({**base, "what": f"{what}_ratio", "mode": mode,
+        emit({**base, "what": f"{what}_ratio", "impl": ours, "mode": mode,
               "vs_dense": None if not (o and dense) else o / dense,
               "vs_ragged_dot": None if not (o and r) else o / r,
               "goal_vs_dense": 0.7 if mode == "fwd" else 0.6,
@@ -308,6 +312,12 @@ def parse_args():
     ap.add_argument("--ep_microbatches", default="1", help="EP micro-batch counts, e.g. 1,2")
     ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
     ap.add_argument(
+        "--impls",
+        default="auto",
+        help="grouped-matmul implementations to time, comma-separated (the first one is the "
+        "single-GPU baseline of the EP rows and runs them), e.g. gpu,padded",
+    )
+    ap.add_argument(
         "--ep_only",
         action="store_true",
         help="only our layer on 1 GPU (the "
@@ -335,7 +345,8 @@ def main() -> None:
     e, k, d, f = (32, 2, 6144, 9216) if not args.small else (8, 2, 128, 192)
     tokens = [int(t) for t in args.tokens.split(",")] if not args.small else [256]
     dtype = jnp.bfloat16
-    impl = resolve_implementation("auto")
+    impls = [v if v == "padded" else resolve_implementation(v) for v in args.impls.split(",")]
+    impl = impls[0]
     dev = jax.devices()[0]
     base = {"device": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "E": e, "top_k": k, "D": d, "F": f, "dtype": "bfloat16", "gmm_impl": impl,
@@ -360,14 +371,17 @@ def main() -> None:
         row = {**base, "tokens": m, "group_sizes_min_max": [int(gs.min()), int(gs.max())]}
         if args.sweep and impl == "gpu" and i == 0:
             sweep_blocks(xs, gs, wi, emit, row)
-        names = [impl] if impl != "xla" else []
+        names = [v for v in impls if v != "xla"]
         ragged = (args.small or m <= args.ragged_max_tokens) and not args.ep_only
         if not args.ep_only:
             res = gmm_rows(xs, gs, wi, names, emit, row, ragged)
-            ratio_rows(res, impl, "gmm", emit, row)
-        res = layer_rows(params, x, k, impl, emit, row, ragged, dense=not args.ep_only)
+            for v in names:
+                ratio_rows(res, v, "gmm", emit, row)
+        res = layer_rows(params, x, k, names or [impl], emit, row, ragged,
+                         dense=not args.ep_only)  # fmt: skip
         if not args.ep_only:
-            ratio_rows(res, impl, "layer", emit, row)
+            for v in names or [impl]:
+                ratio_rows(res, v, "layer", emit, row)
         if args.ep and jax.device_count() >= 2:
             single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
             ep_rows(

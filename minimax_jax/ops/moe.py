@@ -13,10 +13,12 @@ the per-expert load.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.moe_padded import expert_ffn_padded
 from minimax_jax.ops.proj import LayerSlice
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported as matvec_supported
@@ -135,22 +137,28 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     return order, group_sizes
 
 
-def _ffn_and_h(xs, wi, wo, group_sizes, implementation):
+def _ffn_and_h(xs, wi, wo, group_sizes, implementation, group_rows=None):
     """(expert outputs [A,D], the fused w1/w3 product h [A,2F] before SwiGLU)."""
     e, d, _, f = wi.shape
-    h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), group_sizes, implementation=implementation)
+    gmm = functools.partial(grouped_matmul, implementation=implementation, group_rows=group_rows)
+    h = gmm(xs, wi.reshape(e, d, 2 * f), group_sizes)
     act = _swiglu(h.reshape(-1, 2, f))
-    return grouped_matmul(act, wo, group_sizes, implementation=implementation), h
+    return gmm(act, wo, group_sizes), h
 
 
-def _ffn(xs, wi, wo, group_sizes, implementation):
-    return _ffn_and_h(xs, wi, wo, group_sizes, implementation)[0]
+def _ffn(xs, wi, wo, group_sizes, implementation, group_rows=None):
+    return _ffn_and_h(xs, wi, wo, group_sizes, implementation, group_rows)[0]
 
 
-def row_bucket_sizes(rows: int, buckets: int, multiple: int = 128) -> tuple[int, ...]:
-    """Static prefix lengths for `expert_ffn(row_buckets=...)`: i/buckets of rows (i = 1..n),
-    rounded up to `multiple`, the last one rows itself."""
-    sizes = {min(rows, -(-(rows * i // buckets) // multiple) * multiple) for i in range(1, buckets)}
+# Prefix lengths tried for buffers with unused tail rows, as multiples of the expected used
+# rows: fine steps just above 1 (balanced routing lands there), coarse ones elsewhere.
+BUCKET_LADDER = (0.25, 0.5, 0.75, 1.0, 1.03125, 1.0625, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0)
+
+
+def row_bucket_sizes(rows: int, expected: int, multiple: int = 128) -> tuple[int, ...]:
+    """Static prefix lengths for a buffer of `rows` rows of which about `expected` are used:
+    expected x `BUCKET_LADDER`, rounded up to `multiple`, capped at rows; the last is rows."""
+    sizes = {min(rows, -(-math.ceil(expected * r) // multiple) * multiple) for r in BUCKET_LADDER}
     return tuple(sorted((sizes - {0}) | {rows}))
 
 
@@ -161,20 +169,26 @@ def expert_ffn(
     group_sizes: jax.Array,
     implementation="auto",
     *,
-    row_buckets: int = 1,
+    expected_rows: int | None = None,
     row_multiple: int = 128,
 ) -> jax.Array:
     """Rows sorted by expert xs [A,D], wi [E,D,2,F], wo [E,F,D], group_sizes [E] -> [A,D].
 
     Rows past sum(group_sizes) give zero. w1/w3 run as one fused grouped matmul.
-    row_buckets > 1: for buffers mostly made of unused tail rows (the expert-parallel receive
-    buffer is sized for the worst case), run the matmuls on the shortest of `row_bucket_sizes`
-    prefixes (multiples of row_multiple) that holds every used row (a `lax.switch`): the
-    grouped-matmul kernels do work for every row tile of their operand, used or not. Its custom
-    VJP keeps one [A,2F] residual (a plain switch under autodiff keeps every branch's).
+    expected_rows < A: the buffer is mostly unused tail rows (the expert-parallel receive
+    buffer is sized for the worst case) and about this many are used. The grouped-matmul
+    kernels do work for every row tile of their operand, used or not, so the matmuls run on the
+    shortest of the `row_bucket_sizes` prefixes (multiples of row_multiple) that holds every
+    used row (a `lax.switch`; its custom VJP keeps one [A,2F] residual, where a plain switch
+    under autodiff keeps every branch's). The "padded" implementation only reads used rows: it
+    takes no prefix and sizes its capacities for expected_rows instead.
     """
-    a = xs.shape[0]
-    sizes = row_bucket_sizes(a, row_buckets, row_multiple) if row_buckets > 1 else (a,)
+    a, e = xs.shape[0], wi.shape[0]
+    if expected_rows is None or expected_rows >= a:
+        return _ffn(xs, wi, wo, group_sizes, implementation)
+    if implementation == "padded":
+        return _ffn(xs, wi, wo, group_sizes, implementation, -(-expected_rows // e))
+    sizes = row_bucket_sizes(a, expected_rows, row_multiple)
     if len(sizes) == 1:
         return _ffn(xs, wi, wo, group_sizes, implementation)
     # One set of varying mesh axes for every operand (inside shard_map), so the custom VJP's
@@ -254,9 +268,17 @@ def dispatch(x: jax.Array, order: jax.Array, top_k: int) -> jax.Array:
 def moe_sorted(
     params: dict, x: jax.Array, top_k: int, *, implementation: str = "auto"
 ) -> tuple[jax.Array, jax.Array]:
-    """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E])."""
+    """Dropless sorted dispatch with grouped matmuls. x [M,D] -> ([M,D], router logits [M,E]).
+
+    implementation="padded": the batched-GEMM expert FFN of `moe_padded` (capacity-padded
+    groups, the platform's grouped kernel as fallback) instead of the sorted grouped matmuls.
+    """
     e = params["wi"].shape[0]
     weights, experts, logits = route(x, params["router"], top_k)
+    if implementation == "padded":
+        ya = expert_ffn_padded(x, experts.reshape(-1), params["wi"], params["wo"], k=top_k)
+        y = ya.astype(jnp.float32).reshape(x.shape[0], top_k, -1)
+        return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits
     order, group_sizes = sort_by_expert(experts, e)
     xs = dispatch(x, order, top_k)  # [A,D]
     ys = expert_ffn(xs, params["wi"], params["wo"], group_sizes, implementation)

@@ -44,14 +44,14 @@ from minimax_jax.ops.moe import (
 from minimax_jax.ops.moe import (
     dispatch as dispatch_rows,
 )
+from minimax_jax.ops.moe_padded import expert_ffn_padded
 from pallas_kernels.moe.api import match_vma
 
 DISPATCHES = ("auto", "ragged", "dense")
 # The receive buffer holds up to P*A rows, about A of them used with balanced routing: the
-# grouped matmuls run on the shortest of this many static prefixes that holds the used rows.
-# The padded all-to-all likewise sends chunks of the shortest of this many sizes that holds the
-# largest send (each chunk can hold A rows, about A/P are sent).
-EP_ROW_BUCKETS = 8
+# grouped matmuls run on the shortest static prefix (`moe.row_bucket_sizes` around A) that holds
+# the used rows. The padded all-to-all likewise sends chunks of the shortest size around A/P
+# that holds the largest send (each chunk can hold A rows).
 EP_ROW_MULTIPLE = 128  # the GPU kernels' row tile
 
 
@@ -91,14 +91,16 @@ def _ragged_a2a_dense(operand, output, in_off, send, out_off, recv, *, axis, chu
     return jnp.where(jnp.any(inside, axis=1)[:, None], vals, output)
 
 
-def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk, need):
+def _ragged_a2a(dispatch, operand, output, in_off, send, out_off, recv, *, axis, chunk, need,
+                expected):  # fmt: skip
     """need: the largest send size over every pair of devices (the same value on all of them):
-    the padded exchange runs with the smallest of `row_bucket_sizes(chunk)` that holds it (a
-    `lax.switch` every device takes alike), not with the worst case `chunk`."""
+    the padded exchange runs with the smallest of `row_bucket_sizes(chunk, expected)` that holds
+    it (a `lax.switch` every device takes alike), not with the worst case `chunk`; expected:
+    the typical send size (A/P with balanced routing)."""
     if dispatch == "ragged":
         return jax.lax.ragged_all_to_all(operand, output, in_off, send, out_off, recv,
                                          axis_name=axis)  # fmt: skip
-    sizes = row_bucket_sizes(chunk, EP_ROW_BUCKETS, EP_ROW_MULTIPLE)
+    sizes = row_bucket_sizes(chunk, expected, EP_ROW_MULTIPLE)
     branches = [functools.partial(_ragged_a2a_dense, axis=axis, chunk=c) for c in sizes]
     if len(branches) == 1:
         return branches[0](operand, output, in_off, send, out_off, recv)
@@ -142,18 +144,22 @@ def _dispatch_a2a(xs, gs, wi, wo, *, axis, p, impl, dispatch, capacity):
     buf = match_vma(jnp.zeros((capacity, xs.shape[1]), xs.dtype), xs)
     chunk = min(a, capacity)
     need = jnp.max(sizes)  # from the all-gathered counts: the same on every device
-    got = _ragged_a2a(dispatch, xs, buf, in_off, send, out_off, recv, axis=axis, chunk=chunk,
-                      need=need)  # fmt: skip
-    order = jnp.argsort(_local_expert_ids(recv_gs, capacity), stable=True).astype(jnp.int32)
-    inv = inverse_permutation(order)
-    ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl,
-                    row_buckets=EP_ROW_BUCKETS if capacity > a else 1,
-                    row_multiple=EP_ROW_MULTIPLE)  # fmt: skip
-    ys = permute_rows(ys, inv, order)  # back to arrival order
+    exchange = functools.partial(_ragged_a2a, dispatch, axis=axis, chunk=chunk, need=need,
+                                 expected=-(-a // p))  # fmt: skip
+    got = exchange(xs, buf, in_off, send, out_off, recv)
+    local = _local_expert_ids(recv_gs, capacity)
+    if impl == "padded":  # straight from arrival order into per-expert blocks and back
+        ys = expert_ffn_padded(got, local, wi, wo, k=1, group_rows=-(-min(a, capacity) // el))
+    else:
+        order = jnp.argsort(local, stable=True).astype(jnp.int32)
+        inv = inverse_permutation(order)
+        ys = expert_ffn(permute_rows(got, order, inv), wi, wo, jnp.sum(recv_gs, axis=0), impl,
+                        expected_rows=a if capacity > a else None,
+                        row_multiple=EP_ROW_MULTIPLE)  # fmt: skip
+        ys = permute_rows(ys, inv, order)  # back to arrival order
     back_off = _exclusive_cumsum(full, axis=1)[:, me]  # where each source keeps my experts' rows
     out = match_vma(jnp.zeros((a, ys.shape[1]), ys.dtype), ys)
-    return _ragged_a2a(dispatch, ys, out, recv_off, recv, back_off, send, axis=axis, chunk=chunk,
-                       need=need)  # fmt: skip
+    return exchange(ys, out, recv_off, recv, back_off, send)
 
 
 def _local_experts_only(xs, gs, wi, wo, *, axis, p, impl):

@@ -1,0 +1,131 @@
+"""The capacity-padded expert FFN (batched GEMMs, lax.switch over capacities) against a
+per-assignment fp32 reference: values and gradients, unused rows, the fallback branch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimax_jax.ops.moe import moe_dense, moe_sorted
+from minimax_jax.ops.moe_padded import expert_ffn_padded
+from pallas_kernels.moe import padded
+
+D, F, E = 24, 40, 6
+
+
+def _reference(x, expert, wi, wo, k):
+    """Row a: token a // k through expert[a]'s SwiGLU FFN (0 where expert[a] == E)."""
+    e = jnp.clip(expert, 0, E - 1)
+    xa = jnp.repeat(x, k, axis=0)
+    h = jnp.einsum("ad,adcf->acf", xa, wi[e], precision="highest")
+    y = jnp.einsum("af,afd->ad", jax.nn.silu(h[:, 0]) * h[:, 1], wo[e], precision="highest")
+    return jnp.where((expert < E)[:, None], y, 0)
+
+
+def _weights(seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(k1, (E, D, 2, F)) / 5, jax.random.normal(k2, (E, F, D)) / 6)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a))
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _check(x, expert, k, *, group_rows=None, tol=1e-5):
+    wi, wo = _weights(1)
+    dy = jax.random.normal(jax.random.key(2), (expert.shape[0], D))
+
+    def loss(fn):
+        return lambda x, wi, wo: jnp.sum(fn(x, wi, wo) * dy)
+
+    def ours(x, wi, wo):
+        return expert_ffn_padded(x, expert, wi, wo, k=k, group_rows=group_rows, fallback="xla")
+
+    got = jax.jit(ours)(x, wi, wo)
+    want = _reference(x, expert, wi, wo, k)
+    assert got.shape == want.shape and _rel(got, want) < tol
+    assert np.all(np.asarray(got)[np.asarray(expert) == E] == 0)
+    g = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, wi, wo)
+    g0 = jax.grad(loss(lambda x, wi, wo: _reference(x, expert, wi, wo, k)), argnums=(0, 1, 2))(
+        x, wi, wo
+    )
+    for a, b in zip(g, g0, strict=True):
+        assert _rel(a, b) < tol
+
+
+def _caps_index(expert, a, group_rows=None):
+    gs = np.bincount(np.asarray(expert)[np.asarray(expert) < E], minlength=E)
+    caps = padded.capacities(group_rows or -(-a // E))
+    return int(padded.choose(jnp.asarray(gs), caps)), len(caps)
+
+
+def test_balanced_top2_takes_a_padded_branch():
+    m, k = 48, 2
+    x = jax.random.normal(jax.random.key(0), (m, D))
+    expert = jnp.asarray(np.random.RandomState(0).permutation(np.arange(m * k) % E), jnp.int32)
+    which, n = _caps_index(expert, m * k)
+    assert which < n
+    _check(x, expert, k)
+
+
+def test_unused_rows_and_k1():
+    """The expert-parallel receive buffer: k=1, a tail of unused rows (expert == E) holding
+    garbage; group_rows sizes the ladder for the used rows."""
+    rng = np.random.RandomState(1)
+    used, rows = 70, 128
+    expert = np.full(rows, E, np.int32)
+    expert[:used] = rng.randint(0, E, used)
+    rng.shuffle(expert)
+    x = jax.random.normal(jax.random.key(3), (rows, D)) * 3
+    which, n = _caps_index(expert, rows, group_rows=-(-used // E))
+    assert which < n
+    _check(x, jnp.asarray(expert), 1, group_rows=-(-used // E))
+
+
+def test_skewed_groups_take_the_fallback():
+    m, k = 40, 2
+    expert = np.zeros(m * k, np.int32)
+    expert[::7] = 3  # expert 0 holds ~6x its share: beyond the ladder
+    which, n = _caps_index(expert, m * k)
+    assert which == n
+    _check(jax.random.normal(jax.random.key(4), (m, D)), jnp.asarray(expert), k)
+
+
+def test_moe_sorted_padded_matches_dense():
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    wi, wo = _weights(6)
+    params = {"router": jax.random.normal(k1, (D, E)), "wi": wi, "wo": wo}
+    x = jax.random.normal(k2, (64, D))
+    y, logits = jax.jit(lambda p, x: moe_sorted(p, x, 2, implementation="padded"))(params, x)
+    y0, logits0 = moe_dense(params, x, 2)
+    assert _rel(y, y0) < 1e-5 and _rel(logits, logits0) < 1e-6
+    dy = jax.random.normal(k3, y.shape)
+
+    def grads(fn):
+        return jax.grad(lambda p, x: jnp.sum(fn(p, x)[0] * dy), argnums=(0, 1))(params, x)
+
+    got = jax.jit(lambda p, x: grads(lambda p, x: moe_sorted(p, x, 2, implementation="padded")))(
+        params, x
+    )
+    want = grads(lambda p, x: moe_dense(p, x, 2))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _rel(a, b) < 1e-5
+
+
+def test_bf16_close_to_fp32_reference():
+    m, k = 64, 2
+    x = jax.random.normal(jax.random.key(7), (m, D))
+    expert = jnp.asarray(np.random.RandomState(2).randint(0, E, m * k), jnp.int32)
+    wi, wo = _weights(8)
+    got = expert_ffn_padded(x.astype(jnp.bfloat16), expert, wi.astype(jnp.bfloat16),
+                            wo.astype(jnp.bfloat16), k=k, fallback="xla")  # fmt: skip
+    assert got.dtype == jnp.bfloat16
+    assert _rel(got, _reference(x, expert, wi, wo, k)) < 3e-2
+
+
+def test_bad_shapes_raise():
+    wi, wo = _weights(0)
+    with pytest.raises(ValueError, match="M\\*k"):
+        expert_ffn_padded(jnp.ones((4, D)), jnp.zeros((9,), jnp.int32), wi, wo, k=2)
