@@ -311,6 +311,7 @@ def parse_args():
     ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
     ap.add_argument("--ep_microbatches", default="1", help="EP micro-batch counts, e.g. 1,2")
     ap.add_argument("--small", action="store_true", help="tiny dims: CPU smoke test")
+    ap.add_argument("--no_gmm", action="store_true", help="skip the gmm-only rows")
     ap.add_argument(
         "--impls",
         default="auto",
@@ -373,7 +374,7 @@ def main() -> None:
             sweep_blocks(xs, gs, wi, emit, row)
         names = [v for v in impls if v != "xla"]
         ragged = (args.small or m <= args.ragged_max_tokens) and not args.ep_only
-        if not args.ep_only:
+        if not (args.ep_only or args.no_gmm):
             res = gmm_rows(xs, gs, wi, names, emit, row, ragged)
             for v in names:
                 ratio_rows(res, v, "gmm", emit, row)

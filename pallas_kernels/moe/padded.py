@@ -87,12 +87,13 @@ def gmm(
     padded to C rows (C >= the largest group)."""
     spec = "eck,enk->ecn" if transpose_rhs else "eck,ekn->ecn"
     xp = to_padded(x, group_sizes, c)
-    y = jnp.einsum(spec, xp, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return from_padded(y.astype(x.dtype), group_sizes, x.shape[0])
+    # In x's dtype: XLA's 16-bit GEMMs accumulate in fp32 and round once on store.
+    y = jnp.einsum(spec, xp, w.astype(x.dtype))
+    return from_padded(y, group_sizes, x.shape[0])
 
 
 def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, c: int) -> jax.Array:
     """x [M,K], dy [M,N] -> [E,K,N] = per group x_e^T dy_e in x's dtype (empty groups give 0)."""
     xp = to_padded(x, group_sizes, c)
     dp = to_padded(dy.astype(x.dtype), group_sizes, c)
-    return jnp.einsum("eck,ecn->ekn", xp, dp, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("eck,ecn->ekn", xp, dp)
