@@ -44,7 +44,7 @@ from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import sharding  # noqa: E402
 from minimax_jax.ops import moe_parallel  # noqa: E402
 from minimax_jax.ops.moe import dispatch as dispatch_rows  # noqa: E402
-from minimax_jax.ops.moe import moe_sorted, route, sort_by_expert  # noqa: E402
+from minimax_jax.ops.moe import ffn_implementation, moe_sorted, route, sort_by_expert  # noqa: E402
 from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
 from pallas_kernels.moe.api import grouped_matmul, resolve_implementation  # noqa: E402
 
@@ -271,8 +271,9 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
                 profile_row(emit, row, g, p, x3)
         if mb > 1:
             continue
-        real_ffn = moe_parallel.expert_ffn
+        real_ffn = moe_parallel.expert_ffn, moe_parallel.expert_ffn_padded
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl, **kw: xs  # dispatch only
+        moe_parallel.expert_ffn_padded = lambda xs, expert, wi, wo, **kw: xs  # the padded path
         # A new function object: jax.jit(layer) would reuse the executable compiled above with
         # the real FFN (rounds 4-6 measured whole layers as "dispatch only" that way).
         only = jax.jit(lambda p, x, f=layer: f(p, x))
@@ -285,7 +286,7 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
             if ms is not None:
                 profile_row(emit, row, only, p, x3)
         finally:
-            moe_parallel.expert_ffn = real_ffn
+            moe_parallel.expert_ffn, moe_parallel.expert_ffn_padded = real_ffn
 
 
 def sweep_blocks(xs, gs, w, emit, base) -> None:
@@ -315,8 +316,9 @@ def parse_args():
     ap.add_argument(
         "--impls",
         default="auto",
-        help="grouped-matmul implementations to time, comma-separated (the first one is the "
-        "single-GPU baseline of the EP rows and runs them), e.g. gpu,padded",
+        help="expert-FFN implementations to time, comma-separated (the first one is the "
+        "single-GPU baseline of the EP rows and runs them), e.g. gpu,padded; auto = what the "
+        "model's 'auto' runs here (padded on GPU)",
     )
     ap.add_argument(
         "--ep_only",
@@ -346,7 +348,9 @@ def main() -> None:
     e, k, d, f = (32, 2, 6144, 9216) if not args.small else (8, 2, 128, 192)
     tokens = [int(t) for t in args.tokens.split(",")] if not args.small else [256]
     dtype = jnp.bfloat16
-    impls = [v if v == "padded" else resolve_implementation(v) for v in args.impls.split(",")]
+    # "auto" is what the model runs: the padded FFN on GPU (bf16), else the platform's kernel.
+    impls = [ffn_implementation(v, dtype) for v in args.impls.split(",")]
+    impls = [v if v == "padded" else resolve_implementation(v) for v in impls]
     impl = impls[0]
     dev = jax.devices()[0]
     base = {"device": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,

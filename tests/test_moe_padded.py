@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.ops.moe import moe_dense, moe_sorted
+from minimax_jax.ops import moe
+from minimax_jax.ops.moe import ffn_implementation, moe_dense, moe_sorted
 from minimax_jax.ops.moe_padded import expert_ffn_padded
 from pallas_kernels.moe import padded
 
@@ -129,6 +130,34 @@ def test_bad_shapes_raise():
     wi, wo = _weights(0)
     with pytest.raises(ValueError, match="M\\*k"):
         expert_ffn_padded(jnp.ones((4, D)), jnp.zeros((9,), jnp.int32), wi, wo, k=2)
+
+
+def test_auto_means_padded_only_on_gpu_with_16_bit_operands(monkeypatch):
+    assert ffn_implementation("auto", jnp.bfloat16) == "auto"  # CPU: the grouped-matmul API's
+    assert ffn_implementation("auto", jnp.float32) == "auto"
+    monkeypatch.setattr(moe, "resolve_implementation", lambda name: "gpu")
+    assert ffn_implementation("auto", jnp.bfloat16) == "padded"
+    assert ffn_implementation("auto", jnp.float16) == "padded"
+    assert ffn_implementation("auto", jnp.float32) == "auto"  # the kernels take 16-bit only
+    for name in ("xla", "gpu", "padded"):
+        assert ffn_implementation(name, jnp.bfloat16) == name
+    monkeypatch.setattr(moe, "resolve_implementation", lambda name: "tpu")
+    assert ffn_implementation("auto", jnp.bfloat16) == "auto"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_moe_sorted_bf16_matches_dense():
+    """On GPU "auto" with bf16 takes the padded path; it matches the dense fp32 layer."""
+    k1, k2 = jax.random.split(jax.random.key(12))
+    wi, wo = _weights(13)
+    params = {"router": jax.random.normal(k1, (D, E)), "wi": wi, "wo": wo}
+    x = jax.random.normal(k2, (256, D))
+    assert ffn_implementation("auto", jnp.bfloat16) == "padded"
+    bf = jax.tree.map(lambda t: t.astype(jnp.bfloat16), {"p": params, "x": x})
+    y, _ = jax.jit(lambda p, x: moe_sorted(p, x, 2))(bf["p"], bf["x"])
+    y0, _ = moe_dense(jax.tree.map(lambda t: t.astype(jnp.float32), bf["p"]),
+                      bf["x"].astype(jnp.float32), 2)  # fmt: skip
+    assert _rel(y, y0) < 3e-2
 
 
 @pytest.mark.gpu

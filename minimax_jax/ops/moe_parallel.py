@@ -35,6 +35,7 @@ from jax.sharding import Mesh, PartitionSpec
 from minimax_jax.ops.moe import (
     combine,
     expert_ffn,
+    ffn_implementation,
     inverse_permutation,
     permute_rows,
     route,
@@ -277,8 +278,8 @@ def moe_ep(
     e_name, f_name = (_name(e_axes) if e_axes else None), (_name(f_axes) if f_axes else None)
     body = functools.partial(
         _body, top_k=top_k, mode=mode, e_axis=e_name, p=p, f_axes=f_axes,
-        impl=implementation, dispatch=resolve_dispatch(dispatch), cf=capacity_factor,
-        mb=microbatches,
+        impl=ffn_implementation(implementation, x.dtype), dispatch=resolve_dispatch(dispatch),
+        cf=capacity_factor, mb=microbatches,
     )  # fmt: skip
     x_spec = PartitionSpec(x_spec[0], None, None)
     in_specs = (
