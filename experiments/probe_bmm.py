@@ -52,26 +52,12 @@ def main():
                 c = -(-int(mean * r) // mult) * mult
                 xp = jax.random.normal(key, (e, c, d), jnp.bfloat16)
                 dp = jax.random.normal(key, (e, c, n), jnp.bfloat16)
-                t = run(lambda xp, w: jnp.einsum("eck,ekn->ecn", xp, w), xp, w)
-                rec(
-                    tokens=tokens,
-                    what="bmm",
-                    ratio=r,
-                    mult=mult,
-                    C=c,
-                    ms=t * 1e3,
-                    tflops_useful=2 * m * d * n / t / 1e12,
-                )
-                t = run(lambda xp, dp: jnp.einsum("eck,ecn->ekn", xp, dp), xp, dp, reps=5)
-                rec(
-                    tokens=tokens,
-                    what="bmm_dw",
-                    ratio=r,
-                    mult=mult,
-                    C=c,
-                    ms=t * 1e3,
-                    tflops_useful=2 * m * d * n / t / 1e12,
-                )
+                fwd = (lambda xp, w: jnp.einsum("eck,ekn->ecn", xp, w), w, {})
+                dw = (lambda xp, dp: jnp.einsum("eck,ecn->ekn", xp, dp), dp, {"reps": 5})
+                for what, (fn, other, kw) in (("bmm", fwd), ("bmm_dw", dw)):
+                    t = run(fn, xp, other, **kw)
+                    rec(tokens=tokens, what=what, ratio=r, mult=mult, C=c, ms=t * 1e3,
+                        tflops_useful=2 * m * d * n / t / 1e12)  # fmt: skip
                 if tokens > 4096:
                     break
 
