@@ -70,6 +70,19 @@ def test_matches_numpy_reference(case, moe_impl):
     assert rel_err(got, want) <= TOL
 
 
+def test_padded_expert_ffn_matches_numpy_reference():
+    """RunOptions(gmm_impl="padded"), what "auto" runs on GPU for bf16, in the whole model."""
+    cfg = tiny(**CASES["partial_rope_theta_1e7"])
+    model = random_model(cfg, options=RunOptions(gmm_impl="padded"))
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 21))
+    want = [numpy_model.forward(cfg, model.pure_params(), row, numpy_model.remote_slopes)
+            for row in ids]  # fmt: skip
+    got = model(ids)  # logits [B,T,V]
+    assert got.shape == (2, 21, cfg.vocab_size) and rel_err(got, np.stack(want)) <= TOL
+    with pytest.raises(ValueError, match="gmm_impl"):
+        RunOptions(gmm_impl="cublas")
+
+
 def test_left_padding_rows_equal_unpadded_runs():
     cfg = tiny(rotary_dim=16, rope_theta=1e7)
     model = random_model(cfg, seed=3)

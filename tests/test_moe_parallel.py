@@ -103,10 +103,11 @@ def test_ep_microbatches_match_dense(problem, mb):
         moe_ep(params, x, K, mesh=mesh, rules=rules, microbatches=0)
 
 
-@pytest.mark.parametrize("mesh_name", ["data2_expert4", "fsdp2_expert2_tensor2"])
+@pytest.mark.parametrize("mesh_name", ["data2_expert4", "fsdp2_expert2_tensor2", "data8"])
 def test_ep_padded_implementation_matches_dense(problem, mesh_name):
     """The "padded" grouped matmul (batched GEMMs over capacity-padded groups, a lax.switch per
-    device) inside shard_map: same outputs and gradients as the dense layer."""
+    device) inside shard_map: same outputs and gradients as the dense layer (all-to-all and,
+    on data8, no expert axis)."""
     params, x = problem
     mesh = _mesh(mesh_name)
     rules, _ = sharding.load_rules("fsdp_ep")
@@ -117,15 +118,17 @@ def test_ep_padded_implementation_matches_dense(problem, mesh_name):
     _assert_matches_dense(fn, params, x)
 
 
-def test_ep_tokens_replicated_over_expert_axis(problem):
-    """Decode-style: tokens not split over `expert`; each device adds its experts' rows."""
+@pytest.mark.parametrize("impl", ["auto", "padded"])
+def test_ep_tokens_replicated_over_expert_axis(problem, impl):
+    """Decode-style: tokens not split over `expert`; each device adds its experts' rows
+    (with "padded", what GPU "auto" runs for bf16)."""
     params, x = problem
     mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=2, tensor=2))
     rules = sharding.ShardingRules.from_mapping({"batch": "data", "experts": "expert",
                                                  "mlp": "tensor"})  # fmt: skip
 
     def fn(p, x):
-        return moe_ep(p, x, K, mesh=mesh, rules=rules)
+        return moe_ep(p, x, K, mesh=mesh, rules=rules, implementation=impl)
 
     _assert_matches_dense(fn, params, x)
 

@@ -27,6 +27,7 @@ from minimax_jax.ops.norm import rms_norm
 from minimax_jax.ops.proj import LayerSlice, materialize, proj
 from minimax_jax.ops.rope import rope_tables
 from minimax_jax.sharding import constrain
+from pallas_kernels.moe.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 
 LIGHTNING = "linear_attention"
 
@@ -45,7 +46,7 @@ class RunOptions:
     remat_policy: str | None = None  # None | "full" | "dots" (save matmul outputs)
     mesh: Any = None  # jax.sharding.Mesh with axes (data, fsdp, expert, tensor)
     rules: Any = None  # minimax_jax.sharding.ShardingRules
-    gmm_impl: str = "auto"  # pallas_kernels.moe implementation
+    gmm_impl: str = "auto"  # expert FFN: pallas_kernels.moe implementation or "padded" (GPU auto)
     ep_dispatch: str = "auto"  # "ragged" | "dense" all-to-all (auto: dense on CPU)
     ep_capacity_factor: float | None = None  # None: dropless EP buffers (see moe_parallel)
     ep_microbatches: int = 1  # independent all-to-all exchanges per device (overlap; moe_ep)
@@ -71,6 +72,10 @@ class RunOptions:
             raise ValueError("RunOptions: give both mesh and rules, or neither")
         if self.moe_impl == "ep" and self.mesh is None:
             raise ValueError("RunOptions(moe_impl='ep') needs mesh and rules")
+        if self.gmm_impl not in GMM_IMPLEMENTATIONS:
+            raise ValueError(
+                f"gmm_impl must be one of {GMM_IMPLEMENTATIONS}, got {self.gmm_impl!r}"
+            )
         if self.matvec_impl not in ("auto", "xla", "gpu", "gpu_interpret"):
             raise ValueError(
                 "matvec_impl must be 'auto', 'xla', 'gpu' or 'gpu_interpret', "
