@@ -127,7 +127,23 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     sizes = {a: getattr(config.mesh, a) for a in shard_lib.MESH_AXES}
     mesh_cfg = dataclasses.replace(mesh_cfg, **{a: s for a, s in sizes.items() if s is not None})
     n = config.mesh.num_devices
+    if jax.process_count() > 1 and n is not None and n != jax.device_count():
+        raise tc.ConfigError(
+            f"mesh.num_devices = {n} in a job of {jax.process_count()} processes: the mesh must "
+            f"span all {jax.device_count()} devices of every process (set it to null)"
+        )
     mesh = shard_lib.make_mesh(mesh_cfg, None if n is None else jax.devices()[:n])
+    pcount = jax.process_count()
+    if d.batch_size % (pcount * d.grad_accum):
+        raise tc.ConfigError(
+            f"data.batch_size = {d.batch_size} must split into {pcount} process(es) x "
+            f"{d.grad_accum} microbatch(es) of whole rows"
+        )
+    if len(train_idx) < pcount:
+        raise data_lib.DataError(
+            f"{len(train_idx)} training document(s) cannot feed {pcount} processes (each reads "
+            "every process_count-th document): add documents"
+        )
     rows = d.batch_size // d.grad_accum
     batch_ways = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
     if rows % batch_ways:
@@ -199,14 +215,20 @@ def run_eval(setup: Setup, eval_fn, params, batches: list, sharding: NamedShardi
 
 
 class _Preemption:
-    """Sets a flag on SIGTERM (only installable from the main thread)."""
+    """Sets a flag on SIGTERM (only installable from the main thread).
+
+    Not installed in a multi-process job: there `jax.distributed.initialize` has installed JAX's
+    own SIGTERM notifier, which feeds the preemption sync point (`_preempted`); a Python handler
+    would replace it and SIGTERM would be ignored.
+    """
 
     def __init__(self):
         self.flag = False
         self.previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        if main and jax.process_count() == 1:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

@@ -51,7 +51,8 @@ def test_resume_after_sigkill_is_bitwise_and_sigterm_saves(corpus, tmp_path):
     """A: 12 uninterrupted steps. B: same run, SIGKILLed after checkpoint 4 (and step >= 6).
     C: restarted in B's workdir; every step matches A bit for bit; SIGTERM then saves and exits 0.
     """
-    sections = {"optim": {"decay_steps": 12, "warmup_steps": 3}, "checkpoint": {"every": 4}}
+    sections = {"optim": {"decay_steps": 12, "warmup_steps": 3}, "checkpoint": {"every": 4},
+                "model": fx.TWO_LAYERS}  # fmt: skip
     raw_a = fx.raw_config(*corpus, train={"steps": 12, "log_every": 1}, **sections)
     raw_b = fx.raw_config(*corpus, train={"steps": 1000, "log_every": 1}, **sections)
     cfg_a = fx.write_yaml(str(tmp_path / "a.yaml"), raw_a)

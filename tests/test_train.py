@@ -158,7 +158,7 @@ def test_sharded_accumulated_matches_single_device(corpus, tmp_path):
     curves = []
     for name, devices, accum in (("one", 1, 1), ("eight", None, 2)):
         cfg = fx.config(*corpus, data={"batch_size": 16, "grad_accum": accum},
-                        mesh={"num_devices": devices}, **common)  # fmt: skip
+                        mesh={"num_devices": devices}, model=fx.TWO_LAYERS, **common)  # fmt: skip
         setup = train_lib.prepare(cfg)
         assert setup.mesh.devices.size == (devices or 8)
         train_lib.train(config=cfg, workdir=str(tmp_path / name), setup=setup)
@@ -170,6 +170,7 @@ def test_sharded_accumulated_matches_single_device(corpus, tmp_path):
 def test_nonfinite_steps_skipped_then_stop(corpus, tmp_path):
     cfg = fx.config(
         *corpus,
+        model=fx.TWO_LAYERS,
         optim={"lr": 1e30, "warmup_steps": 0, "clip_norm": None},
         train={"steps": 50, "max_nonfinite": 3},
     )

@@ -24,6 +24,11 @@ _WORDS = (
 ).split()
 
 
+# One lightning and one softmax layer instead of tiny-native's 7+1 block: the tests of the loop
+# itself (sharding, resume, skipping) compile ~3x faster and still cross both layer kinds.
+TWO_LAYERS = {"overrides": {"num_layers": 2, "layer_types": ["linear_attention", "full_attention"]}}
+
+
 def make_corpus(root: str, n_docs: int = 4, words: int = 11) -> tuple[str, str]:
     """Writes n_docs text files and a byte-level BPE trained on them; returns (glob, tok dir)."""
     corpus = os.path.join(root, "corpus")

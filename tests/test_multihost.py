@@ -1,0 +1,223 @@
+"""Multi-process training on CPU: two `python -m minimax_jax.train` processes (2 devices each)
+joined by `jax.distributed` through the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID environment, against one process with 4 devices fed the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import train_fixtures as fx
+
+from minimax_jax import data as data_lib
+from minimax_jax import sharding as shard_lib
+from minimax_jax import train as train_lib
+from minimax_jax import train_config as tc
+from minimax_jax.train_log import read_metrics
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return fx.make_corpus(str(tmp_path_factory.mktemp("corpus")), n_docs=6, words=8)
+
+
+def test_distributed_args_from_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}  # fmt: skip
+    want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert shard_lib.distributed_args(env) == want
+    assert shard_lib.distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1"}) == {
+        "coordinator_address": "h:1"
+    }  # the rest from a cluster JAX detects
+    assert shard_lib.distributed_args({}) is None
+    assert shard_lib.distributed_args({"SLURM_JOB_NUM_NODES": "1"}) is None
+    assert shard_lib.distributed_args({"SLURM_JOB_NUM_NODES": "2"}) == {}
+    assert shard_lib.distributed_args({"OMPI_COMM_WORLD_SIZE": "8"}) == {}
+    bad = [
+        ({**env, "JAX_PROCESS_ID": "4"}, "outside 0..JAX_NUM_PROCESSES-1=3"),
+        ({**env, "JAX_NUM_PROCESSES": "four"}, "JAX_NUM_PROCESSES='four' is not an integer"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"}, "set both"),
+        ({"JAX_COORDINATOR_ADDRESS": "hostonly"}, "expected host:port"),
+    ]
+    for e, message in bad:
+        with pytest.raises(ValueError, match=message):
+            shard_lib.distributed_args(e)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cfg: str, workdir: str, cache: str, extra: list[str] = ()) -> list[subprocess.Popen]:
+    """Two processes of one job, each with 2 CPU devices, sharing a compilation cache."""
+    port, procs = _free_port(), []
+    for pid in range(2):
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            JAX_NUM_CPU_DEVICES="2",
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            PYTHONPATH=fx.REPO,
+        )
+        env.pop("XLA_FLAGS", None)
+        cmd = [sys.executable, "-m", "minimax_jax.train", "--config", cfg, "--workdir", workdir]
+        procs.append(subprocess.Popen([*cmd, *extra], cwd=fx.REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 300.0) -> list[dict]:
+    """Waits for every process; each must exit 0. Returns their final JSON summaries."""
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            assert p.returncode == 0, stderr[-3000:]
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def _wait_for_step(procs: list[subprocess.Popen], workdir: str, step: int, timeout=300.0) -> None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    start = time.time()
+    while time.time() - start < timeout:
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"a process ended early: {p.communicate()[1][-3000:]}")
+        if os.path.exists(path):
+            rows = [json.loads(x) for x in open(path) if x.strip()]
+            if any(r.get("step", 0) >= step and "loss" in r for r in rows):
+                return
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+    raise AssertionError(f"timed out waiting for step {step}")
+
+
+class _ProcessRows:
+    """One process's view of a 2-process job, replayed in a single process: the global batch is
+    process 0's rows followed by process 1's (the order `make_array_from_process_local_data`
+    gives on a mesh whose devices are listed process by process)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        got = [next(p) for p in self.parts]
+        return {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+
+    index = property(lambda self: self.parts[0].index)
+    offset = property(lambda self: self.parts[0].offset)
+
+
+def _one_process_reference(cfg, workdir: str, monkeypatch) -> dict[int, dict]:
+    real_train, real_eval = data_lib.train_dataset, data_lib.eval_batches
+
+    def train_dataset(*args, process_index, process_count, **kw):
+        assert (process_index, process_count) == (0, 1)
+        return _ProcessRows([real_train(*args, process_index=i, process_count=2, **kw)
+                             for i in range(2)])  # fmt: skip
+
+    def eval_batches(*args, process_index, process_count, batch_size, **kw):
+        assert (process_index, process_count) == (0, 1)
+        per = [real_eval(*args, process_index=i, process_count=2, batch_size=batch_size, **kw)
+               for i in range(2)]  # fmt: skip
+        return [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*per, strict=True)]
+
+    monkeypatch.setattr(data_lib, "train_dataset", train_dataset)
+    monkeypatch.setattr(data_lib, "eval_batches", eval_batches)
+    setup = train_lib.prepare(cfg)
+    assert setup.mesh.devices.size == 4
+    train_lib.train(config=cfg, workdir=workdir, setup=setup)
+    return _rows(workdir)
+
+
+def _rows(workdir: str) -> dict[int, dict]:
+    """step -> merged train and eval metrics."""
+    out: dict[int, dict] = {}
+    for r in read_metrics(workdir):
+        out.setdefault(r["step"], {}).update(r)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_then_sigterm_and_resume(corpus, tmp_path, monkeypatch):
+    """A 2-process job (2 x 2 CPU devices, FSDP over 4) computes the same losses and eval losses
+    as one process with 4 devices fed the same global batches; SIGTERM to one process makes both
+    save the same step and exit 0; restarted, both resume and the later steps match too."""
+    raw = fx.raw_config(
+        *corpus,
+        model=fx.TWO_LAYERS,
+        data={"batch_size": 8, "eval_fraction": 0.34, "eval_batches": 2},
+        optim={"decay_steps": 30, "warmup_steps": 3},
+        train={"steps": 1000, "eval_every": 4, "log_every": 1},
+        checkpoint={"every": 1000},
+        mesh={"num_devices": None},
+    )
+    cfg_path = fx.write_yaml(str(tmp_path / "run.yaml"), raw)
+    work, cache = str(tmp_path / "job"), str(tmp_path / "xla_cache")
+
+    procs = _launch(cfg_path, work, cache)
+    _wait_for_step(procs, work, 5)
+    procs[1].send_signal(signal.SIGTERM)  # one host is told; the sync point stops both
+    first = _finish(procs)
+    k = first[0]["step"]
+    assert all(s["preempted"] for s in first) and first[1]["step"] == k >= 5, first
+    saved = os.path.join(work, "checkpoints", str(k))
+    assert os.path.isdir(saved)
+    with open(os.path.join(saved, "data", "metadata")) as f:  # both processes' positions
+        positions = json.load(f)["processes"]
+    assert len(positions) == 2 and all(index > 0 for index, _ in positions), positions
+
+    again = _finish(_launch(cfg_path, work, cache, ["--steps", str(k + 3)]))
+    assert [s["step"] for s in again] == [k + 3, k + 3] and not again[0]["preempted"]
+    got = _rows(work)
+    assert sorted(got) == list(range(1, k + 4)), sorted(got)  # one writer, no repeated steps
+
+    ref = {**raw, "train": {**raw["train"], "steps": k + 3}, "mesh": {"num_devices": 4}}
+    ref_cfg = fx.config(*corpus, **ref)
+    want = _one_process_reference(ref_cfg, str(tmp_path / "one"), monkeypatch)
+    assert sorted(want) == sorted(got)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        steps = [s for s in want if key in want[s]]
+        assert all(key in got[s] for s in steps), (key, steps)
+        np.testing.assert_allclose([got[s][key] for s in steps], [want[s][key] for s in steps],
+                                   rtol=1e-5, err_msg=key)  # fmt: skip
+    assert {4, k + 3} <= {s for s in want if "eval_loss" in want[s]}
+
+
+def test_bad_process_split_fails_before_compiling(corpus, monkeypatch):
+    """With 2 processes: a batch that does not split into processes x microbatches, fewer
+    training documents than processes, or a mesh on part of the devices is refused by `prepare`
+    with the reason."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    cfg = fx.config(*corpus, data={"batch_size": 6, "grad_accum": 2}, mesh={"num_devices": None})
+    with pytest.raises(tc.ConfigError, match="batch_size = 6 must split into 2 process"):
+        train_lib.prepare(cfg)
+    cfg = fx.config(*corpus, data={"eval_fraction": 0.9}, mesh={"num_devices": None})
+    with pytest.raises(data_lib.DataError, match="1 training document.* cannot feed 2 processes"):
+        train_lib.prepare(cfg)
+    cfg = fx.config(*corpus, mesh={"num_devices": 2})
+    with pytest.raises(tc.ConfigError, match="mesh must span all 8 devices of every process"):
+        train_lib.prepare(cfg)
