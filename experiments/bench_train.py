@@ -120,7 +120,8 @@ def main() -> None:
     p.add_argument(
         "--packed",
         action="store_true",
-        help="segment-aware attention (packed documents; XLA lightning path on GPU)",
+        help="segment-aware attention (packed documents; on GPU the Pallas lightning kernel only "
+        "with --lightning_impl gpu, XLA with auto)",
     )
     p.add_argument(
         "--breakdown",

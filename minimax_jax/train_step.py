@@ -58,8 +58,8 @@ def batch_loss(
     """Objective of one microbatch, scaled so the sum over ``a`` microbatches is the batch loss.
 
     tokens, segment_ids [B,T] int32. Returns (objective, (nll sum, lb loss, z loss)).
-    packed=False: rows are single documents (attention ignores segment ids, so the GPU
-    lightning kernel, which has no segment support, runs instead of the XLA path).
+    packed=False: rows are single documents (attention ignores segment ids; on GPU "auto" then
+    runs the Pallas lightning kernel, which it keeps off packed rows until measured there).
     """
     logits, router = forward(
         config, params, tokens, None, opts, compute_dtype,

@@ -149,31 +149,36 @@ def lightning_attention(
         return _tpu.lightning_attention_tpu(
             q, k, v, slopes, block_size=cfg.block_size, interpret=_INTERPRET, **kwargs
         )
-    if not _gpu_supports(q, segment_ids):
+    # Packed sequences: the gpu kernel's segment masks are tested in interpret mode only, so
+    # "auto" keeps XLA for them until they are measured on a GPU; "gpu" asks for the kernel.
+    packed_auto = segment_ids is not None and cfg.implementation == "auto"
+    if packed_auto or not _gpu_supports(q):
         if cfg.implementation == "auto":
             return _xla.lightning_attention_xla(
                 q, k, v, slopes, block_size=cfg.block_size, **kwargs
             )
         raise ValueError(
-            'implementation="gpu" supports neither segment_ids nor head dims that are not powers '
-            f'of two >= 16 (got H={q.shape[-1]}); use implementation="auto" or "xla"'
+            'implementation="gpu" needs head dims that are powers of two >= 16 '
+            f'(got H={q.shape[-1]}); use implementation="auto" or "xla"'
         )
     gpu = _require_gpu()
     if _INTERPRET:  # the adapter has no interpret flag; same block policy as the adapter
         block = cfg.block_size if cfg.block_size in (32, 64, 128) else None
         return gpu.lightning_attention_gpu(
-            q, k, v, slopes, initial_state, block_size=block, interpret=True
-        )
+            q, k, v, slopes, initial_state, segment_ids=segment_ids, block_size=block,
+            interpret=True,
+        )  # fmt: skip
     # The adapter keeps its tuned block unless block_size is 32/64/128 (256 is a poor GPU tile).
     return gpu.lightning_attention(
-        q, k, v, slopes, initial_state=initial_state, block_size=cfg.block_size
-    )
+        q, k, v, slopes, initial_state=initial_state, segment_ids=segment_ids,
+        block_size=cfg.block_size,
+    )  # fmt: skip
 
 
-def _gpu_supports(q: jax.Array, segment_ids: jax.Array | None) -> bool:
-    """What the gpu kernels handle: no packed segments, head dim a power of two >= 16."""
+def _gpu_supports(q: jax.Array) -> bool:
+    """What the gpu kernels handle: head dim a power of two >= 16."""
     h = q.shape[-1]
-    return segment_ids is None and h >= 16 and h & (h - 1) == 0
+    return h >= 16 and h & (h - 1) == 0
 
 
 def lightning_decode(
@@ -201,7 +206,7 @@ def lightning_decode(
         impl = "xla"
     if impl == "tpu":
         return _decode.lightning_decode_pallas(q, k, v, slopes, state, interpret=_INTERPRET)
-    if impl == "gpu" and _gpu_supports(q, None):
+    if impl == "gpu" and _gpu_supports(q):
         if not isinstance(state, jax.core.Tracer):
             # The gpu kernel donates `state`; an eager caller keeps its array (under jit the
             # donation of an inner jit is moot, and the caller's jit decides).

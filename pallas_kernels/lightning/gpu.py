@@ -38,7 +38,10 @@ Measured (H200, JAX 0.11.2, same run as FLA 0.6.0): forward 0.80-1.13x FLA ``chu
 
 ``slopes`` are treated as constants: their cotangent is zero (MiniMax never trains them); the
 ``fold`` option needs ``slopes * block_size / 2 < 80`` (MiniMax slopes are <= 1).
-``segment_ids`` (packed sequences) are not supported here: callers fall back to XLA.
+``segment_ids`` (packed sequences) restart the state where the id changes: per-token masks made in
+XLA (``_segment_masks``: same-run mask on the intra-block scores, "sees the incoming state" on the
+inter-block term, "kept in the end state" on the state update, no carry across a block where a run
+starts) and, in the segment-parallel scan, no state passed across a segment where a run starts.
 
 The Pallas Triton backend is deprecated in JAX 0.11 but works; it is used because the kernel is a
 plain blocked loop of ``dot``s that Triton pipelines and lowers to tensor-core instructions, and
@@ -60,6 +63,8 @@ try:  # Pallas and its Triton dialect are pure Python: importable on CPU too (in
     from jax.experimental.pallas import triton as plgpu
 except ImportError as e:  # pragma: no cover - only on JAX builds without Pallas
     raise ImportError(f"pallas_kernels.lightning.gpu needs jax.experimental.pallas: {e}") from e
+
+from pallas_kernels.lightning.reference import segment_runs
 
 __all__ = [
     "lightning_attention",
@@ -104,14 +109,20 @@ def _scan_kernel(
     v_ref,  # [Tp, BV]
     slope_ref,  # [16] (slopes broadcast)
     s0_ref,  # [Hk, BV] fp32 initial state slice of this segment
-    *out_refs,  # o_ref [Tp, BV] (if emit_output), sT_ref [Hk, BV] fp32
+    *refs,  # (run_ref, sees_ref, keep_ref [Tp] if segmented), o_ref [Tp, BV] (if emit_output),
+    #        sT_ref [Hk, BV] fp32
     block: int,
     seg_blocks: int,
     seq_len: int,
     reverse: bool,
     emit_output: bool,
     fold: bool,
+    segmented: bool,
 ):
+    if segmented:
+        run_ref, sees_ref, keep_ref, *out_refs = refs
+    else:
+        out_refs = refs
     if emit_output:
         o_ref, st_ref = out_refs
     else:
@@ -139,8 +150,20 @@ def _scan_kernel(
         k = k_ref[pl.ds(t0, block), :]
         v = v_ref[pl.ds(t0, block), :]
         kf = k.astype(jnp.float32)
-        k_dec = (kf * jnp.exp(-s * jnp.maximum(m - 1.0 - pos, 0.0))[:, None]).astype(k.dtype)
-        new_state = state * jnp.exp(-s * m) + _dot(k_dec, v, trans_a=True)
+        k_decay = jnp.exp(-s * jnp.maximum(m - 1.0 - pos, 0.0))
+        carry = jnp.exp(-s * m)
+        mask = causal
+        if segmented:
+            # packed sequences (see `_segment_masks`): attend within a run only; the incoming
+            # state reaches the tokens of the run it came from; the block's end state keeps the
+            # tokens of its last run, and the old state only if no run starts in the block
+            run = run_ref[pl.ds(t0, block)]
+            sees = sees_ref[pl.ds(t0, block)]
+            mask = causal & (run[:, None] == run[None, :])
+            k_decay = k_decay * keep_ref[pl.ds(t0, block)]
+            carry = carry * jnp.min(sees)
+        k_dec = (kf * k_decay[:, None]).astype(k.dtype)
+        new_state = state * carry + _dot(k_dec, v, trans_a=True)
         if emit_output:
             q = q_ref[pl.ds(t0, block), :]
             if fold:
@@ -149,12 +172,14 @@ def _scan_kernel(
                 qf = q.astype(jnp.float32) * jnp.exp(-s * (pos - center))[:, None]
                 k_inc = (kf * jnp.exp(s * (pos - center))[:, None]).astype(k.dtype)
                 q_c = qf.astype(q.dtype)
-                a = jnp.where(causal, _dot(q_c, k_inc, trans_b=True), 0.0)
+                a = jnp.where(mask, _dot(q_c, k_inc, trans_b=True), 0.0)
                 inter = _dot(q_c, state.astype(q.dtype)) * jnp.exp(-s * (center + 1.0))
             else:
-                a = jnp.where(causal, _dot(q, k, trans_b=True) * intra_decay, 0.0)
+                a = jnp.where(mask, _dot(q, k, trans_b=True) * intra_decay, 0.0)
                 q_dec = (q.astype(jnp.float32) * jnp.exp(-s * (pos + 1.0))[:, None]).astype(q.dtype)
                 inter = _dot(q_dec, state.astype(q.dtype))
+            if segmented:
+                inter = inter * sees[:, None]
             o = _dot(a.astype(v.dtype), v) + inter
             o_ref[pl.ds(t0, block), :] = o.astype(o_ref.dtype)
         return new_state
@@ -185,6 +210,7 @@ def scan_kernel_call(
     v: jax.Array,
     slopes: jax.Array,
     init: jax.Array,
+    masks: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     block: int,
     block_v: int,
@@ -205,6 +231,9 @@ def scan_kernel_call(
         ``block * segments`` (zero-padded past ``seq_len``).
       slopes: ``[N]`` fp32.
       init: ``[B, N, P, Hk, Hv]`` fp32, the initial state of each of the ``P = segments`` segments.
+      masks: packed sequences only, ``_segment_masks(runs, block, reverse)``: three ``[B, Tp]``
+        arrays (run ids int32, "sees the incoming state" and "kept in the block's end state"
+        fp32).
     Returns:
       ``(o [B, Tp, N, Hv], final [B, N, P, Hk, Hv])`` if ``emit_output`` else ``final`` alone; the
       final state of each segment is its local scan from its own initial state.
@@ -224,6 +253,7 @@ def scan_kernel_call(
         reverse=reverse,
         emit_output=emit_output,
         fold=fold,
+        segmented=masks is not None,
     )
     full_t = lambda width, tile: pl.BlockSpec(  # noqa: E731
         (None, tp, None, width),
@@ -241,6 +271,8 @@ def scan_kernel_call(
         pl.BlockSpec((None, _SLOPE_LANES), lambda bi, ni, vi, si: (ni, 0)),
         state_spec,
     ]
+    row_spec = pl.BlockSpec((None, tp), lambda bi, ni, vi, si: (bi, 0))
+    in_specs += [row_spec] * (0 if masks is None else len(masks))
     st_shape = jax.ShapeDtypeStruct((b, n, segments, hk, hv), jnp.float32)
     if emit_output:
         out_shape = (jax.ShapeDtypeStruct((b, tp, n, hv), out_dtype or q.dtype), st_shape)
@@ -257,7 +289,7 @@ def scan_kernel_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lightning_scan_rev" if reverse else "lightning_scan",
-    )(q, k, v, slopes16, init)
+    )(q, k, v, slopes16, init, *(masks or ()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +318,33 @@ def _auto_config(b: int, n: int, t_pad_blocks: int, hv: int, cfg: dict | None) -
     return cfg
 
 
+def _segment_masks(runs: jax.Array, block: int, reverse: bool) -> tuple[jax.Array, ...]:
+    """Per-token masks of a scan over ``block``-token blocks of packed sequences.
+
+    ``runs [B, Tp]`` int32 (memory order; the padded tail repeats the last run). In scan order
+    (reversed when ``reverse``): a token *sees* the state entering its block iff it is in the run
+    of the token just before the block (the first block: the run of the first token, which is
+    what the initial state feeds); it is *kept* in the block's end state iff it is in the run of
+    the block's last token. Returned in memory order: ``(runs, sees f32, keep f32)``.
+    """
+    b, tp = runs.shape
+    r = runs[:, ::-1] if reverse else runs
+    blocks = r.reshape(b, tp // block, block)
+    before = jnp.concatenate([r[:, :1], blocks[:, :-1, -1]], axis=1)  # [B, nb]
+    sees = (blocks == before[:, :, None]).reshape(b, tp).astype(jnp.float32)
+    keep = (blocks == blocks[:, :, -1:]).reshape(b, tp).astype(jnp.float32)
+    if reverse:
+        sees, keep = sees[:, ::-1], keep[:, ::-1]
+    return runs, sees, keep
+
+
 def _scan(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     slopes: jax.Array,
     init: jax.Array,
+    runs: jax.Array | None = None,
     *,
     seq_len: int,
     block: int,
@@ -300,12 +353,14 @@ def _scan(
     interpret: bool,
     out_dtype,
 ) -> tuple[jax.Array, jax.Array]:
-    """Full scan over padded ``[B, Tp, N, H]`` inputs from ``init [B, N, Hk, Hv]``.
+    """Full scan over padded ``[B, Tp, N, H]`` inputs from ``init [B, N, Hk, Hv]``; ``runs``
+    ``[B, Tp]`` (packed sequences, padded tail = last run) restarts the state at run changes.
 
     Returns ``(o [B, Tp, N, Hv], final state [B, N, Hk, Hv] fp32)``.
     """
     b, tp, n, _ = k.shape
     p = cfg["segments"]
+    masks = None if runs is None else _segment_masks(runs, block, reverse)
     common = dict(
         block=block,
         block_v=cfg["block_v"],
@@ -324,6 +379,7 @@ def _scan(
             v,
             slopes,
             init[:, :, None],
+            masks,
             segments=1,
             emit_output=True,
             out_dtype=out_dtype,
@@ -333,7 +389,7 @@ def _scan(
     # 1) local final state of each segment, from zero (no intra-block work: its own tiling)
     zeros = jnp.zeros(init.shape[:2] + (p,) + init.shape[2:], jnp.float32)
     st_block = cfg.get("states_block", block)
-    if (tp // p) % st_block:
+    if (tp // p) % st_block or masks is not None:  # the masks are made for `block`
         st_block = block
     st_common = dict(
         common,
@@ -342,7 +398,9 @@ def _scan(
         num_warps=cfg.get("states_warps", cfg["num_warps"]),
         num_stages=cfg.get("states_stages", cfg["num_stages"]),
     )
-    local = scan_kernel_call(q, k, v, slopes, zeros, segments=p, emit_output=False, **st_common)
+    local = scan_kernel_call(
+        q, k, v, slopes, zeros, masks, segments=p, emit_output=False, **st_common
+    )
     # 2) chain them: a segment of L tokens decays the incoming state by lam^L (the padded tail
     #    is handled by the kernel, so every segment spans exactly L real-or-virtual steps)
     seg_len = tp // p
@@ -352,17 +410,21 @@ def _scan(
     # direction (it is the last one) and in reverse it is the first: use its true length
     last_len = seq_len - (p - 1) * seg_len
     decay_last = jnp.exp(-slopes.astype(jnp.float32) * last_len)[None, :, None, None]
+    if masks is not None:  # a segment in which a run starts passes no state on
+        unbroken = jnp.min(masks[1].reshape(b, p, seg_len), axis=-1)[:, None, :, None, None]
     inits = [None] * p
     cur = init
     for si in order:
         inits[si] = cur
         d = decay_last if si == p - 1 else decay
+        if masks is not None:
+            d = d * unbroken[:, :, si]
         cur = d * cur + local[:, :, si]
     final = cur
     inits = jnp.stack(inits, axis=2)
     # 3) every segment's output from its true initial state
     o, _ = scan_kernel_call(
-        q, k, v, slopes, inits, segments=p, emit_output=True, out_dtype=out_dtype, **common
+        q, k, v, slopes, inits, masks, segments=p, emit_output=True, out_dtype=out_dtype, **common
     )
     return o, final
 
@@ -372,6 +434,12 @@ def _pad_t(x: jax.Array, tp: int) -> jax.Array:
     return x if t == tp else jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
 
 
+def _pad_runs(runs: jax.Array | None, tp: int) -> jax.Array | None:
+    if runs is None or runs.shape[1] == tp:
+        return runs
+    return jnp.pad(runs, ((0, 0), (0, tp - runs.shape[1])), mode="edge")
+
+
 def _prep(t: int, block: int, segments: int | None) -> tuple[int, int]:
     nb = -(-t // block)
     if segments:
@@ -379,7 +447,7 @@ def _prep(t: int, block: int, segments: int | None) -> tuple[int, int]:
     return nb, nb * block
 
 
-def _fwd_impl(q, k, v, slopes, init, block, cfg, interpret):
+def _fwd_impl(q, k, v, slopes, init, runs, block, cfg, interpret):
     b, t, n, hk = q.shape
     hv = v.shape[-1]
     nb, _ = _prep(t, block, None)
@@ -391,6 +459,7 @@ def _fwd_impl(q, k, v, slopes, init, block, cfg, interpret):
         _pad_t(v, tp),
         slopes,
         init,
+        _pad_runs(runs, tp),
         seq_len=t,
         block=block,
         reverse=False,
@@ -401,18 +470,18 @@ def _fwd_impl(q, k, v, slopes, init, block, cfg, interpret):
     return o[:, :t], fin
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _lightning(q, k, v, slopes, init, block, cfg, bwd_cfg, interpret):
-    return _fwd_impl(q, k, v, slopes, init, block, _thaw(cfg), interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lightning(q, k, v, slopes, init, runs, block, cfg, bwd_cfg, interpret):
+    return _fwd_impl(q, k, v, slopes, init, runs, block, _thaw(cfg), interpret)
 
 
-def _lightning_fwd(q, k, v, slopes, init, block, cfg, bwd_cfg, interpret):
-    out = _fwd_impl(q, k, v, slopes, init, block, _thaw(cfg), interpret)
-    return out, (q, k, v, slopes, init)
+def _lightning_fwd(q, k, v, slopes, init, runs, block, cfg, bwd_cfg, interpret):
+    out = _fwd_impl(q, k, v, slopes, init, runs, block, _thaw(cfg), interpret)
+    return out, (q, k, v, slopes, init, runs)
 
 
 def _lightning_bwd(block, cfg, bwd_cfg, interpret, res, cts):
-    q, k, v, slopes, init = res
+    q, k, v, slopes, init, runs = res
     do, dfin = cts
     b, t, n, hk = q.shape
     hv = v.shape[-1]
@@ -425,6 +494,7 @@ def _lightning_bwd(block, cfg, bwd_cfg, interpret, res, cts):
     c_k = _auto_config(b, n, nb, hk, bcfg)  # dk scan: values are q (width Hk)
     _, tp = _prep(t, block, max(c_q["segments"], c_v["segments"], c_k["segments"]))
     qp, kp, vp, dop = (_pad_t(x, tp) for x in (q, k, v, do))
+    runs_p = _pad_runs(runs, tp)
     common = dict(seq_len=t, block=block, interpret=interpret)
     inv_lam = jnp.exp(slopes.astype(jnp.float32))[None, :, None, None]
     lam = jnp.exp(-slopes.astype(jnp.float32))[None, :, None, None]
@@ -435,6 +505,7 @@ def _lightning_bwd(block, cfg, bwd_cfg, interpret, res, cts):
         kp,
         slopes,
         jnp.swapaxes(init, -1, -2),
+        runs_p,
         reverse=False,
         cfg=c_q,
         out_dtype=q.dtype,
@@ -442,8 +513,9 @@ def _lightning_bwd(block, cfg, bwd_cfg, interpret, res, cts):
     )
     # dv_t = k_t dS_t: reverse scan with (q, k, v) -> (k, q, do), state dS
     dv, ds1 = _scan(
-        kp, qp, dop, slopes, dfin * inv_lam, reverse=True, cfg=c_v, out_dtype=v.dtype, **common
-    )
+        kp, qp, dop, slopes, dfin * inv_lam, runs_p, reverse=True, cfg=c_v, out_dtype=v.dtype,
+        **common,
+    )  # fmt: skip
     # dk_t = v_t dS_t^T: reverse scan with (q, k, v) -> (v, do, q), state dS^T
     dk, _ = _scan(
         vp,
@@ -451,13 +523,14 @@ def _lightning_bwd(block, cfg, bwd_cfg, interpret, res, cts):
         qp,
         slopes,
         jnp.swapaxes(dfin * inv_lam, -1, -2),
+        runs_p,
         reverse=True,
         cfg=c_k,
         out_dtype=k.dtype,
         **common,
     )
     dinit = (lam * ds1).astype(init.dtype)
-    return dq[:, :t], dk[:, :t], dv[:, :t], jnp.zeros_like(slopes), dinit
+    return dq[:, :t], dk[:, :t], dv[:, :t], jnp.zeros_like(slopes), dinit, None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
@@ -478,6 +551,7 @@ def lightning_attention_gpu(
     slopes: jax.Array,
     initial_state: jax.Array | None = None,
     *,
+    segment_ids: jax.Array | None = None,
     block_size: int | None = None,
     config: dict | None = None,
     bwd_config: dict | None = None,
@@ -488,7 +562,9 @@ def lightning_attention_gpu(
     Args:
       q, k: ``[B, T, N, Hk]``; v: ``[B, T, N, Hv]`` (Hk, Hv powers of two >= 16; bf16 preferred).
       slopes: ``[N]`` decay rates (treated as constants: zero cotangent).
-      initial_state: optional ``[B, N, Hk, Hv]`` fp32.
+      initial_state: optional ``[B, N, Hk, Hv]`` fp32 (feeds the first run of each row).
+      segment_ids: optional ``[B, T]`` int (packed sequences): the state restarts from zero
+        wherever the id changes; attention never crosses a change.
       block_size: tokens per block ``C`` (power of two >= 16; None = the tuned default).
       config / bwd_config: optional overrides ``{"block_v", "segments", "num_warps",
         "num_stages", "fold", "states_block", "states_block_v", "states_warps",
@@ -512,6 +588,11 @@ def lightning_attention_gpu(
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     if initial_state is None:
         initial_state = jnp.zeros((b, n, hk, hv), jnp.float32)
+    runs = None
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
+        runs = segment_runs(segment_ids, b, t)
     dt = q.dtype
     k = k.astype(dt)
     v = v.astype(dt)
@@ -521,6 +602,7 @@ def lightning_attention_gpu(
         v,
         slopes.astype(jnp.float32),
         initial_state.astype(jnp.float32),
+        runs,
         block_size,
         _freeze(config),
         _freeze(bwd_config),
@@ -625,15 +707,14 @@ def lightning_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Dispatcher-facing adapter with the ``api.lightning_attention`` keyword signature.
 
-    ``segment_ids`` (packed sequences) are not supported: raises ``NotImplementedError`` (use
-    the XLA implementation). ``block_size`` is used only if it is 32, 64 or 128 (the XLA default
-    of 256 would be a poor GPU tile); otherwise the tuned default is used.
+    ``block_size`` is used only if it is 32, 64 or 128 (the XLA default of 256 would be a poor
+    GPU tile); otherwise the tuned default is used.
     """
-    if segment_ids is not None:
-        raise NotImplementedError("the GPU lightning kernel has no segment_ids: use 'xla'")
     if block_size not in (32, 64, 128):
         block_size = None
-    return lightning_attention_gpu(q, k, v, slopes, initial_state, block_size=block_size)
+    return lightning_attention_gpu(
+        q, k, v, slopes, initial_state, segment_ids=segment_ids, block_size=block_size
+    )
 
 
 def lightning_decode(
