@@ -11,6 +11,8 @@ FLA's `chunk_simple_gla`; and one decode step at B in {1, 64, 256}, N64 H128 (fp
 FLA's `fused_recurrent_simple_gla`. Every row is one JSON line with the device, versions, shape,
 impl, median ms, GB/s against the min-bytes floor and the FLA number from the same run.
 `--sweep` also times several kernel configurations per shape (rows with impl "gpu[...]").
+`--packed DOC_LEN` times only packed rows (segment ids, documents of ~DOC_LEN tokens): the kernel
+with and without the ids and XLA with them (rows "gpu_packed", "gpu", "xla_packed", "summary").
 """
 
 from __future__ import annotations
@@ -208,6 +210,51 @@ def torch_free() -> None:
     torch.cuda.empty_cache()
 
 
+def packed_segment_ids(b: int, t: int, doc_len: int, seed: int = 0) -> np.ndarray:
+    """[B, T] int32 ids of documents with lengths uniform in [doc_len / 2, 3 doc_len / 2]."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        lens = rng.integers(doc_len // 2, 3 * doc_len // 2 + 1, size=t // max(doc_len // 2, 1) + 1)
+        rows.append(np.repeat(np.arange(1, len(lens) + 1), lens)[:t])
+    return np.stack(rows).astype(np.int32)
+
+
+def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
+    """Packed rows (segment ids): the GPU kernel with them, without them (same tokens) and the
+    XLA implementation with them (what "auto" runs for packed rows), forward and fwd+bwd."""
+    key = jax.random.PRNGKey(1)
+    for b, t, n, h in shapes:
+        slopes = jnp.asarray(minimax_slopes(n))
+        ks = jax.random.split(key, 4)
+        q, k, v = (
+            (jax.random.normal(ks[i], (b, t, n, h), jnp.float32) * 0.3).astype(jnp.bfloat16)
+            for i in range(3)
+        )
+        do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
+        seg = jnp.asarray(packed_segment_ids(b, t, doc_len))
+        impls = {
+            "gpu": lgpu.lightning_attention_gpu,
+            "gpu_packed": functools.partial(lgpu.lightning_attention_gpu, segment_ids=seg),
+            "xla_packed": functools.partial(_xla_impl, segment_ids=seg),
+        }
+        shape = {"B": b, "T": t, "N": n, "H": h, "doc_len": doc_len}
+        for pname in ["fwd"] + ([] if skip_bwd else ["fwd_bwd"]):
+            got = {}
+            for name, impl in impls.items():
+                fn = make_fwd(impl, slopes) if pname == "fwd" else make_fwd_bwd(impl, slopes, do)
+                try:
+                    got[name] = time_jax(fn, q, k, v)
+                except Exception as e:  # noqa: BLE001 - record the failure and go on
+                    print(f"# {name} {pname} failed: {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                emit({**shape, "impl": name, "pass": pname, "ms": got[name]})
+            if {"gpu", "gpu_packed", "xla_packed"} <= set(got):
+                emit({**shape, "impl": "summary", "pass": pname,
+                      "gpu_packed_over_unpacked": got["gpu_packed"] / got["gpu"],
+                      "speedup_vs_xla_packed": got["xla_packed"] / got["gpu_packed"]})  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/results/bench_lightning.jsonl")
@@ -218,6 +265,12 @@ def main() -> None:
     ap.add_argument("--skip-bwd", action="store_true")
     ap.add_argument("--decode-sweep", action="store_true")
     ap.add_argument("--gpu-config", default=None, help="JSON dict, e.g. per-shape override list")
+    ap.add_argument(
+        "--packed",
+        type=int,
+        default=0,
+        help="DOC_LEN: only the packed-rows comparison (segment ids, documents of ~DOC_LEN tokens)",
+    )
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -245,6 +298,9 @@ def main() -> None:
         shapes = []
     else:
         shapes = [FWD_SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.packed:
+        bench_packed(shapes, args.packed, emit, args.skip_bwd)
+        return
     override = json.loads(args.gpu_config) if args.gpu_config else {}
     key = jax.random.PRNGKey(0)
     for b, t, n, h in shapes:
