@@ -13,6 +13,7 @@ by that image's features (one placeholder per image is prepended when the prompt
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -267,6 +268,19 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
+    import jax
+
+    from minimax_jax.sharding import maybe_initialize_distributed
+
+    try:
+        # A multi-process launch (every host runs this command with --mesh over all devices):
+        # join it before JAX is used; process 0 prints, the others compute in step silently.
+        maybe_initialize_distributed()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    quiet = jax.process_index() != 0
+    sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - lives as long as the run
     try:
         run_generate(
             checkpoint=_CHECKPOINT.value,
@@ -287,6 +301,8 @@ def main(argv):
             images=_IMAGE.value,
             mesh=_MESH.value,
             rules=_RULES.value,
+            out=sink,
+            log=sink,
         )
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -221,3 +221,36 @@ def test_bad_process_split_fails_before_compiling(corpus, monkeypatch):
     cfg = fx.config(*corpus, mesh={"num_devices": 2})
     with pytest.raises(tc.ConfigError, match="mesh must span all 8 devices of every process"):
         train_lib.prepare(cfg)
+
+
+def test_generate_two_processes_print_once():
+    """`python -m minimax_jax.generate --mesh tensor=2` as a 2-process job (one CPU device each):
+    process 0 prints the greedy text of a one-process run; process 1 prints nothing."""
+    cmd = [sys.executable, "-m", "minimax_jax.generate", "--prompt", "def add(a, b):",
+           "--max_new_tokens", "8", "--greedy", "--prefill_chunk", "16"]  # fmt: skip
+    base = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=fx.REPO)
+    base.pop("XLA_FLAGS", None)
+    one = subprocess.run(cmd, cwd=fx.REPO, env=base, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [
+        subprocess.Popen([*cmd, "--mesh", "tensor=2"], cwd=fx.REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+        for i in range(2)
+    ]  # fmt: skip
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append((stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    # gloo (CPU collectives) itself prints "[Gloo] Rank i is connected ..." on stdout
+    text = ["".join(x for x in o.splitlines(True) if not x.startswith("[Gloo]")) for o, _ in outs]
+    assert one.stdout.strip() and text[0] == one.stdout
+    assert text[1] == "" and "[done]" in outs[0][1] and "[done]" not in outs[1][1]
