@@ -65,9 +65,15 @@ class Checkpointer:
         return out["state"], out["data"], out["config"]
 
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
+        return self._restore_json(step, "config")
+
+    def restore_data(self, step: int) -> dict:
+        """The data iterator state alone (cheap: checked before the weights are read)."""
+        return self._restore_json(step, "data")
+
+    def _restore_json(self, step: int, item: str) -> dict:
+        args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        return self.manager.restore(step, args=args)[item]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

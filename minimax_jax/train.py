@@ -256,8 +256,9 @@ def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, i
             f"the checkpoint in {checkpointer.directory} is of a different model: use a new "
             "--workdir or the same model config"
         )
-    state, data_state, _ = checkpointer.restore(latest, ckpt.abstract_like(state))
-    _set_data_state(data_iter, data_state)
+    # the data positions first: a different process count is refused before the weights are read
+    _set_data_state(data_iter, checkpointer.restore_data(latest))
+    state, _, _ = checkpointer.restore(latest, ckpt.abstract_like(state))
     return state, latest
 
 

@@ -205,6 +205,9 @@ def test_two_processes_match_one_then_sigterm_and_resume(corpus, tmp_path, monke
         np.testing.assert_allclose([got[s][key] for s in steps], [want[s][key] for s in steps],
                                    rtol=1e-5, err_msg=key)  # fmt: skip
     assert {4, k + 3} <= {s for s in want if "eval_loss" in want[s]}
+    # the 2-process checkpoint does not resume in one process (the data order would change)
+    with pytest.raises(tc.ConfigError, match="written by 2 processes, this run has 1"):
+        train_lib.train(config=ref_cfg, workdir=work, steps=k + 4)
 
 
 def test_bad_process_split_fails_before_compiling(corpus, monkeypatch):
