@@ -1,5 +1,4 @@
-"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls at full precision.
-"""
+"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls in full."""
 
 import os
 

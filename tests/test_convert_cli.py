@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+import test_transformers_parity as tp
+from test_transformers_parity import H
 
 from convert import check_logits, hf_to_orbax, orbax_to_hf
 from convert.safetensors_io import SafetensorsReader, write_sharded
@@ -21,29 +23,11 @@ pytestmark = pytest.mark.torch
 
 ROOT = Path(__file__).parent.parent
 LAYER_TYPES = ["linear_attention"] * 7 + ["full_attention"]
-N, H, K, D, E, F, V = 4, 32, 2, 64, 4, 96, 384
+V = 384
 
 
 def hf_config(**changes):
-    kwargs = dict(
-        vocab_size=V,
-        hidden_size=D,
-        num_hidden_layers=8,
-        layer_types=LAYER_TYPES,
-        num_attention_heads=N,
-        head_dim=H,
-        num_key_value_heads=K,
-        num_local_experts=E,
-        num_experts_per_tok=2,
-        intermediate_size=F,
-        block_size=16,
-        full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3,
-        mlp_alpha_factor=1.7,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    return transformers.MiniMaxConfig(**(kwargs | changes))
+    return tp.hf_config(LAYER_TYPES, vocab_size=V, tie_word_embeddings=False, **changes)
 
 
 def _write_tokenizer(path: Path) -> None:

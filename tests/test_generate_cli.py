@@ -160,8 +160,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(checkpoint, tmp_path):
 
 
 def test_mesh_flag_gives_the_same_text(checkpoint):
-    """--mesh expert=2,tensor=4 (8 simulated devices, tp_ep rules) generates what one device does.
-    """
+    """--mesh expert=2,tensor=4 (8 simulated devices, tp_ep rules) generates as one device."""
     kw = dict(checkpoint=str(checkpoint), prompts=["def add(", "print"], chat=False, greedy=True,
               max_new_tokens=6, prefill_chunk=16)  # fmt: skip
     assert run_generate(mesh="expert=2,tensor=4", **kw) == run_generate(**kw)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import test_transformers_parity as tp
 from flax import nnx
+from test_transformers_parity import D, E, F, H, K, N
 
 from convert import mapping
 from convert.safetensors_io import SafetensorsReader
@@ -21,32 +23,11 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.torch
 
 LAYER_TYPES = ["linear_attention"] * 7 + ["full_attention"]
-N, H, K, D, E, F, V = 4, 32, 2, 64, 4, 96, 512
+V = 512
 
 
-def _hf_config(**changes):
-    kwargs = dict(
-        vocab_size=V,
-        hidden_size=D,
-        num_hidden_layers=8,
-        layer_types=LAYER_TYPES,
-        num_attention_heads=N,
-        head_dim=H,
-        num_key_value_heads=K,
-        num_local_experts=E,
-        num_experts_per_tok=2,
-        intermediate_size=F,
-        block_size=16,
-        full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3,
-        mlp_alpha_factor=1.7,
-        full_attn_beta_factor=0.9,
-        linear_attn_beta_factor=1.1,
-        mlp_beta_factor=0.8,
-        tie_word_embeddings=False,
-        max_position_embeddings=4096,
-    )
-    return transformers.MiniMaxConfig(**(kwargs | changes))
+def _hf_config(layer_types=LAYER_TYPES, **changes):
+    return tp.hf_config(layer_types, vocab_size=V, tie_word_embeddings=False, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,26 @@ PATTERNS = {
     "irregular_layer0_lightning": [LIN, FULL, LIN, LIN, FULL],
 }
 LENGTHS = [1, 15, 16, 17, 50, 100]
+# The tiny test width (also used by test_pretrained and test_convert_cli): query heads, head dim,
+# kv heads, hidden, experts, expert FFN width.
+N, H, K, D, E, F = 4, 32, 2, 64, 4, 96
 
 
 def hf_config(layer_types, **changes):
+    """A tiny transformers MiniMaxConfig with non-default DeepNorm factors (None: 4 layers of
+    transformers' default pattern)."""
     n_layers = 4 if layer_types is None else len(layer_types)
     kwargs = dict(
         vocab_size=384,
-        hidden_size=64,
+        hidden_size=D,
         num_hidden_layers=n_layers,
         layer_types=layer_types,
-        num_attention_heads=4,
-        head_dim=32,
-        num_key_value_heads=2,
-        num_local_experts=4,
+        num_attention_heads=N,
+        head_dim=H,
+        num_key_value_heads=K,
+        num_local_experts=E,
         num_experts_per_tok=2,
-        intermediate_size=96,
+        intermediate_size=F,
         block_size=16,
         full_attn_alpha_factor=1.5,
         linear_attn_alpha_factor=1.3,
