@@ -27,13 +27,18 @@ ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
-    """Save every ``every`` steps (and when forced), keep the ``keep`` newest, restore latest."""
+    """Save every ``every`` steps (and when forced), keep the ``keep`` newest, restore latest.
+
+    Due steps are the multiples of ``every`` and JAX's preemption sync points; unlike Orbax's
+    default policy, not also the first step of a run (one full save of a large model that
+    nobody asked for).
+    """
 
     def __init__(
         self, directory: str, *, every: int, keep: int, async_save: bool = True, create=True
     ):
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every,
+            should_save_fn=lambda step, _last: step % every == 0,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=create,

@@ -106,3 +106,12 @@ def test_export_from_workdir(corpus, tmp_path):
     trained = summary["state"]["params"]
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_due_steps_are_the_multiples_of_every(tmp_path):
+    """Not also step 1 (Orbax's default policy saves the first step of every run)."""
+    c = ckpt.Checkpointer(str(tmp_path / "c"), every=3, keep=2, async_save=False)
+    try:
+        assert [s for s in range(1, 8) if c.manager.should_save(s)] == [3, 6]
+    finally:
+        c.close()

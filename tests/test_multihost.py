@@ -185,7 +185,7 @@ def test_two_processes_match_one_then_sigterm_and_resume(corpus, tmp_path, monke
     k = first[0]["step"]
     assert all(s["preempted"] for s in first) and first[1]["step"] == k >= 5, first
     saved = os.path.join(work, "checkpoints", str(k))
-    assert os.path.isdir(saved)
+    assert os.listdir(os.path.join(work, "checkpoints")) == [str(k)]  # checkpoint.every is 1000
     with open(os.path.join(saved, "data", "metadata")) as f:  # both processes' positions
         positions = json.load(f)["processes"]
     assert len(positions) == 2 and all(index > 0 for index, _ in positions), positions
