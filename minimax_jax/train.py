@@ -107,7 +107,6 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     model_config = resolve_model_config(config.model)
     _dtype(config.model.param_dtype, "model.param_dtype")
     _dtype(config.model.compute_dtype, "model.compute_dtype")
-    RunOptions(config.model.lightning_impl, config.model.moe_impl, config.model.remat)
     d = config.data
     tok_path = d.tokenizer or config.model.init_from
     tokenizer = data_lib.load_tokenizer(tok_path)
@@ -133,6 +132,7 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
             f"span all {jax.device_count()} devices of every process (set it to null)"
         )
     mesh = shard_lib.make_mesh(mesh_cfg, None if n is None else jax.devices()[:n])
+    run_options(config, mesh, rules)  # validates the model's kernel / MoE / remat choices
     pcount = jax.process_count()
     if d.batch_size % (pcount * d.grad_accum):
         raise tc.ConfigError(
@@ -153,6 +153,16 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
         )
     return Setup(config, model_config, tokenizer, eos_id, docs, train_idx, eval_idx, mesh,
                  rules, steps or config.train.steps)  # fmt: skip
+
+
+def run_options(config: tc.TrainConfig, mesh, rules) -> RunOptions:
+    """The model's run options for training on ``mesh``: activations constrained by the rules at
+    block boundaries and the MoE under shard_map (experts split where the rules say so)."""
+    m = config.model
+    # matvec "xla": the one-row matvec kernel has no VJP
+    return RunOptions(
+        m.lightning_impl, m.moe_impl, m.remat, mesh=mesh, rules=rules, matvec_impl="xla"
+    )
 
 
 def _param_shardings(setup: Setup, param_dtype: Any) -> dict:
@@ -291,9 +301,7 @@ def train(
     cfg, d = setup.config, setup.config.data
     os.makedirs(workdir, exist_ok=True)
     tx, schedule = build_optimizer(cfg.optim, setup.steps)
-    opts = RunOptions(
-        cfg.model.lightning_impl, cfg.model.moe_impl, cfg.model.remat, matvec_impl="xla"
-    )  # the matvec kernel has no VJP
+    opts = run_options(cfg, setup.mesh, setup.rules)
     compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
     pid, pcount = jax.process_index(), jax.process_count()
     data_iter = data_lib.train_dataset(

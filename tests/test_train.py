@@ -153,18 +153,29 @@ def test_memorises_tiny_dataset(corpus, tmp_path):
 
 
 def test_sharded_accumulated_matches_single_device(corpus, tmp_path):
-    """8 devices (FSDP rules) with 2 microbatches == 1 device with 1 batch, fp32, 6 steps."""
+    """8 devices with FSDP rules and 2 microbatches, and 8 devices with FSDP + expert parallelism
+    (fsdp_ep rules, 4 experts over `expert`, all-to-all dispatch) == 1 device, fp32, 6 steps."""
     common = {"optim": {"lr": 3e-3, "warmup_steps": 2}, "train": {"steps": 6}}
+    ep = {"rules": "fsdp_ep", "expert": 4, "fsdp": 2}
+    runs = (
+        ("one", {"num_devices": 1}, 1, "sorted"),
+        ("eight", {"num_devices": None}, 2, "sorted"),
+        ("ep", {"num_devices": None, **ep}, 1, "ep"),
+    )
     curves = []
-    for name, devices, accum in (("one", 1, 1), ("eight", None, 2)):
-        cfg = fx.config(*corpus, data={"batch_size": 16, "grad_accum": accum},
-                        mesh={"num_devices": devices}, model=fx.TWO_LAYERS, **common)  # fmt: skip
+    for name, mesh, accum, moe in runs:
+        model = {**fx.TWO_LAYERS, "moe_impl": moe}
+        cfg = fx.config(*corpus, data={"batch_size": 16, "grad_accum": accum}, mesh=mesh,
+                        model=model, **common)  # fmt: skip
         setup = train_lib.prepare(cfg)
-        assert setup.mesh.devices.size == (devices or 8)
+        assert setup.mesh.devices.size == (mesh["num_devices"] or 8)
+        if name == "ep":
+            assert setup.mesh.shape["expert"] == 4 and setup.rules.name == "fsdp_ep"
         train_lib.train(config=cfg, workdir=str(tmp_path / name), setup=setup)
         curves.append([r["loss"] for r in read_metrics(str(tmp_path / name)) if "loss" in r])
     assert len(curves[0]) == 6
     np.testing.assert_allclose(curves[1], curves[0], rtol=2e-5)
+    np.testing.assert_allclose(curves[2], curves[0], rtol=2e-5)
 
 
 def test_nonfinite_steps_skipped_then_stop(corpus, tmp_path):
