@@ -157,12 +157,15 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
 
 def run_options(config: tc.TrainConfig, mesh, rules) -> RunOptions:
     """The model's run options for training on ``mesh``: activations constrained by the rules at
-    block boundaries and the MoE under shard_map (experts split where the rules say so)."""
+    block boundaries and the MoE under shard_map (experts split where the rules say so). On one
+    device (unless moe_impl is "ep") the plain single-device path, as `bench_train.py` times it."""
     m = config.model
+    sharded = mesh.devices.size > 1 or m.moe_impl == "ep"
     # matvec "xla": the one-row matvec kernel has no VJP
     return RunOptions(
-        m.lightning_impl, m.moe_impl, m.remat, mesh=mesh, rules=rules, matvec_impl="xla"
-    )
+        m.lightning_impl, m.moe_impl, m.remat, mesh=mesh if sharded else None,
+        rules=rules if sharded else None, matvec_impl="xla",
+    )  # fmt: skip
 
 
 def _param_shardings(setup: Setup, param_dtype: Any) -> dict:
