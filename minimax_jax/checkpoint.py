@@ -59,15 +59,11 @@ class Checkpointer:
         )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """(state placed like ``abstract_state``'s shardings, data iterator state, config)."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        )
-        out = self.manager.restore(step, args=args)
-        return out["state"], out["data"], out["config"]
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state, placed like ``abstract_state``'s shardings (the JSON items are read
+        by `restore_config` / `restore_data`)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args)["state"]
 
     def restore_config(self, step: int) -> dict:
         return self._restore_json(step, "config")

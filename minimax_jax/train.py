@@ -125,15 +125,14 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     rules, mesh_cfg = shard_lib.load_rules(config.mesh.rules)
     sizes = {a: getattr(config.mesh, a) for a in shard_lib.MESH_AXES}
     mesh_cfg = dataclasses.replace(mesh_cfg, **{a: s for a, s in sizes.items() if s is not None})
-    n = config.mesh.num_devices
-    if jax.process_count() > 1 and n is not None and n != jax.device_count():
+    n, pcount = config.mesh.num_devices, jax.process_count()
+    if pcount > 1 and n is not None and n != jax.device_count():
         raise tc.ConfigError(
-            f"mesh.num_devices = {n} in a job of {jax.process_count()} processes: the mesh must "
+            f"mesh.num_devices = {n} in a job of {pcount} processes: the mesh must "
             f"span all {jax.device_count()} devices of every process (set it to null)"
         )
     mesh = shard_lib.make_mesh(mesh_cfg, None if n is None else jax.devices()[:n])
     run_options(config, mesh, rules)  # validates the model's kernel / MoE / remat choices
-    pcount = jax.process_count()
     if d.batch_size % (pcount * d.grad_accum):
         raise tc.ConfigError(
             f"data.batch_size = {d.batch_size} must split into {pcount} process(es) x "
@@ -271,7 +270,7 @@ def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, i
         )
     # the data positions first: a different process count is refused before the weights are read
     _set_data_state(data_iter, checkpointer.restore_data(latest))
-    state, _, _ = checkpointer.restore(latest, ckpt.abstract_like(state))
+    state = checkpointer.restore_state(latest, ckpt.abstract_like(state))
     return state, latest
 
 
