@@ -229,3 +229,31 @@ def test_kernels_lower_for_gpu():
     for seg in (None, jnp.zeros((b, t), jnp.int32)):
         exported = jax.export.export(grad, platforms=["cuda"], disabled_checks=checks)
         assert f"custom_call @{triton}" in exported(x, x, x, s0, seg).mlir_module()
+
+
+def test_auto_dispatch_on_gpu_takes_kernel_for_packed_rows(monkeypatch):
+    """On a GPU backend "auto" runs the Pallas kernel for packed rows (segment_ids), and falls
+    back to XLA only for head dims the kernel does not handle; both equal the recurrence."""
+    from pallas_kernels.lightning import api
+
+    calls = []
+    real_gpu, real_xla = gpu_mod.lightning_attention_gpu, api._xla.lightning_attention_xla
+
+    def spy(name, fn):
+        return lambda *a, **kw: (calls.append(name), fn(*a, **kw))[1]
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gpu_mod, "lightning_attention_gpu", spy("gpu", real_gpu))
+    monkeypatch.setattr(api._xla, "lightning_attention_xla", spy("xla", real_xla))
+    seg = jnp.asarray(_packed_ids(80)[:1])
+    s = minimax_slopes(2)
+    for h, want in ((16, "gpu"), (24, "xla")):
+        q, k, v = jax.random.normal(jax.random.key(h), (3, 1, 80, 2, h), jnp.float32)
+        calls.clear()
+        with api.interpret_mode():
+            o, fin = api.lightning_attention(q, k, v, s, segment_ids=seg)
+        assert calls == [want]
+        o_r, fin_r = api.lightning_attention(
+            q, k, v, s, segment_ids=seg, implementation="reference"
+        )
+        assert rel(o, o_r) < 1e-4 and rel(fin, fin_r) < 1e-4

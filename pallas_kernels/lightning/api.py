@@ -19,7 +19,7 @@ owned separately: its adapters `lightning_attention(q, k, v, slopes, *, initial_
 segment_ids, block_size)` and `lightning_decode(q, k, v, slopes, state)`; in interpret mode
 `lightning_attention_gpu` / `lightning_decode_gpu` with `interpret=True`). "auto": tpu on TPU,
 gpu on GPU when that module imports, else xla; "auto" also falls back to xla for inputs the gpu
-kernels do not support (segment_ids, head dims that are not powers of two >= 16).
+kernels do not support (head dims that are not powers of two >= 16).
 Pallas kernels run on CPU in interpret mode inside `with interpret_mode():` (or
 `set_interpret(True)`), which is how the tests exercise them.
 """
@@ -149,10 +149,10 @@ def lightning_attention(
         return _tpu.lightning_attention_tpu(
             q, k, v, slopes, block_size=cfg.block_size, interpret=_INTERPRET, **kwargs
         )
-    # Packed sequences: the gpu kernel's segment masks are tested in interpret mode only, so
-    # "auto" keeps XLA for them until they are measured on a GPU; "gpu" asks for the kernel.
-    packed_auto = segment_ids is not None and cfg.implementation == "auto"
-    if packed_auto or not _gpu_supports(q):
+    # Packed rows (segment_ids) take the kernel too: on H200 it ran 3.8-6.4x faster than the XLA
+    # chunked scan with ids, at 1.17-1.21x the kernel's own time without them
+    # (experiments/results/bench_lightning.jsonl, run r20-h200).
+    if not _gpu_supports(q):
         if cfg.implementation == "auto":
             return _xla.lightning_attention_xla(
                 q, k, v, slopes, block_size=cfg.block_size, **kwargs
