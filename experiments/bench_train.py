@@ -59,7 +59,9 @@ def bench_config(tiny: bool) -> ModelConfig:
 def run_one(config, seq_len: int, rows: int, args) -> dict:
     optim = OptimSection()
     tx, _ = build_optimizer(optim, 1000)
-    opts = RunOptions(args.lightning_impl, args.moe_impl, args.remat)
+    opts = RunOptions(
+        args.lightning_impl, args.moe_impl, args.remat, attention_impl=args.attention_impl
+    )
     compute = jnp.bfloat16
     params = jax.jit(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)).pure_params())()
     opt_state = jax.jit(tx.init)(params)
@@ -98,7 +100,7 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
         "breakdown_s": {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest":
                         t_step - t_fb},
         "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl,
-        "lightning_impl": args.lightning_impl,
+        "lightning_impl": args.lightning_impl, "attention_impl": args.attention_impl,
     }  # fmt: skip
 
 
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--remat", default="dots", choices=["none", "dots", "full"])
     p.add_argument("--moe_impl", default="sorted")
     p.add_argument("--lightning_impl", default="auto")
+    p.add_argument("--attention_impl", default="auto", help="softmax layers: auto | xla | cudnn")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
         "--packed",

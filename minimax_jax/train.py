@@ -163,7 +163,7 @@ def run_options(config: tc.TrainConfig, mesh, rules) -> RunOptions:
     # matvec "xla": the one-row matvec kernel has no VJP
     return RunOptions(
         m.lightning_impl, m.moe_impl, m.remat, mesh=mesh if sharded else None,
-        rules=rules if sharded else None, matvec_impl="xla",
+        rules=rules if sharded else None, matvec_impl="xla", attention_impl=m.attention_impl,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ class ModelSection:
     remat: str | None = None  # None | "full" | "dots"
     moe_impl: str = "sorted"  # "sorted" | "dense"
     lightning_impl: str = "auto"
+    attention_impl: str = "auto"  # softmax layers: "auto" | "xla" | "cudnn" (RunOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +214,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set exactly one of model.preset, model.config (or model.init_from)")
     if m.remat not in (None, "full", "dots"):
         raise ConfigError(f"model.remat must be null, full or dots, got {m.remat!r}")
+    if m.attention_impl not in ("auto", "xla", "cudnn"):
+        raise ConfigError(
+            f"model.attention_impl must be auto, xla or cudnn, got {m.attention_impl!r}"
+        )
     if d.tokenizer is None and m.init_from is None:
         raise ConfigError(
             "data.tokenizer is required (a tokenizer.json or its directory) unless "

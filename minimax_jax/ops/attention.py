@@ -2,6 +2,16 @@
 
 Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query
 heads per kv head, H head dim, D model dim.
+
+Implementations (``RunOptions.attention_impl``; all compute softmax(q k^T * scale) v with fp32
+logits, probabilities in v's dtype for the value product):
+- "xla": logits materialised as [B,K,G,T,S] fp32 (any backend, any dtype; tests' reference).
+- "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention`` (no [T,S] logits in
+  memory): CUDA GPUs, bfloat16/float16 activations, head dim a multiple of 8 and at most 128.
+  A plain causal call (no padding, no packed segments) uses cuDNN's causal mask, which skips the
+  masked half; otherwise the boolean mask goes in as an additive bias [B,1,T,S].
+- "auto": "xla" everywhere for now; "cudnn" is opt-in until it is measured on a GPU.
+Decode steps (one query row) always take "xla".
 """
 
 import jax
@@ -26,10 +36,68 @@ def causal_padding_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.A
     return (ki[:, None, :] <= qi[:, :, None]) & kv_valid[:, None, :]
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# What "cudnn" passes to jax.nn.dot_product_attention; CPU tests set it to "xla" to check the
+# arguments (mask layout, causal flag, GQA grouping) against `dot_product_attention` itself.
+_CUDNN = "cudnn"
+
+
+def cudnn_unsupported(q: jax.Array) -> str | None:
+    """Why the cuDNN path cannot run q [B,T,N,H] here, or None when it can."""
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cuda"):
+        return f"needs a CUDA GPU (the default backend is {backend})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bfloat16 or float16 activations (got {q.dtype})"
+    h = q.shape[-1]
+    if h % 8 or h > 128:
+        return f"needs a head dim that is a multiple of 8 and at most 128 (got {h})"
+    return None
+
+
+def resolve_attention_impl(impl: str, q: jax.Array) -> str:
+    """The implementation a softmax layer runs for ``impl`` on q [B,T,N,H] (see the module doc)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "cudnn" and q.shape[1] > 1:
+        why = cudnn_unsupported(q)
+        if why is not None:
+            raise ValueError(f'attention_impl="cudnn" {why}; use "xla" or "auto"')
+        return "cudnn"
+    return "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    impl: str = "xla",
+    causal: bool = False,
+) -> jax.Array:
+    """Softmax attention with the implementation ``impl`` resolves to (`resolve_attention_impl`).
+
+    q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H] in q's dtype. ``causal`` (static)
+    promises that mask is exactly the causal mask over T == S positions (no padding, one
+    segment); the cuDNN path then uses its built-in causal mask instead of a bias.
+    """
+    if resolve_attention_impl(impl, q) == "xla":
+        return dot_product_attention(q, k, v, mask, scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if causal:
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation=_CUDNN
+        )
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation=_CUDNN
+    )
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H] in q's dtype.
+    """q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H] in q's dtype ("xla").
 
     Logits and softmax in fp32; probabilities cast to v's dtype for the value product (as HF).
     """
@@ -50,17 +118,20 @@ def softmax_attention_layer(
     sin: jax.Array,
     mask: jax.Array,
     matvec: str = "xla",
+    impl: str = "xla",
+    causal: bool = False,
 ) -> jax.Array:
     """A full-attention layer without cache.
 
     params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; mask [B,T,T].
-    matvec: `proj`'s implementation for one-row (batch-1 decode) projections. Returns [B,T,D].
+    matvec: `proj`'s implementation for one-row (batch-1 decode) projections; impl, causal: see
+    `attention`. Returns [B,T,D].
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
     k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
     v = proj("btd,dkh->btkh", x, params["v"], matvec=matvec)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    out = attention(q, k, v, mask, q.shape[-1] ** -0.5, impl, causal)
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec)
 
 
@@ -73,11 +144,13 @@ def softmax_attention_cached(
     cache: dict,
     index: jax.Array,
     matvec: str = "xla",
+    impl: str = "xla",
 ) -> tuple[jax.Array, dict]:
     """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
 
     x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; mask
-    [B,T,S] over cache slots. Returns (y [B,T,D], updated cache).
+    [B,T,S] over cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla").
+    Returns (y [B,T,D], updated cache).
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
     k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
@@ -85,7 +158,7 @@ def softmax_attention_cached(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-    out = dot_product_attention(
-        q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5
+    out = attention(
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5, impl
     )
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}

@@ -16,6 +16,7 @@ import numpy as np
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops.attention import (
+    ATTENTION_IMPLS,
     causal_padding_mask,
     softmax_attention_cached,
     softmax_attention_layer,
@@ -60,6 +61,8 @@ class RunOptions:
     # weights), "gpu" (`pallas_kernels.matvec` kernel: reads each weight once), "gpu_interpret"
     # (tests); "auto": gpu on a GPU without a mesh (a Pallas call is not partitioned), else xla.
     matvec_impl: str = "auto"
+    # Softmax layers: "auto" | "xla" | "cudnn" (`minimax_jax.ops.attention`; auto = xla for now).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense", "ep"):
@@ -75,6 +78,10 @@ class RunOptions:
         if self.gmm_impl not in GMM_IMPLEMENTATIONS:
             raise ValueError(
                 f"gmm_impl must be one of {GMM_IMPLEMENTATIONS}, got {self.gmm_impl!r}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
         if self.matvec_impl not in ("auto", "xla", "gpu", "gpu_interpret"):
             raise ValueError(
@@ -100,6 +107,7 @@ class _Context:
     sin: jax.Array | None
     segment_ids: jax.Array | None = None  # [B,T] int32, packed sequences
     cache_index: jax.Array | None = None  # int32 slot of the first new token (cached calls)
+    causal_only: bool = False  # attn_mask is the plain causal mask (no padding, no segments)
 
 
 def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
@@ -125,11 +133,15 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
         )
         return y, None if cache is None else {"state": state}
     if cache is None:
-        y = softmax_attention_layer(params, u, ctx.cos, ctx.sin, ctx.attn_mask, opts.matvec)
+        y = softmax_attention_layer(
+            params, u, ctx.cos, ctx.sin, ctx.attn_mask, opts.matvec, opts.attention_impl,
+            ctx.causal_only,
+        )  # fmt: skip
         return y, None
     return softmax_attention_cached(
-        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, opts.matvec
-    )
+        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, opts.matvec,
+        opts.attention_impl,
+    )  # fmt: skip
 
 
 def _gather_rows(config: ModelConfig, opts: RunOptions) -> int:
@@ -297,7 +309,8 @@ def make_context(
     mask = causal_padding_mask(idx, idx, valid)
     if segment_ids is not None:
         mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    return _Context(token_mask, mask, cos, sin, segment_ids)
+    causal_only = attention_mask is None and segment_ids is None
+    return _Context(token_mask, mask, cos, sin, segment_ids, causal_only=causal_only)
 
 
 def forward(

@@ -1,0 +1,144 @@
+"""Softmax-layer implementations (`RunOptions.attention_impl`): "xla" and cuDNN flash attention.
+
+On CPU the cuDNN path's own arguments are checked by running them through
+`jax.nn.dot_product_attention(implementation="xla")` (the module's `_CUDNN` switch): the mask
+layout, the causal shortcut, the GQA head grouping and the cached-prefill mask over cache slots
+must give the "xla" path's logits and gradients. The GPU tests run real cuDNN against "xla".
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_model import random_model, rel_err, tiny
+
+from minimax_jax.cache import init_cache
+from minimax_jax.ops import attention as attn_mod
+from minimax_jax.ops.decoder import RunOptions, forward, forward_cached
+from minimax_jax.train_config import ConfigError, TrainConfig, validate
+
+CFG = tiny(rotary_dim=16, rope_theta=1e7)  # 7 lightning + 1 softmax layer, GQA 4 q / 2 kv heads
+
+
+def _inputs(kind: str, rng: np.random.RandomState):
+    """(ids, attention_mask, segment_ids) for a plain causal batch, left padding, packed rows."""
+    ids = rng.randint(0, CFG.vocab_size, (2, 37)).astype(np.int32)
+    if kind == "plain":
+        return ids, None, None
+    if kind == "left_padded":
+        mask = np.ones_like(ids)
+        mask[0, :11] = 0
+        return ids, mask, None
+    seg = np.stack([np.repeat([1, 2, 3], [20, 1, 16]), np.repeat([4, 5], [5, 32])]).astype(np.int32)
+    return ids, None, seg
+
+
+@pytest.fixture
+def cudnn_args_on_xla(monkeypatch):
+    """Route "cudnn" through jax.nn.dot_product_attention's XLA implementation on CPU; record
+    which form each call took ("causal": the built-in causal mask, "mask": the boolean bias)."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        assert kwargs["implementation"] == "xla"
+        calls.append("causal" if kwargs.get("is_causal") else "mask")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_CUDNN", "xla")
+    monkeypatch.setattr(attn_mod, "cudnn_unsupported", lambda q: None)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kind, form", [("plain", "causal"), ("left_padded", "mask"), ("packed", "mask")]
+)
+def test_cudnn_arguments_match_xla_logits_and_grads(cudnn_args_on_xla, kind, form):
+    model = random_model(CFG, seed=7)
+    params = model.pure_params()
+    ids, mask, seg = _inputs(kind, np.random.RandomState(3))
+    w = jnp.asarray(np.random.RandomState(4).standard_normal((2, 37, CFG.vocab_size)), jnp.float32)
+
+    def loss(p, impl):
+        logits, _ = forward(CFG, p, ids, mask, RunOptions(attention_impl=impl), segment_ids=seg)
+        return jnp.sum(logits * w), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    assert cudnn_args_on_xla == []
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, "cudnn")
+    assert set(cudnn_args_on_xla) == {form}
+    assert rel_err(got, want) <= 1e-5
+    for got_leaf, want_leaf in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(got_leaf, want_leaf) <= 1e-5
+
+
+def test_cudnn_cached_prefill_matches_xla(cudnn_args_on_xla):
+    """Prefill chunks attend over the cache slots through the mask; one-row steps stay on xla."""
+    model = random_model(CFG, seed=8)
+    params = model.pure_params()
+    ids, mask, _ = _inputs("left_padded", np.random.RandomState(5))
+    outs = {}
+    for impl in ("xla", "cudnn"):
+        opts = RunOptions(attention_impl=impl)
+        cache = init_cache(CFG, 2, 48)
+        first, cache = forward_cached(CFG, params, ids[:, :30], mask[:, :30], cache, opts)
+        second, cache = forward_cached(CFG, params, ids[:, 30:], mask[:, 30:], cache, opts)
+        step, _ = forward_cached(CFG, params, ids[:, :1], np.ones((2, 1), np.int32), cache, opts)
+        outs[impl] = (first, second, step)
+    assert cudnn_args_on_xla == ["mask", "mask"]  # the two prefill chunks, not the step
+    for got, want in zip(outs["cudnn"], outs["xla"], strict=True):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_cudnn_refused_where_it_cannot_run():
+    q = jnp.zeros((1, 8, 4, 32), jnp.bfloat16)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match=r'attention_impl="cudnn" needs a CUDA GPU'):
+            attn_mod.resolve_attention_impl("cudnn", q)
+    assert attn_mod.resolve_attention_impl("auto", q) == "xla"
+    assert attn_mod.resolve_attention_impl("cudnn", q[:, :1]) == "xla"  # decode step
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attn_mod.resolve_attention_impl("flash", q)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        RunOptions(attention_impl="flash")
+    cfg = TrainConfig()
+    model = dataclasses.replace(cfg.model, preset="tiny-remote", attention_impl="flash")
+    with pytest.raises(ConfigError, match="model.attention_impl must be auto, xla or cudnn"):
+        validate(dataclasses.replace(cfg, model=model))
+
+
+def test_cudnn_unsupported_reasons(monkeypatch):
+    monkeypatch.setattr(attn_mod.jax, "default_backend", lambda: "gpu")
+    assert attn_mod.cudnn_unsupported(jnp.zeros((1, 8, 4, 128), jnp.bfloat16)) is None
+    assert "bfloat16 or float16" in attn_mod.cudnn_unsupported(jnp.zeros((1, 8, 4, 128)))
+    assert "head dim" in attn_mod.cudnn_unsupported(jnp.zeros((1, 8, 4, 36), jnp.float16))
+    assert "head dim" in attn_mod.cudnn_unsupported(jnp.zeros((1, 8, 4, 256), jnp.float16))
+
+
+def _gpu_case(kind: str, impl: str):
+    """bf16 compute (fp32 params), as training runs: logits and parameter gradients."""
+    params = random_model(CFG, seed=9).pure_params()
+    ids, mask, seg = _inputs(kind, np.random.RandomState(6))
+    w = jnp.asarray(np.random.RandomState(7).standard_normal((2, 37, CFG.vocab_size)), jnp.float32)
+
+    def loss(p):
+        opts = RunOptions(attention_impl=impl)
+        logits, _ = forward(CFG, p, ids, mask, opts, jnp.bfloat16, segment_ids=seg)
+        return jnp.sum(logits * w), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "left_padded", "packed"])
+def test_gpu_cudnn_matches_xla_bf16(kind):
+    (_, got), g_got = _gpu_case(kind, "cudnn")
+    (_, want), g_want = _gpu_case(kind, "xla")
+    err = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert np.median(err) <= 2e-2
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6
