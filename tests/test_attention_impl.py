@@ -19,7 +19,11 @@ from minimax_jax.ops import attention as attn_mod
 from minimax_jax.ops.decoder import RunOptions, forward, forward_cached
 from minimax_jax.train_config import ConfigError, TrainConfig, validate
 
-CFG = tiny(rotary_dim=16, rope_theta=1e7)  # 7 lightning + 1 softmax layer, GQA 4 q / 2 kv heads
+# one lightning + one softmax layer (GQA 4 q / 2 kv heads, partial RoPE): the softmax path is
+# what differs between the implementations
+CFG = tiny(
+    rotary_dim=16, rope_theta=1e7, num_layers=2, layer_types=("linear_attention", "full_attention")
+)
 
 
 def _inputs(kind: str, rng: np.random.RandomState):
