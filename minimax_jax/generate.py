@@ -71,6 +71,14 @@ _MESH = flags.DEFINE_string(
 _RULES = flags.DEFINE_string(
     "rules", "tp_ep", "Sharding rules preset (configs/mesh) or YAML path.", flag_values=_FLAGS
 )
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl",
+    "auto",
+    ["auto", "xla", "cudnn"],
+    "Softmax layers' prefill attention: cudnn = cuDNN flash attention (GPU, bfloat16; text "
+    "models), auto = xla for now.",
+    flag_values=_FLAGS,
+)
 _IMAGE = flags.DEFINE_multi_string(
     "image", [], "Image file for MiniMax-VL-01 (repeatable).", flag_values=_FLAGS
 )
@@ -130,6 +138,7 @@ def run_generate(
     images: list[str] | None = None,
     mesh: str | None = None,
     rules: str = "tp_ep",
+    attention_impl: str = "auto",
     out=None,
     log=None,
 ) -> list[str]:
@@ -151,6 +160,9 @@ def run_generate(
     if images:
         from minimax_jax import vl_model
 
+        if attention_impl != "auto":
+            raise ValueError("--attention_impl is for text models; drop it with --image")
+
         return vl_model.generate_for_cli(
             ckpt, tok, texts, images, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
             stream=stream, out=out, max_new_tokens=max_new_tokens,
@@ -158,7 +170,7 @@ def run_generate(
             top_p=None if greedy or top_p == 1.0 else top_p, seed=seed,
             prefill_chunk=prefill_chunk,
         )  # fmt: skip
-    model, options = _load(ckpt, dtype, mesh, rules)
+    model, options = _load(ckpt, dtype, mesh, rules, attention_impl)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -226,7 +238,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str):
+def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_impl: str = "auto"):
     """The model (parameters placed by the rules when a mesh is given) and its RunOptions."""
     from minimax_jax.config import ModelConfig
     from minimax_jax.ops.decoder import RunOptions
@@ -235,11 +247,13 @@ def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str):
 
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     if not mesh:
-        return from_pretrained(ckpt, dtype=jdtype), None
+        return from_pretrained(ckpt, dtype=jdtype), RunOptions(attention_impl=attention_impl)
     rules, _ = load_rules(rules_name)
     device_mesh = make_mesh(parse_mesh(mesh))
     sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules)
-    options = RunOptions(moe_impl=rules.moe_impl, mesh=device_mesh, rules=rules)
+    options = RunOptions(
+        moe_impl=rules.moe_impl, mesh=device_mesh, rules=rules, attention_impl=attention_impl
+    )
     return from_pretrained(ckpt, dtype=jdtype, sharding=sharding), options
 
 
@@ -301,6 +315,7 @@ def main(argv):
             images=_IMAGE.value,
             mesh=_MESH.value,
             rules=_RULES.value,
+            attention_impl=_ATTENTION.value,
             out=sink,
             log=sink,
         )

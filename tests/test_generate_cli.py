@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -125,6 +126,18 @@ def test_prompts_file_and_errors(checkpoint, tmp_path):
     f.write_text("{not json\n")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_generate(checkpoint=str(checkpoint), prompts=[], prompts_file=str(f))
+
+
+def test_attention_impl_flag(checkpoint):
+    """--attention_impl xla is the default path's text; cudnn where it cannot run is refused
+    with the reason (on CPU: no CUDA GPU), as is combining it with --image."""
+    kw = dict(checkpoint=str(checkpoint), prompts=["def "], greedy=True, max_new_tokens=4)
+    assert run_generate(attention_impl="xla", **kw) == run_generate(**kw)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match=r'attention_impl="cudnn" needs a CUDA GPU'):
+            run_generate(attention_impl="cudnn", **kw)
+    with pytest.raises(ValueError, match="--attention_impl is for text models"):
+        run_generate(attention_impl="cudnn", images=["x.png"], **kw)
 
 
 def test_cli_error_is_one_line(tmp_path):
