@@ -9,7 +9,8 @@ logits, probabilities in v's dtype for the value product):
 - "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention`` (no [T,S] logits in
   memory): CUDA GPUs, bfloat16/float16 activations, head dim a multiple of 8 and at most 128.
   A plain causal call (no padding, no packed segments) uses cuDNN's causal mask, which skips the
-  masked half; otherwise the boolean mask goes in as an additive bias [B,1,T,S].
+  masked half; otherwise the boolean mask goes in as an additive bias [B,1,T,S]. Odd lengths
+  are padded by one slot (JAX's cuDNN training kernels take even lengths only).
 - "auto": "xla" everywhere for now; "cudnn" is opt-in until it is measured on a GPU.
 Decode steps (one query row) always take "xla".
 """
@@ -84,14 +85,22 @@ def attention(
     """
     if resolve_attention_impl(impl, q) == "xla":
         return dot_product_attention(q, k, v, mask, scale)
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    t, s = q.shape[1], k.shape[1]
+    # cuDNN's training kernels (JAX 0.11) take only even lengths: pad an odd T / S by one slot.
+    # A padded key is masked out (after every real query when causal); a padded query is dropped.
+    pt, ps = t % 2, s % 2
+    q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0)))
+    k, v = (jnp.pad(x.astype(q.dtype), ((0, 0), (0, ps), (0, 0), (0, 0))) for x in (k, v))
     if causal:
-        return jax.nn.dot_product_attention(
+        out = jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation=_CUDNN
         )
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], scale=scale, implementation=_CUDNN
-    )
+    else:
+        mask = jnp.pad(mask, ((0, 0), (0, pt), (0, ps)))  # padded slots: False
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, implementation=_CUDNN
+        )
+    return out[:, :t]
 
 
 def dot_product_attention(
