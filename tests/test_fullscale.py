@@ -63,9 +63,10 @@ def test_ep_fold_logits_grads_and_generation_equal_one_device():
         for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads),
                                  jax.tree.leaves(grads0), strict=True):  # fmt: skip
             assert _rel(g, g0) < 1e-5, (name, jax.tree_util.keystr(path))
-        engine = sampling.Engine(SLICE, placed, options=opts, prefill_chunk=8)
-        got = sampling.generate(None, ids[:, :21], max_new_tokens=8, engine=engine)
-        np.testing.assert_array_equal(got, want)
+        if name == "x8":  # generation on the full ep_fold mesh (x2 is its expert axis alone)
+            engine = sampling.Engine(SLICE, placed, options=opts, prefill_chunk=8)
+            got = sampling.generate(None, ids[:, :21], max_new_tokens=8, engine=engine)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_random_init_is_drawn_in_shards():
