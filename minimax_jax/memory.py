@@ -113,10 +113,14 @@ def _split(n: int, axes: tuple[str, ...], mesh, rules) -> int:
     return _shard_elems((n,), axes, mesh, rules) if rules else n
 
 
-def softmax_score_bytes(config, batch, t, s, mesh, rules) -> int:
-    """The softmax layer's fp32 scores and probabilities [B,N,T,S] (materialised: no flash
-    kernel yet, so this term dominates long prefills; the prefill chunk bounds T)."""
+def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="xla", cb=2) -> int:
+    """The softmax layer's attention temporaries. "xla": fp32 scores and probabilities
+    [B,N,T,S] (this term dominates long prefills; the prefill chunk bounds T). "cudnn" (flash):
+    the mask as a bias [B,T,S] in the compute dtype (cb bytes) and fp32 row statistics [B,N,T]
+    (max and sum)."""
     n = _split(config.num_heads, ("heads",), mesh, rules)
+    if attention_impl == "cudnn":
+        return batch * t * s * cb + 2 * batch * n * t * 4
     return 2 * batch * n * t * s * 4
 
 
@@ -149,17 +153,22 @@ def plan_inference(
     kv_dtype=jnp.bfloat16,
     prefill_chunk=None,
     weights: int | None = None,
+    attention_impl: str = "xla",
 ):
     """Weights + caches + the peak of one prefill chunk (last-position logits only).
 
-    weights: bytes already known (e.g. of loaded params) instead of computing them.
+    weights: bytes already known (e.g. of loaded params) instead of computing them;
+    attention_impl: the softmax layers' implementation as resolved ("xla" or "cudnn").
     """
     mesh = _mesh_like(mesh_shape)
     local_batch = _split(batch, ("batch",), mesh, rules)
     chunk = min(prompt_len, prefill_chunk or prompt_len)
     cb = np.dtype(param_dtype).itemsize
     act = layer_activation_bytes(config, local_batch * chunk, mesh, rules, cb)
-    act = max(act, softmax_score_bytes(config, local_batch, chunk, max_len, mesh, rules))
+    scores = softmax_score_bytes(
+        config, local_batch, chunk, max_len, mesh, rules, attention_impl, cb
+    )
+    act = max(act, scores)
     act += local_batch * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
     return MemoryPlan(
         weights=weight_bytes(config, mesh_shape, rules, param_dtype)
@@ -181,6 +190,7 @@ def plan_training(
     compute_dtype=jnp.bfloat16,
     optimizer_moments=2,
     remat="full",
+    attention_impl="xla",
 ):
     """fp32 params, grads and AdamW moments (sharded like the params), and activations.
 
@@ -195,7 +205,10 @@ def plan_training(
     layer = layer_activation_bytes(config, tokens, mesh, rules, cb)
     residual = tokens * config.hidden_size * cb
     local_batch = _split(batch, ("batch",), mesh, rules)
-    layer = max(layer, softmax_score_bytes(config, local_batch, seq_len, seq_len, mesh, rules))
+    scores = softmax_score_bytes(
+        config, local_batch, seq_len, seq_len, mesh, rules, attention_impl, cb
+    )
+    layer = max(layer, scores)
     if remat == "full":
         act = config.num_blocks * residual + config.period * layer
     else:

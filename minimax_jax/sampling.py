@@ -125,6 +125,8 @@ class Engine:
         self.kv_dtype = kv_dtype or jnp.asarray(params["embed"]).dtype
         options = options or RunOptions()
         self.mesh, self.rules = options.mesh, options.rules
+        self.attention_impl = options.attention_impl
+        self.compute_dtype = compute_dtype
         prefill = functools.partial(
             forward_cached, config, opts=options, compute_dtype=compute_dtype, last_only=True
         )
@@ -136,6 +138,15 @@ class Engine:
         self._step = jax.jit(self._decode_step, static_argnums=4, donate_argnums=1)
         self._loop = jax.jit(self._decode_loop, static_argnums=(4, 5), donate_argnums=1)
         self._forward = step
+
+    def _prefill_attention(self, chunk: int) -> str:
+        """What the softmax layers run for a prefill chunk ("xla" or "cudnn")."""
+        from minimax_jax.ops.attention import resolve_attention_impl
+
+        dtype = self.compute_dtype or self.params["embed"].dtype
+        h = self.config.head_dim
+        q = jax.ShapeDtypeStruct((1, chunk, self.config.num_heads, h), dtype)
+        return resolve_attention_impl(self.attention_impl, q)
 
     def plan(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
         """Bucketed shapes and the memory estimate for a request."""
@@ -165,6 +176,7 @@ class Engine:
             param_dtype=self.params["embed"].dtype,
             kv_dtype=self.kv_dtype,
             prefill_chunk=chunk,
+            attention_impl=self._prefill_attention(chunk),
         )
         return {
             "padded_prompt": padded,

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from minimax_jax import memory
@@ -80,3 +81,31 @@ def test_full_model_plans():
     assert one_gpu.weights == 912_210_767_872  # bf16, router fp32: the M1 index size
     assert 0.12 < eight.weights / one_gpu.weights <= 0.13  # tensor 8 splits all but norms/router
     assert np.isfinite(eight.total) and "GiB per device" in eight.report()
+
+
+def test_flash_attention_plans_without_the_scores(monkeypatch):
+    """A long prefill's peak on the "xla" path is the fp32 scores and probabilities
+    [B,N,T,S] (hand-computed below); with cuDNN flash attention the plan drops them, and the
+    generation engine plans for what its softmax layers will run."""
+    from minimax_jax import sampling
+    from minimax_jax.ops.decoder import RunOptions
+
+    cfg = ModelConfig.preset("minimax-text-01")
+    kw = dict(batch=1, prompt_len=8192, max_len=8448)
+    xla = memory.plan_inference(cfg, **kw)
+    flash = memory.plan_inference(cfg, attention_impl="cudnn", **kw)
+    scores = 2 * 1 * 64 * 8192 * 8448 * 4  # 35.4 GB
+    assert xla.activations >= scores > 10 * flash.activations
+    assert (xla.weights, xla.cache) == (flash.weights, flash.cache)
+
+    params = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16).pure_params()
+    engines = {
+        impl: sampling.Engine(CFG, params, options=RunOptions(attention_impl=impl))
+        for impl in ("xla", "cudnn")
+    }
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match=r'attention_impl="cudnn" needs a CUDA GPU'):
+            engines["cudnn"].plan(1, 2048, 16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what a GPU host would plan
+    plans = {impl: e.plan(1, 2048, 16) for impl, e in engines.items()}
+    assert plans["xla"]["activations"] > 10 * plans["cudnn"]["activations"]
