@@ -170,7 +170,7 @@ def candidate_logits(path: Path, ids: np.ndarray) -> np.ndarray:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from minimax_jax.pretrained import from_pretrained
+    from minimax_jax.hf.pretrained import from_pretrained
 
     model = from_pretrained(path)
     return np.asarray(jax.device_get(model(ids)), np.float32)

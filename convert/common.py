@@ -12,8 +12,8 @@ from typing import Any
 
 from absl import flags
 
-from convert import mapping
-from convert.safetensors_io import SafetensorsError
+from minimax_jax.hf import mapping
+from minimax_jax.hf.safetensors import SafetensorsError
 
 CONFIG_FILE = "config.json"
 # Flags every conversion CLI has (defined once: absl flags are process-global).

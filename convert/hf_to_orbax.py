@@ -14,7 +14,7 @@ IN is a HF directory (``config.json`` in the remote-code or transformers-native 
 Every tensor name, shape and dtype is validated against the config before anything is written;
 derived lightning buffers (``slope_rate``, ``*_decay``) are checked against our formula and
 dropped. Then each HF tensor is read once and streamed into its slot of the stacked leaf
-(``convert.orbax_io``), so host memory stays at about one HF tensor plus a 256 MiB write-behind
+(``minimax_jax.hf.orbax``), so host memory stays at about one HF tensor plus a 256 MiB write-behind
 window, whatever the model size. Everything is written to a hidden temporary directory next to
 OUT and renamed at the end; a failed or interrupted run removes it and leaves no OUT.
 
@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from convert import mapping, orbax_io
 from convert.common import (
     CONFIG_FILE,
     OUT_DIR,
@@ -47,9 +46,11 @@ from convert.common import (
     run_cli,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from convert.safetensors_io import SafetensorsReader
 from minimax_jax.config import ModelConfig
-from minimax_jax.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
+from minimax_jax.hf.safetensors import SafetensorsReader
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
 _DTYPE = flags.DEFINE_enum(

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from convert import mapping, orbax_io
 from convert.common import (
     CONFIG_FILE,
     OUT_DIR,
@@ -39,9 +38,11 @@ from convert.common import (
     run_cli,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from convert.safetensors_io import RowPieces, TensorSpec, write_sharded
 from minimax_jax.config import SCHEMAS, ModelConfig
-from minimax_jax.pretrained import ORBAX_PARAMS_DIR
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR
+from minimax_jax.hf.safetensors import RowPieces, TensorSpec, write_sharded
 
 PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")

@@ -4,7 +4,7 @@ Run on the lent GPU machine::
 
     PYTHONUNBUFFERED=1 python3 experiments/bench_attention.py --out results.jsonl
 
-Times `minimax_jax.ops.attention.attention` (what the model's softmax layers call, after the
+Times `minimax_jax.model.attention.attention` (what the model's softmax layers call, after the
 projections and RoPE) forward and forward+backward, bf16, for:
 - the ANCHORS.md shape (causal, B2 N16 H128, T 8K and 32K; anchor: the same
   `jax.nn.dot_product_attention(implementation="cudnn")` at 1.46 / 15.3 ms forward);
@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments.timing import timed  # noqa: E402
-from minimax_jax.ops.attention import attention, causal_padding_mask  # noqa: E402
+from minimax_jax.model.attention import attention, causal_padding_mask  # noqa: E402
 
 # (B, T, N, K, H, packed doc length or None)
 SHAPES = [

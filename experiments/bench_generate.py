@@ -34,8 +34,8 @@ from flax import nnx  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
 from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
-from minimax_jax.ops.decoder import RunOptions  # noqa: E402
-from minimax_jax.sampling import Engine, SamplingParams, sample_token  # noqa: E402
+from minimax_jax.inference.engine import Engine, SamplingParams, sample_token  # noqa: E402
+from minimax_jax.model.decoder import RunOptions  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
 

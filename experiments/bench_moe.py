@@ -42,9 +42,9 @@ import jaxlib  # noqa: E402
 
 from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import sharding  # noqa: E402
+from minimax_jax.model.moe import dispatch as dispatch_rows  # noqa: E402
+from minimax_jax.model.moe import ffn_implementation, moe_sorted, route, sort_by_expert  # noqa: E402
 from minimax_jax.ops import moe_parallel  # noqa: E402
-from minimax_jax.ops.moe import dispatch as dispatch_rows  # noqa: E402
-from minimax_jax.ops.moe import ffn_implementation, moe_sorted, route, sort_by_expert  # noqa: E402
 from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
 from pallas_kernels.moe.api import grouped_matmul, resolve_implementation  # noqa: E402
 

@@ -6,7 +6,7 @@
 
 Config: hidden 2048, 16 layers (two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 768,
 top-2, vocab 32000: 1.05B total / 0.54B active parameters (with the lm head); fp32 weights and
-AdamW state, bf16 compute, the real train step of `minimax_jax.train_step` (jitted, state
+AdamW state, bf16 compute, the real train step of `minimax_jax.training.step` (jitted, state
 donated). One JSON line per sequence length (4K and 8K; --tokens per step): median step time,
 tokens/s, MFU = `flops_per_token` (6 x active matmul params + attention) x tokens/s over the
 bf16 matmul peak measured in the same run, and a breakdown forward / backward /
@@ -31,9 +31,9 @@ from flax import nnx  # noqa: E402
 
 from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig  # noqa: E402
-from minimax_jax.ops.decoder import RunOptions  # noqa: E402
-from minimax_jax.train_config import OptimSection  # noqa: E402
-from minimax_jax.train_step import (  # noqa: E402
+from minimax_jax.model.decoder import RunOptions  # noqa: E402
+from minimax_jax.training.run_config import OptimSection  # noqa: E402
+from minimax_jax.training.step import (  # noqa: E402
     batch_loss,
     build_optimizer,
     flops_per_token,

@@ -10,7 +10,7 @@ lines, with device and versions), most important first (rows are written as meas
 driver's time cap may cut the tail):
 - transformers: `CLIPVisionModel` (SDPA attention when available; `attn` says which), features =
   last_hidden_state without CLS, then a torch projector (Linear, GELU, Linear), our weights copied
-  in through `convert.vl_mapping.export_vision`; pixels already on the GPU (bf16);
+  in through `minimax_jax.hf.vl_mapping.export_vision`; pixels already on the GPU (bf16);
 - `minimax_jax.encode_tiles[host pixels]`: the path the model runs: host float32 pixels cast to
   bf16 on the host, exact tile count (19), `attention_impl="auto"` (the row's `attn` is what it
   resolved to; `attention_failures` lists the fused kernels that failed here and why);
@@ -19,7 +19,7 @@ driver's time cap may cut the tail):
   and with cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`), the
   one "auto" resolved to first;
 - attention alone (q, k, v [19, 577, 16, 64] bf16, applied 24 times in a row: the tower's whole
-  attention): `torch.sdpa[attention only]`, then `minimax_jax.vision.attention[xla]`, `[pallas
+  attention): `torch.sdpa[attention only]`, then `minimax_jax.vl.vision.attention[xla]`, `[pallas
   bqX bkY wW sS]` (four block / warp / stage configs of the Pallas kernel; the first is the
   default) and `[cudnn]`; `max_rel_diff_vs_fp32` of one application against fp32 XLA;
 - `minimax_jax._encode_tiles[device pixels, 19 tiles]` (`attn=xla`: run r1's attention, the
@@ -57,10 +57,11 @@ from flax import nnx  # noqa: E402
 from convert import vl_mapping  # noqa: E402
 from experiments.profiling import kernel_profile, torch_profile  # noqa: E402
 from experiments.timing import timed  # noqa: E402
-from minimax_jax import vision, vl_model  # noqa: E402
+from minimax_jax import vl_model  # noqa: E402
 from minimax_jax.config import ModelConfig  # noqa: E402
-from minimax_jax.processor import MiniMaxVLProcessor  # noqa: E402
-from minimax_jax.vision import Projector, VisionConfig, VisionTower, VLConfig  # noqa: E402
+from minimax_jax.vl import vision
+from minimax_jax.vl.processor import MiniMaxVLProcessor  # noqa: E402
+from minimax_jax.vl.vision import Projector, VisionConfig, VisionTower, VLConfig  # noqa: E402
 
 IMAGE_HW = (1080, 1920)
 EXPECTED_TILES = 19  # 3 x 6 tiles on the 1008 x 2016 canvas + thumbnail
@@ -304,7 +305,7 @@ def main() -> None:
     def attention_row(label, fn1):
         chain = jax.jit(lambda q, k, w: jax.lax.fori_loop(
             0, v.num_layers, lambda i, o: fn1(o, k, w), q))  # fmt: skip
-        row = att_base | {"impl": f"minimax_jax.vision.attention[{label}]"}
+        row = att_base | {"impl": f"minimax_jax.vl.vision.attention[{label}]"}
         try:
             one = np.asarray(jax.jit(fn1)(*qkv), np.float32)
             sec = timed(lambda: jax.block_until_ready(chain(*qkv)), args.reps)

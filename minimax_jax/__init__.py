@@ -1,9 +1,9 @@
 """minimax_jax: the MiniMax-01 family (Text-01, M1, VL-01) in JAX / Flax NNX."""
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.pretrained import from_pretrained, save_pretrained
-from minimax_jax.vl_model import (
+from minimax_jax.hf.pretrained import from_pretrained, save_pretrained
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+from minimax_jax.vl.model import (
     MiniMaxVLForConditionalGeneration,
     from_pretrained_vl,
     save_pretrained_vl,

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from minimax_jax.ops import slopes as slopes_lib
+from minimax_jax.model import slopes as slopes_lib
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -83,7 +83,7 @@ class ModelConfig:
 
     ``layer_types[l]`` is ``"linear_attention"`` (lightning) or ``"full_attention"`` (softmax with
     GQA and partial RoPE on the first ``rotary_dim`` dims). ``slope_formula`` selects the lightning
-    decay formula (see ``minimax_jax.ops.slopes``). ``schema`` records which HF config schema the
+    decay formula (see ``minimax_jax.model.slopes``). ``schema`` records which HF config schema the
     config came from and is the default for ``to_hf``.
     """
 

@@ -7,7 +7,7 @@ The mesh has four named axes, always in this order (a size-1 axis costs nothing)
     expert  expert parallelism: MoE experts split over it; tokens are also batch-sharded over it
     tensor  tensor parallelism: attention heads, expert FFN width and vocab split over it
 
-Parameters carry logical axis names (`minimax_jax.nn.layers`: layers, vocab, embed, heads,
+Parameters carry logical axis names (`minimax_jax.model.layers`: layers, vocab, embed, heads,
 kv_heads, head_dim, qkv, experts, mlp, gate_up); activations use batch, length, act_embed,
 act_heads, act_vocab. A `ShardingRules` table maps each logical name to zero or more mesh axes.
 `spec` drops, per array, mesh axes that do not divide the dimension or that an earlier dimension

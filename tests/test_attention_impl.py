@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from test_model import random_model, rel_err, tiny
 
-from minimax_jax.cache import init_cache
-from minimax_jax.ops import attention as attn_mod
-from minimax_jax.ops.decoder import RunOptions, forward, forward_cached
-from minimax_jax.train_config import ConfigError, TrainConfig, validate
+from minimax_jax.model import attention as attn_mod
+from minimax_jax.model.cache import init_cache
+from minimax_jax.model.decoder import RunOptions, forward, forward_cached
+from minimax_jax.training.run_config import ConfigError, TrainConfig, validate
 
 # one lightning + one softmax layer (GQA 4 q / 2 kv heads, partial RoPE): the softmax path is
 # what differs between the implementations

@@ -15,10 +15,10 @@ import train_fixtures as fx
 from flax import nnx
 
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, from_pretrained
-from minimax_jax import checkpoint as ckpt
-from minimax_jax import train as train_lib
-from minimax_jax.tokenizer import ChatTokenizer
-from minimax_jax.train_log import read_metrics
+from minimax_jax.inference.tokenizer import ChatTokenizer
+from minimax_jax.training import checkpoint as ckpt
+from minimax_jax.training import loop as train_lib
+from minimax_jax.training.log import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import configs
 from minimax_jax import info
 from minimax_jax.config import FULL, LINEAR, ModelConfig
-from minimax_jax.ops.slopes import lightning_slopes
+from minimax_jax.model.slopes import lightning_slopes
 
 M1_DIR = pathlib.Path(__file__).parent / "data" / "minimax-m1"
 M1_TOTAL = 456_089_655_296

@@ -14,7 +14,7 @@ import test_transformers_parity as tp
 from test_transformers_parity import H
 
 from convert import check_logits, hf_to_orbax, orbax_to_hf
-from convert.safetensors_io import SafetensorsReader, write_sharded
+from minimax_jax.hf.safetensors import SafetensorsReader, write_sharded
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

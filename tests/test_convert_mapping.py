@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import mapping
 from minimax_jax.config import ModelConfig
+from minimax_jax.hf import mapping
 
 M1_DIR = Path(__file__).parent / "data" / "minimax-m1"
 M1_PARAMS = 456_089_655_296

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from minimax_jax import data
+from minimax_jax.training import data
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minimax_jax import memory, sampling
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.inference import engine as sampling
+from minimax_jax.inference import memory
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+from minimax_jax.model.decoder import RunOptions, forward
 from minimax_jax.sharding import load_rules, make_mesh, pure_param_shardings
-from minimax_jax.train_config import OptimSection
-from minimax_jax.train_step import build_optimizer
+from minimax_jax.training.run_config import OptimSection
+from minimax_jax.training.step import build_optimizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "fullscale"))
 from common import device_bytes, init_random_params  # noqa: E402

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minimax_jax import MiniMaxForCausalLM, ModelConfig, sampling, save_pretrained
-from minimax_jax.generate import run_generate
-from minimax_jax.tokenizer import ChatTokenizer, StreamDecoder
+from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained
+from minimax_jax.inference import engine as sampling
+from minimax_jax.inference.runner import run_generate
+from minimax_jax.inference.tokenizer import ChatTokenizer, StreamDecoder
 
 SPECIALS = ["<end_of_sentence>", "<beginning_of_sentence>", "<begin_of_document>"]
 TEXT = ["def add(a, b):\n    return a + b\n", "héllo wörld, 日本語のテキスト ✓", "print('hi')"] * 20

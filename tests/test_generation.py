@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import test_model as tm
 
-from minimax_jax import sampling
-from minimax_jax.cache import init_cache
-from minimax_jax.ops.decoder import RunOptions, forward, forward_cached
+from minimax_jax.inference import engine as sampling
+from minimax_jax.model.cache import init_cache
+from minimax_jax.model.decoder import RunOptions, forward, forward_cached
 
 TOL = 1e-5
 
@@ -183,7 +183,7 @@ def test_generation_on_a_mesh_equals_one_device(tiny_model):
     from flax import nnx
 
     from minimax_jax import MiniMaxForCausalLM
-    from minimax_jax.ops.decoder import RunOptions
+    from minimax_jax.model.decoder import RunOptions
     from minimax_jax.sharding import load_rules, make_mesh
 
     rules, _ = load_rules("tp_ep")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import test_model as tm
 
-from minimax_jax import sampling
-from minimax_jax.ops.decoder import RunOptions
-from minimax_jax.ops.moe import moe_dense, moe_gather
-from minimax_jax.ops.proj import LayerSlice, proj
+from minimax_jax.inference import engine as sampling
+from minimax_jax.model.decoder import RunOptions
+from minimax_jax.model.moe import moe_dense, moe_gather
+from minimax_jax.model.proj import LayerSlice, proj
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import resolve_implementation
 from pallas_kernels.matvec.gpu import BlockSizes, gathered_matvec_gpu, pick_blocks

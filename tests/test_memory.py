@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minimax_jax import memory
-from minimax_jax.cache import cache_shapes
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.ops.decoder import forward_cached
+from minimax_jax.inference import memory
+from minimax_jax.model.cache import cache_shapes
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+from minimax_jax.model.decoder import forward_cached
 from minimax_jax.sharding import load_rules, make_mesh, pure_param_shardings
 
 CFG = ModelConfig.preset("tiny-remote").replace(
@@ -87,8 +87,8 @@ def test_flash_attention_plans_without_the_scores(monkeypatch):
     """A long prefill's peak on the "xla" path is the fp32 scores and probabilities
     [B,N,T,S] (hand-computed below); with cuDNN flash attention the plan drops them, and the
     generation engine plans for what its softmax layers will run."""
-    from minimax_jax import sampling
-    from minimax_jax.ops.decoder import RunOptions
+    from minimax_jax.inference import engine as sampling
+    from minimax_jax.model.decoder import RunOptions
 
     cfg = ModelConfig.preset("minimax-text-01")
     kw = dict(batch=1, prompt_len=8192, max_len=8448)

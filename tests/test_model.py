@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from minimax_jax import MiniMaxForCausalLM, ModelConfig
-from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.model.decoder import RunOptions, forward
 
 TOL = 1e-5
 

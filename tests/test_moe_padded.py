@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.ops import moe
-from minimax_jax.ops.moe import ffn_implementation, moe_dense, moe_sorted
-from minimax_jax.ops.moe_padded import expert_ffn_padded
+from minimax_jax.model import moe
+from minimax_jax.model.moe import ffn_implementation, moe_dense, moe_sorted
+from minimax_jax.model.moe_padded import expert_ffn_padded
 from pallas_kernels.moe import padded
 
 D, F, E = 24, 40, 6

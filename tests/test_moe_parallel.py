@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from minimax_jax import sharding
-from minimax_jax.ops import moe_parallel
-from minimax_jax.ops.moe import expert_ffn, moe_dense, moe_gather, moe_sorted, route, router_aux
-from minimax_jax.ops.moe import row_bucket_sizes as expert_ffn_sizes
-from minimax_jax.ops.moe_parallel import moe_ep
+from minimax_jax.model import moe_parallel
+from minimax_jax.model.moe import expert_ffn, moe_dense, moe_gather, moe_sorted, route, router_aux
+from minimax_jax.model.moe import row_bucket_sizes as expert_ffn_sizes
+from minimax_jax.model.moe_parallel import moe_ep
 
 D, E, F, K = 64, 4, 96, 2
 MESHES = {

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from minimax_jax import data as data_lib
 from minimax_jax import sharding as shard_lib
-from minimax_jax import train as train_lib
-from minimax_jax import train_config as tc
-from minimax_jax.train_log import read_metrics
+from minimax_jax.training import data as data_lib
+from minimax_jax.training import loop as train_lib
+from minimax_jax.training import run_config as tc
+from minimax_jax.training.log import read_metrics
 
 
 @pytest.fixture(scope="module")

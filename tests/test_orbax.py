@@ -13,11 +13,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import hf_to_orbax, mapping, orbax_io, orbax_to_hf
+from convert import hf_to_orbax, orbax_to_hf
 from convert.common import ConversionError
-from convert.safetensors_io import SafetensorsError, SafetensorsReader, TensorSpec, write_sharded
 from minimax_jax.config import ModelConfig
-from minimax_jax.pretrained import from_pretrained, sharding_from_rules
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.pretrained import from_pretrained, sharding_from_rules
+from minimax_jax.hf.safetensors import (
+    SafetensorsError,
+    SafetensorsReader,
+    TensorSpec,
+    write_sharded,
+)
 
 ROOT = Path(__file__).parent.parent
 LIN, FULL = "linear_attention", "full_attention"

@@ -12,9 +12,9 @@ import test_transformers_parity as tp
 from flax import nnx
 from test_transformers_parity import D, E, F, H, K, N
 
-from convert import mapping
-from convert.safetensors_io import SafetensorsReader
-from minimax_jax.pretrained import from_pretrained, save_pretrained
+from minimax_jax.hf import mapping
+from minimax_jax.hf.pretrained import from_pretrained, save_pretrained
+from minimax_jax.hf.safetensors import SafetensorsReader
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

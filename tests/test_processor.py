@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minimax_jax import processor as proc
-from minimax_jax.processor import MiniMaxVLProcessor
-from minimax_jax.vision import PINPOINTS
+from minimax_jax.vl import processor as proc
+from minimax_jax.vl.processor import MiniMaxVLProcessor
+from minimax_jax.vl.vision import PINPOINTS
 
 SPEC_TABLE = {
     (336, 336): 1176,
@@ -197,7 +197,7 @@ def test_chat_template_and_real_tokenizer_path(p):
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from minimax_jax.tokenizer import ChatTokenizer
+    from minimax_jax.inference.tokenizer import ChatTokenizer
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))

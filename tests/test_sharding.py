@@ -13,8 +13,8 @@ from flax import nnx
 
 from minimax_jax import sharding
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+from minimax_jax.model.decoder import RunOptions, forward
 
 MESHES = {
     "data8": dict(data=8, fsdp=1),

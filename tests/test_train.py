@@ -10,12 +10,12 @@ import train_fixtures as fx
 from flax import nnx
 
 from minimax_jax import MiniMaxForCausalLM, ModelConfig
-from minimax_jax import train as train_lib
-from minimax_jax import train_config as tc
-from minimax_jax.data import DataError
-from minimax_jax.ops import losses
-from minimax_jax.ops.decoder import forward
-from minimax_jax.train_log import read_metrics
+from minimax_jax.model.decoder import forward
+from minimax_jax.training import loop as train_lib
+from minimax_jax.training import losses
+from minimax_jax.training import run_config as tc
+from minimax_jax.training.data import DataError
+from minimax_jax.training.log import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_packed_loss_equals_unpacked_documents():
 
 
 def test_weight_decay_mask_skips_norms_and_embedding():
-    from minimax_jax.train_step import decay_mask
+    from minimax_jax.training.step import decay_mask
 
     params = MiniMaxForCausalLM(ModelConfig.preset("tiny-native"), rngs=nnx.Rngs(0)).pure_params()
     flat = {

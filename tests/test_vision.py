@@ -1,6 +1,6 @@
 """CLIP vision tower and projector vs transformers' CLIPVisionModel (tiny random, fp32, CPU).
 
-Our tower is loaded from the CLIP state dict through ``convert.vl_mapping`` (the names VL-01
+Our tower is loaded from the CLIP state dict through ``minimax_jax.hf.vl_mapping`` (the names VL-01
 stores under ``vision_tower.``), so the conversion table is tested along with the math.
 """
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert import mapping, vl_mapping
-from minimax_jax import vision
 from minimax_jax.config import ModelConfig
+from minimax_jax.hf import mapping, vl_mapping
+from minimax_jax.vl import vision
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -179,7 +179,7 @@ def test_unrolled_layers_equal_scan(clip):
 
 def test_gelu_erf_matches_exact_gelu():
     """The erf form used on the device equals the exact GELU (fp32) over a wide range."""
-    from minimax_jax.vision import gelu_erf
+    from minimax_jax.vl.vision import gelu_erf
 
     x = jnp.linspace(-12.0, 12.0, 20001, dtype=jnp.float32)
     want = np.asarray(jax.nn.gelu(x, approximate=False))

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert import mapping, vl_mapping
-from convert.mapping import CheckpointMismatchError
-from minimax_jax import vl_model
-from minimax_jax.processor import MiniMaxVLProcessor
-from minimax_jax.vision import PINPOINTS, VLConfig
+from minimax_jax.hf import mapping, vl_mapping
+from minimax_jax.hf.mapping import CheckpointMismatchError
+from minimax_jax.vl import model as vl_model
+from minimax_jax.vl.processor import MiniMaxVLProcessor
+from minimax_jax.vl.vision import PINPOINTS, VLConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -374,7 +374,7 @@ def test_audit_reports_every_problem():
 
 
 def test_full_size_model_layout_equals_mapping_layout():
-    """jax.eval_shape of the real VL-01: every leaf is what convert.vl_mapping fills."""
+    """jax.eval_shape of the real VL-01: every leaf is what minimax_jax.hf.vl_mapping fills."""
     from flax import nnx
 
     config = VLConfig.preset("minimax-vl-01")
@@ -419,8 +419,8 @@ def test_generate_for_cli_with_image_file(setup, tmp_path):
     from PIL import Image
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from minimax_jax.processor import MiniMaxVLProcessor, prepare_vl_inputs
-    from minimax_jax.tokenizer import ChatTokenizer
+    from minimax_jax.inference.tokenizer import ChatTokenizer
+    from minimax_jax.vl.processor import MiniMaxVLProcessor, prepare_vl_inputs
 
     _, path, _, ours = setup
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -462,9 +462,9 @@ def test_generate_cli_with_image_flag(setup, tmp_path):
     from PIL import Image
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from minimax_jax.generate import run_generate
-    from minimax_jax.processor import MiniMaxVLProcessor, prepare_vl_inputs
-    from minimax_jax.tokenizer import ChatTokenizer
+    from minimax_jax.inference.runner import run_generate
+    from minimax_jax.inference.tokenizer import ChatTokenizer
+    from minimax_jax.vl.processor import MiniMaxVLProcessor, prepare_vl_inputs
 
     _, path, _, ours = setup
     ckpt = tmp_path / "ckpt"

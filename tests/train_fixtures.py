@@ -9,8 +9,8 @@ import sys
 
 import yaml
 
-from minimax_jax import train_config as tc
-from minimax_jax.tokenizer_train import train_tokenizer
+from minimax_jax.training import run_config as tc
+from minimax_jax.training.tokenizer_train import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO, "configs", "train", "tiny.yaml")

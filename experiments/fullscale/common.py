@@ -115,7 +115,7 @@ def init_random_params(cfg, mesh, rules, dtype, seed: int = 0, limit: int = 1 <<
     from flax import nnx
 
     from minimax_jax import MiniMaxForCausalLM
-    from minimax_jax.model import to_pure
+    from minimax_jax.model.causal_lm import to_pure
     from minimax_jax.sharding import pure_param_shardings
 
     t0 = time.perf_counter()

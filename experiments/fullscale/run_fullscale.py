@@ -116,7 +116,7 @@ def decode_floor_bytes(cfg, params, batch: int, slots: int, mesh, rules) -> int:
 def pick_chunk(cfg, mesh, rules, lengths, slots: int, limit: int | None, default: int):
     """Largest power-of-two chunk dividing every length whose prefill plan (activations x 1.3)
     fits 90% of limit; without a known limit, the largest dividing one up to `default`."""
-    from minimax_jax import memory
+    from minimax_jax.inference import memory
 
     for c in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16):
         if any(t % c for t in lengths) or (limit is None and c > default):
@@ -151,10 +151,10 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from minimax_jax import memory
-    from minimax_jax.cache import cache_shapes, cache_shardings
-    from minimax_jax.ops.decoder import RunOptions
-    from minimax_jax.sampling import Engine, SamplingParams, sample_token
+    from minimax_jax.inference import memory
+    from minimax_jax.inference.engine import Engine, SamplingParams, sample_token
+    from minimax_jax.model.cache import cache_shapes, cache_shardings
+    from minimax_jax.model.decoder import RunOptions
     from minimax_jax.sharding import load_rules, make_mesh
 
     if args.tiny:

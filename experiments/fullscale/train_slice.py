@@ -68,11 +68,11 @@ def main() -> None:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from minimax_jax import memory
-    from minimax_jax.ops.decoder import RunOptions
+    from minimax_jax.inference import memory
+    from minimax_jax.model.decoder import RunOptions
     from minimax_jax.sharding import load_rules, make_mesh
-    from minimax_jax.train_config import OptimSection
-    from minimax_jax.train_step import build_optimizer, flops_per_token, make_train_step
+    from minimax_jax.training.run_config import OptimSection
+    from minimax_jax.training.step import build_optimizer, flops_per_token, make_train_step
 
     if args.tiny:
         args.shapes = "1x64,2x128"

@@ -109,8 +109,8 @@ def export_pretrained(
     """
     from flax import nnx
 
-    from minimax_jax.model import MiniMaxForCausalLM
-    from minimax_jax.pretrained import save_pretrained
+    from minimax_jax.hf.pretrained import save_pretrained
+    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
     model = nnx.eval_shape(
         lambda: MiniMaxForCausalLM(model_config, rngs=nnx.Rngs(0), param_dtype=dtype)

@@ -7,8 +7,8 @@ The recurrence itself (decay exp(-slope) per token, fp32 state [B,N,H,H]) lives 
 
 import jax
 
-from minimax_jax.ops.norm import rms_norm
-from minimax_jax.ops.proj import proj
+from minimax_jax.model.norm import rms_norm
+from minimax_jax.model.proj import proj
 from pallas_kernels.lightning.api import lightning_attention, lightning_decode
 
 

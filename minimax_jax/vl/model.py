@@ -11,7 +11,7 @@ Forward for a prompt whose ``<image>`` tokens were expanded by ``MiniMaxVLProces
    decoder runs on the embeddings (``forward_embeds`` / ``forward_cached_embeds``).
 
 Parameters (pure dict): ``language_model`` (the text model's tree), ``vision_tower``,
-``projector``, ``image_newline`` [E] (see ``minimax_jax.vision`` and ``convert.vl_mapping``).
+``projector``, ``image_newline`` [E] (see ``vl.vision`` and ``hf.vl_mapping``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minimax_jax import sampling
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.nn.layers import param
-from minimax_jax.ops import decoder
-from minimax_jax.ops.decoder import RunOptions
-from minimax_jax.processor import MiniMaxVLProcessor
-from minimax_jax.vision import (
+from minimax_jax.inference import engine as sampling
+from minimax_jax.model import decoder
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+from minimax_jax.model.decoder import RunOptions
+from minimax_jax.model.layers import param
+from minimax_jax.vl.processor import MiniMaxVLProcessor
+from minimax_jax.vl.vision import (
     ATTENTION_IMPLS,
     Projector,
     VisionConfig,
@@ -64,7 +64,7 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
       param_dtype: dtype of every weight (the MoE router stays fp32).
       options: text-model run options (kernels, MoE path).
       max_tile_batch: most tiles per jitted vision call.
-      vision_attention: the vision tower's attention (``minimax_jax.vision.ATTENTION_IMPLS``;
+      vision_attention: the vision tower's attention (``minimax_jax.vl.vision.ATTENTION_IMPLS``;
         "auto": a fused kernel on GPU in bf16/fp16 when it works, else XLA).
     """
 
@@ -236,7 +236,7 @@ def encode_tiles(
     bytes of float32, the same rounding the device would apply, so the result is identical; off
     by default: the host-side cast measured slower than sending float32, 28.4 vs 23.0 ms on an
     H200 for 19 tiles); a ``jax.Array`` stays where it is. ``attention_impl``:
-    ``minimax_jax.vision.ATTENTION_IMPLS``; "auto" falls back (once per process) from a fused
+    ``minimax_jax.vl.vision.ATTENTION_IMPLS``; "auto" falls back (once per process) from a fused
     kernel that fails. ``unroll``: the layer scan's unroll factor (default all layers: 18.3 vs
     18.8 ms for the scan, round 8 in experiments/README.md).
     """
@@ -415,7 +415,7 @@ def prefill_vl(
     """Chunked prefill from embeddings x [B,T,D] (left-padded by mask [B,T]) into a fresh cache
     of ``plan`` (``engine.plan``) -> (last logits [B,V], cache). Decoding then runs on tokens
     with the engine's own jitted step / loop."""
-    from minimax_jax.cache import init_cache
+    from minimax_jax.model.cache import init_cache
 
     b, t = mask.shape
     pad = plan["padded_prompt"] - t
@@ -547,7 +547,7 @@ def is_vl_checkpoint(path: str | os.PathLike) -> bool:
         d = json.loads(file.read_text())
     except (OSError, ValueError):
         return False
-    from minimax_jax.vision import VL_ARCHITECTURE, VL_MODEL_TYPE
+    from minimax_jax.vl.vision import VL_ARCHITECTURE, VL_MODEL_TYPE
 
     return d.get("model_type") == VL_MODEL_TYPE or VL_ARCHITECTURE in (d.get("architectures") or [])
 
@@ -556,12 +556,13 @@ def from_pretrained_vl(
     path: str | os.PathLike, *, dtype: Any = jnp.float32, max_tile_batch: int = 32
 ) -> MiniMaxVLForConditionalGeneration:
     """Builds the VL model from an HF VL-01 directory (config.json + safetensors) or from ours
-    written by ``convert.vl_mapping.hf_to_orbax`` (config.json + ``params/``, Orbax).
+    written by ``minimax_jax.hf.vl_mapping.hf_to_orbax`` (config.json + ``params/``, Orbax).
 
-    Every tensor name and shape is validated before any weight is read (``convert.vl_mapping``);
+    Every tensor name and shape is validated before any weight is read (``hf.vl_mapping``);
     leaves are filled one at a time. Raises CheckpointMismatchError listing every problem.
     """
-    from convert import mapping, orbax_io, vl_mapping
+    from minimax_jax.hf import mapping, vl_mapping
+    from minimax_jax.hf import orbax as orbax_io
 
     path = Path(path)
     config = _read_vl_config(path)
@@ -590,9 +591,9 @@ def save_pretrained_vl(
     remote-code per-expert names); returns the file names written."""
     import itertools
 
-    from convert import vl_mapping
-    from convert.safetensors_io import write_sharded
-    from minimax_jax.pretrained import export_tensors
+    from minimax_jax.hf import vl_mapping
+    from minimax_jax.hf.pretrained import export_tensors
+    from minimax_jax.hf.safetensors import write_sharded
 
     config: VLConfig = model.config
     schema = config.text.schema if schema is None else schema
@@ -631,8 +632,8 @@ def generate_for_cli(
     """
     import sys
 
-    from minimax_jax.processor import prepare_vl_inputs
-    from minimax_jax.tokenizer import StreamDecoder
+    from minimax_jax.inference.tokenizer import StreamDecoder
+    from minimax_jax.vl.processor import prepare_vl_inputs
 
     if not is_vl_checkpoint(ckpt):
         raise ValueError(f"--image needs a MiniMax-VL-01 checkpoint; {ckpt} is a text model")

@@ -161,7 +161,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 def _source(raw: Any, i: int):
     # Imported here: the data pipeline (grain) is not needed to build optimizers/configs.
-    from minimax_jax.data import SourceSpec
+    from minimax_jax.training.data import SourceSpec
 
     keys = {"type", "path", "text_field"}
     if not isinstance(raw, dict) or not {"type", "path"} <= set(raw) or set(raw) - keys:

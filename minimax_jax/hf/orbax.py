@@ -353,9 +353,9 @@ def check_stored_leaves(
     """Stored leaves must be exactly ``expected`` ({leaf path: ShapeDtypeStruct}): every leaf
     named once and shapes equal; with ``float_dtypes`` also floating-point storage.
 
-    Raises ``convert.mapping.CheckpointMismatchError`` listing every problem.
+    Raises ``minimax_jax.hf.mapping.CheckpointMismatchError`` listing every problem.
     """
-    from convert import mapping
+    from minimax_jax.hf import mapping
 
     stored = reader.leaves
     problems = {

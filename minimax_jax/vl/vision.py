@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimax_jax.nn.layers import param
+from minimax_jax.model.layers import param
 
 _GELU_NAMES = ("gelu",)  # erf GELU; CLIP's quick_gelu is not what VL-01 uses
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")

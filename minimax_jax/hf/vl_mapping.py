@@ -1,6 +1,6 @@
 """MiniMax-VL-01 checkpoint names <-> our VL parameter leaves (both directions, one table).
 
-The text model keeps ``convert.mapping`` (its names behind the prefix ``language_model.``). The
+The text model keeps ``hf.mapping`` (its names behind the prefix ``language_model.``). The
 rest of a VL-01 checkpoint (SPEC, section VL-01) maps as follows; ``{i}`` is the vision layer,
 which fills slot ``i`` of the leaf stacked over layers::
 
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import mapping
-from convert.mapping import (
+from minimax_jax.hf import mapping
+from minimax_jax.hf.mapping import (
     HEADS_IN,
     HEADS_NORM,
     HEADS_OUT,
@@ -48,7 +48,7 @@ from convert.mapping import (
     Layout,
     LeafPath,
 )
-from minimax_jax.vision import VLConfig
+from minimax_jax.vl.vision import VLConfig
 
 TEXT_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower.vision_model."
@@ -202,7 +202,7 @@ def expected_names(config: VLConfig) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class VLLoadPlan:
-    """Text plan (``convert.mapping.LoadPlan``, leaves without the ``language_model`` key),
+    """Text plan (``minimax_jax.hf.mapping.LoadPlan``, leaves without the ``language_model`` key),
     vision assignments (leaves with their full path) and the names dropped."""
 
     text: mapping.LoadPlan
@@ -221,7 +221,7 @@ def plan_load(
 
     Raises:
       CheckpointMismatchError: unknown, missing, duplicated, misshapen or non-float tensors (the
-        text part's problems are reported by ``convert.mapping.plan_load``).
+        text part's problems are reported by ``minimax_jax.hf.mapping.plan_load``).
     """
     names = list(names)
     text_names = [n for n in names if n.startswith(TEXT_PREFIX)]
@@ -304,8 +304,8 @@ def _by_leaf(plan: VLLoadPlan) -> dict[LeafPath, list[Assignment]]:
 
 
 def _open_hf(path: Path) -> tuple[VLConfig, Any, VLLoadPlan]:
-    from convert.safetensors_io import SafetensorsReader
-    from minimax_jax.pretrained import check_buffers
+    from minimax_jax.hf.pretrained import check_buffers
+    from minimax_jax.hf.safetensors import SafetensorsReader
 
     config = VLConfig.from_hf(json.loads((path / "config.json").read_text()))
     reader = SafetensorsReader(path)
@@ -327,8 +327,8 @@ def load_hf_state(path: str | os.PathLike, dtype=jnp.float32) -> dict[LeafPath, 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=jnp.float32) -> None:
     """Converts an HF VL-01 directory to ours: ``dst/config.json`` + ``dst/params`` (Orbax, one
-    zarr array per leaf written slot by slot with ``convert.orbax_io``; router kept fp32)."""
-    from convert import orbax_io
+    zarr array per leaf written slot by slot with ``minimax_jax.hf.orbax``; router kept fp32)."""
+    from minimax_jax.hf import orbax as orbax_io
 
     src, dst = Path(src), Path(dst)
     config, reader, plan = _open_hf(src)
@@ -356,7 +356,7 @@ def load_orbax_state(
     path: str | os.PathLike, config: VLConfig, dtype=jnp.float32
 ) -> dict[LeafPath, jax.Array]:
     """Our Orbax ``params`` directory -> {leaf path: array} (leaves and shapes checked first)."""
-    from convert import orbax_io
+    from minimax_jax.hf import orbax as orbax_io
 
     stored = orbax_io.LeafReader(path).leaves
     specs = mapping.flatten(expected_leaf_shapes(config, dtype))

@@ -6,7 +6,7 @@ Three paths compute the same thing: `moe_dense` runs every expert on every token
 for tests and tiny models), `moe_sorted` sorts assignments by expert and runs grouped matmuls
 (dropless, `pallas_kernels.moe.grouped_matmul`), and `moe_gather` gathers each assignment's
 expert weights (decode-sized batches: only the routed experts' weights are read). The
-expert-parallel path is in `minimax_jax.ops.moe_parallel` and reuses `sort_by_expert`,
+expert-parallel path is in `minimax_jax.model.moe_parallel` and reuses `sort_by_expert`,
 `expert_ffn`, `dispatch` and `combine`.
 `router_aux` turns router logits into the training losses (Switch load balancing, z-loss) and
 the per-expert load.
@@ -18,8 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops.moe_padded import expert_ffn_padded
-from minimax_jax.ops.proj import LayerSlice
+from minimax_jax.model.moe_padded import expert_ffn_padded
+from minimax_jax.model.proj import LayerSlice
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported as matvec_supported
 from pallas_kernels.moe import grouped_matmul

@@ -1,7 +1,7 @@
 """MiniMaxForCausalLM: the MiniMax-Text-01 / MiniMax-M1 language model in Flax NNX.
 
 The module holds parameters only; `__call__` gathers them into a pure dict and runs
-`minimax_jax.ops.decoder.forward`. For jit, split once and call the pure function:
+`minimax_jax.model.decoder.forward`. For jit, split once and call the pure function:
 
     graphdef, params = nnx.split(model, nnx.Param)
     logits = jax.jit(model_forward, static_argnums=0)(config, pure_params, ids, mask)
@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.nn.layers import DecoderLayer, param
-from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.model.decoder import RunOptions, forward
+from minimax_jax.model.layers import DecoderLayer, param
 from minimax_jax.sharding import ShardingRules, param_shardings
 
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from minimax_jax.config import LINEAR, ModelConfig
-from minimax_jax.ops import losses
-from minimax_jax.ops.decoder import RunOptions, forward
+from minimax_jax.model.decoder import RunOptions, forward
+from minimax_jax.training import losses
 
 
 def decay_mask(params: dict) -> dict:

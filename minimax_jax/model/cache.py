@@ -48,7 +48,7 @@ KV_AXES = ("layers", "batch", None, "kv_heads", None)
 
 def cache_shardings(config: ModelConfig, batch: int, max_len: int, mesh, rules) -> dict:
     """NamedShardings for every cache leaf: states split by heads, K/V by kv heads, rows by the
-    rules' batch axes (the same per-device sizes `minimax_jax.memory.cache_bytes` plans)."""
+    rules' batch axes (the same per-device sizes `inference.memory.cache_bytes` plans)."""
     shapes = cache_shapes(config, batch, max_len)
 
     def leaf(axes, s):

@@ -15,18 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.ops.attention import (
+from minimax_jax.model.attention import (
     ATTENTION_IMPLS,
     causal_padding_mask,
     softmax_attention_cached,
     softmax_attention_layer,
 )
-from minimax_jax.ops.lightning import lightning_attention_layer
-from minimax_jax.ops.moe import moe_dense, moe_gather, moe_sorted
-from minimax_jax.ops.moe_parallel import moe_ep
-from minimax_jax.ops.norm import rms_norm
-from minimax_jax.ops.proj import LayerSlice, materialize, proj
-from minimax_jax.ops.rope import rope_tables
+from minimax_jax.model.lightning import lightning_attention_layer
+from minimax_jax.model.moe import moe_dense, moe_gather, moe_sorted
+from minimax_jax.model.moe_parallel import moe_ep
+from minimax_jax.model.norm import rms_norm
+from minimax_jax.model.proj import LayerSlice, materialize, proj
+from minimax_jax.model.rope import rope_tables
 from minimax_jax.sharding import constrain
 from pallas_kernels.moe.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 
@@ -61,7 +61,7 @@ class RunOptions:
     # weights), "gpu" (`pallas_kernels.matvec` kernel: reads each weight once), "gpu_interpret"
     # (tests); "auto": gpu on a GPU without a mesh (a Pallas call is not partitioned), else xla.
     matvec_impl: str = "auto"
-    # Softmax layers: "auto" | "xla" | "cudnn" (`minimax_jax.ops.attention`; auto = xla for now).
+    # Softmax layers: "auto" | "xla" | "cudnn" (`minimax_jax.model.attention`; auto = xla for now).
     attention_impl: str = "auto"
 
     def __post_init__(self):
@@ -402,7 +402,7 @@ def forward_cached(
     compute_dtype: Any = None,
     last_only: bool = False,
 ) -> tuple[jax.Array, dict]:
-    """Prefill a chunk or decode a step with caches (see `minimax_jax.cache`).
+    """Prefill a chunk or decode a step with caches (see `minimax_jax.model.cache`).
 
     input_ids [B,T] int32, token_mask [B,T] -> (logits [B,T,V] fp32, updated cache). Running
     tokens in several calls equals one call over all of them. last_only: logits of the last

@@ -2,7 +2,7 @@
 
 ``from_pretrained(path)`` reads ``config.json`` (remote-code or transformers-native schema) and
 ``model.safetensors`` or a sharded ``model.safetensors.index.json`` checkpoint; every tensor name
-is mapped by the table in ``convert.mapping`` and the whole checkpoint is validated before any
+is mapped by the table in ``hf.mapping`` and the whole checkpoint is validated before any
 weight is read. Leaves are filled one at a time (host memory ~ one stacked leaf plus one tensor).
 
 ``save_pretrained(model, path, schema=...)`` writes the same table backwards: per-expert
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert import mapping, orbax_io
-from convert.safetensors_io import SafetensorsReader, write_sharded
 from minimax_jax.config import ModelConfig
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.safetensors import SafetensorsReader, write_sharded
 from minimax_jax.sharding import ShardingRules
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -159,7 +160,9 @@ def from_pretrained(
     Returns:
       the model; parameters on the default device, or placed by ``sharding``.
     """
-    from minimax_jax.model import MiniMaxForCausalLM  # the model imports heavy ops; keep lazy
+    from minimax_jax.model.causal_lm import (
+        MiniMaxForCausalLM,  # the model imports heavy ops; keep lazy
+    )
 
     path = Path(path)
     config = ModelConfig.from_hf(path)
@@ -206,7 +209,7 @@ def load_orbax_state(
 
 def logical_axes(config: ModelConfig) -> dict[mapping.LeafPath, tuple[str, ...]]:
     """Logical axis names of every parameter leaf, read from the model's parameter metadata."""
-    from minimax_jax.model import MiniMaxForCausalLM
+    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
     abstract = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
@@ -249,7 +252,7 @@ def _check_model_layout(pure: dict, config: ModelConfig, dtype: Any | None) -> N
     ]
     if bad:
         raise ValueError(
-            "model parameters differ from convert.mapping.expected_leaf_shapes (got vs "
+            "model parameters differ from minimax_jax.hf.mapping.expected_leaf_shapes (got vs "
             f"expected) at {'; '.join(bad)}: the model layout and the conversion table must "
             "change together"
         )

@@ -70,7 +70,7 @@ def _shard_elems(shape, axes, mesh, rules: ShardingRules | None) -> int:
 
 def param_leaves(config: ModelConfig, param_dtype: Any = jnp.bfloat16) -> list[tuple]:
     """[(shape, dtype, logical_axes)] of every parameter, from eval_shape (nothing allocated)."""
-    from minimax_jax.model import MiniMaxForCausalLM
+    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
     abstract = nnx.eval_shape(
         lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype)

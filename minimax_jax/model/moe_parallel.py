@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from minimax_jax.ops.moe import (
+from minimax_jax.model.moe import (
     combine,
     expert_ffn,
     ffn_implementation,
@@ -42,10 +42,10 @@ from minimax_jax.ops.moe import (
     row_bucket_sizes,
     sort_by_expert,
 )
-from minimax_jax.ops.moe import (
+from minimax_jax.model.moe import (
     dispatch as dispatch_rows,
 )
-from minimax_jax.ops.moe_padded import expert_ffn_padded
+from minimax_jax.model.moe_padded import expert_ffn_padded
 from pallas_kernels.moe.api import match_vma
 
 DISPATCHES = ("auto", "ragged", "dense")

@@ -18,8 +18,8 @@ Decode steps (one query row) always take "xla".
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops.proj import proj
-from minimax_jax.ops.rope import apply_rope
+from minimax_jax.model.proj import proj
+from minimax_jax.model.rope import apply_rope
 
 # A finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax instead of
 # NaN; its output is never used.

@@ -1,0 +1,1 @@
+"""Inference: the sampling engine, the memory planner, tokenizer and chat."""

@@ -1,0 +1,1 @@
+"""The model wing: parameter layout, layers, decoder, caches and run options."""

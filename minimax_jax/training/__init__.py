@@ -1,0 +1,1 @@
+"""Training: run config, data, step, loop, logging and checkpoints."""

@@ -1,0 +1,1 @@
+"""MiniMax-VL-01: vision tower, processor, and the VL model."""
