@@ -1,80 +1,43 @@
-"""Model configuration for the MiniMax-01 family: a frozen dataclass, presets, HF (de)serialisation.
+"""The architecture of a MiniMax-01 text model: ``ModelConfig``, a frozen dataclass, and presets.
 
 ``ModelConfig`` is the single static description of a text model (MiniMax-Text-01, MiniMax-M1,
-the language model of MiniMax-VL-01). Einsum letters: N q-heads (= lightning heads), K kv-heads,
-H head dim, D model dim, F expert FFN dim, E experts, V vocab.
+the language model of MiniMax-VL-01): sizes, the layer pattern, residual mixes, and THE parameter
+layout (``layer_param_layout`` / ``outer_param_layout``: shapes, logical axes, initialisers), from
+which the model's modules, the HF name mapping, the parameter counts and the memory planner are
+derived. Einsum letters: N q-heads (= lightning heads), K kv-heads, H head dim, D model dim,
+F expert FFN dim, E experts, V vocab.
 
-Two Hugging Face config schemas are read and written (``from_hf`` / ``to_hf``):
-
-* ``"remote"``: the MiniMax remote code (``MiniMaxText01ForCausalLM`` / ``MiniMaxM1ForCausalLM``,
-  model_type ``minimax_text_01`` / ``minimax_m1``), which the released checkpoints ship with.
-* ``"native"``: transformers' own ``minimax`` model (``MiniMaxForCausalLM``, the ``-hf``
-  checkpoints).
-
-Keys that change the computed function are never defaulted silently: a missing or contradictory
-one raises ``ValueError`` naming the key. Keys that do not (``initializer_range``, ``use_cache``,
-``router_*``, token ids, ``block_size``, which only chunks the lightning scan) may be absent.
-
-Things neither schema can express are written as extra ``minimax_jax_*`` keys, which both
-transformers and the remote code keep as plain attributes and ignore:
-
-* ``minimax_jax_slope_formula``: written when ``slope_formula`` is not the schema's own formula
-  (remote -> ``"remote"``, native -> ``"native"``), so ``from_hf(to_hf(s))`` restores it exactly.
-  A remote-formula config written as native therefore keeps its exact decays in minimax_jax, but
-  transformers will compute native decays from it: for power-of-two head counts they differ only
-  in the layer factor (relative change <= 1e-5, below bf16 resolution), so this is silent; for
-  other head counts the ALiBi bases differ materially and ``to_hf`` warns (``UserWarning``).
-* ``minimax_jax_lightning_norm_eps``: written when ``lightning_norm_eps`` != 1e-6 (hard-coded by
-  both implementations).
-* ``block_size`` is written to a remote config only when it is not the hard-coded 256 (the
-  transformers legacy-config conversion reads it too).
+``from_hf`` / ``to_hf`` / ``save_hf`` read and write Hugging Face ``config.json`` files of both
+schemas through ``minimax_jax.hf.hf_config`` (a jax-free module that imports nothing of ours).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+import configs
+from minimax_jax.hf import hf_config
+from minimax_jax.hf.hf_config import FULL, LAYER_TYPES, LINEAR, SCHEMAS
 from minimax_jax.model import slopes as slopes_lib
 
-LINEAR = "linear_attention"
-FULL = "full_attention"
-LAYER_TYPES = (LINEAR, FULL)
-SCHEMAS = ("remote", "native")
 
-# HF architecture name -> model_type.
-REMOTE_ARCHITECTURES = {
-    "MiniMaxText01ForCausalLM": "minimax_text_01",
-    "MiniMaxM1ForCausalLM": "minimax_m1",
-}
-NATIVE_ARCHITECTURES = {"MiniMaxForCausalLM": "minimax"}
-VL_ARCHITECTURES = {"MiniMaxVL01ForConditionalGeneration": "minimax_vl_01"}
-_REMOTE_AUTO_MAP = {
-    "MiniMaxText01ForCausalLM": (
-        "configuration_minimax_text_01",
-        "MiniMaxText01Config",
-        "modeling_minimax_text_01",
-    ),
-    "MiniMaxM1ForCausalLM": ("configuration_minimax_m1", "MiniMaxM1Config", "modeling_minimax_m1"),
-}
-_DEFAULT_BLOCK_SIZE = 256
-_DEFAULT_LIGHTNING_NORM_EPS = 1e-6
-_EXTRA_SLOPE_KEY = "minimax_jax_slope_formula"
-_EXTRA_LNORM_KEY = "minimax_jax_lightning_norm_eps"
-# The three residual mixes: (ModelConfig prefix, remote key infix, native key prefix).
-_MIXES = (
-    ("linear_attn", "linear_attention", "linear_attn"),
-    ("full_attn", "full_attention", "full_attn"),
-    ("mlp", "mlp", "mlp"),
-)
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of the layout: shape, logical axis names (mapped to mesh axes by the rules
+    in ``minimax_jax.sharding``), initialiser ("normal": N(0, initializer_range); "ones": norm
+    weights) and whether it stays float32 whatever the parameter dtype (the MoE router)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"
+    float32: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,9 +230,7 @@ class ModelConfig:
           ValueError: naming the key, when a key that changes the model is missing, contradicts
             another, or has a value minimax_jax does not implement.
         """
-        from minimax_jax import hf_config  # the parsing rules of both schemas live there
-
-        return hf_config.from_hf_dict(hf_config.load_hf_dict(source))
+        return cls(**hf_config.fields_from_hf(hf_config.load_hf_dict(source)))
 
     def to_hf(self, schema: str | None = None) -> dict[str, Any]:
         """HF ``config.json`` contents in ``schema`` (default ``self.schema``).
@@ -282,162 +243,83 @@ class ModelConfig:
         Raises:
           ValueError: ``postnorm=False`` written as native (transformers has no such mode).
         """
-        schema = self.schema if schema is None else schema
-        if schema == "remote":
-            return self._to_remote()
-        if schema == "native":
-            return self._to_native()
-        raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
+        return hf_config.to_hf_dict(self, self.schema if schema is None else schema)
 
     def save_hf(self, path: str | os.PathLike, schema: str | None = None) -> None:
         """Writes ``to_hf(schema)`` as JSON (sorted keys, indent 2) to ``path``.
 
         ``path`` may be a directory, in which case ``config.json`` is written inside it.
         """
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, "w") as f:
-            f.write(_dumps(self.to_hf(schema)))
+        hf_config.write_hf_dict(self.to_hf(schema), path)
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         """Loads a named preset from the ``configs`` package (e.g. ``"minimax-m1-80k"``)."""
-        import configs  # top-level data package; imported lazily to keep config.py light
-
         return cls.from_hf(configs.preset_path(name))
-
-    def _common_hf(self) -> dict[str, Any]:
-        return {
-            "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": (
-                list(self.eos_token_id)
-                if isinstance(self.eos_token_id, tuple)
-                else self.eos_token_id
-            ),
-            "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act,
-            "hidden_size": self.hidden_size,
-            "initializer_range": self.initializer_range,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "num_attention_heads": self.num_heads,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "num_hidden_layers": self.num_layers,
-            "num_key_value_heads": self.num_kv_heads,
-            "num_local_experts": self.num_experts,
-            "output_router_logits": False,
-            "rms_norm_eps": self.rms_norm_eps,
-            "router_aux_loss_coef": self.router_aux_loss_coef,
-            "router_jitter_noise": self.router_jitter_noise,
-            "sliding_window": None,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "use_cache": True,
-            "vocab_size": self.vocab_size,
-        }
-
-    def _extras_hf(self, schema: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.slope_formula != schema:
-            out[_EXTRA_SLOPE_KEY] = self.slope_formula
-            if schema == "native" and self.num_heads & (self.num_heads - 1):
-                warnings.warn(
-                    f"writing a remote-slope config with {self.num_heads} heads (not a power of "
-                    "two) as native: transformers will use different lightning decays "
-                    f"(minimax_jax keeps them via {_EXTRA_SLOPE_KEY!r})",
-                    UserWarning,
-                    stacklevel=3,
-                )
-        if self.lightning_norm_eps != _DEFAULT_LIGHTNING_NORM_EPS:
-            out[_EXTRA_LNORM_KEY] = self.lightning_norm_eps
-        return out
-
-    def _to_remote(self) -> dict[str, Any]:
-        arch = (
-            self.architecture
-            if self.architecture in REMOTE_ARCHITECTURES
-            else ("MiniMaxText01ForCausalLM")
-        )
-        conf_mod, conf_cls, model_mod = _REMOTE_AUTO_MAP[arch]
-        d = self._common_hf()
-        d.update(
-            architectures=[arch],
-            model_type=REMOTE_ARCHITECTURES[arch],
-            auto_map={
-                "AutoConfig": f"{conf_mod}.{conf_cls}",
-                "AutoModelForCausalLM": f"{model_mod}.{arch}",
-            },
-            attn_type_list=[int(t == FULL) for t in self.layer_types],
-            postnorm=self.postnorm,
-            rope_theta=_num(self.rope_theta),
-            rotary_dim=self.rotary_dim,
-            shared_intermediate_size=0,
-            shared_moe_mode="sigmoid",
-            transformers_version="4.45.2",  # the version the remote code was written against
-        )
-        for ours, remote, _ in _MIXES:
-            d[f"layernorm_{remote}_alpha"] = getattr(self, f"{ours}_alpha")
-            d[f"layernorm_{remote}_beta"] = getattr(self, f"{ours}_beta")
-        if self.pad_token_id is not None:
-            d["pad_token_id"] = self.pad_token_id
-        if self.block_size != _DEFAULT_BLOCK_SIZE:
-            d["block_size"] = self.block_size
-        d.update(self._extras_hf("remote"))
-        return dict(sorted(d.items()))
-
-    def _to_native(self) -> dict[str, Any]:
-        if not self.postnorm:
-            raise ValueError(
-                "postnorm=False cannot be written in the native schema (transformers' minimax "
-                "has no pre-norm residual mode): write schema='remote'"
-            )
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": _num(self.rope_theta)}
-        if self.rotary_dim != self.head_dim:
-            rope["partial_rotary_factor"] = self.rotary_dim / self.head_dim
-        d = self._common_hf()
-        d.update(
-            architectures=["MiniMaxForCausalLM"],
-            model_type="minimax",
-            block_size=self.block_size,
-            layer_types=list(self.layer_types),
-            pad_token_id=self.pad_token_id,
-            rope_parameters=rope,
-        )
-        for ours, _, native in _MIXES:
-            d[f"{native}_alpha_factor"] = getattr(self, f"{ours}_alpha")
-            d[f"{native}_beta_factor"] = getattr(self, f"{ours}_beta")
-        d.update(self._extras_hf("native"))
-        return dict(sorted(d.items()))
 
     # ---------------------------------------------------------------- parameter counting
 
-    def layer_param_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """Parameter shapes of decoder layer ``layer``, in the layout the model creates."""
+    def layer_param_layout(self, kind: str) -> dict[str, ParamSpec]:
+        """THE parameter layout of one decoder layer of type ``kind`` (unstacked shapes).
+
+        Keys are dotted module paths (``attn.qkv``); the model creates them in this order with a
+        leading ``layers`` axis of size ``num_blocks``; the HF mapping, the parameter counts and
+        the memory planner read the same table.
+        """
         D, N, H, K = self.hidden_size, self.num_heads, self.head_dim, self.num_kv_heads
         E, F = self.num_experts, self.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {"input_norm": (D,), "post_attn_norm": (D,)}
-        if self.layer_is_lightning(layer):
-            shapes.update(
+        out = {
+            "input_norm": ParamSpec((D,), ("embed",), "ones"),
+            "post_attn_norm": ParamSpec((D,), ("embed",), "ones"),
+        }
+        if kind == LINEAR:
+            out.update(
                 {
-                    "attn.qkv": (D, N, 3, H),
-                    "attn.gate": (D, N, H),
-                    "attn.norm": (N, H),
-                    "attn.out": (N, H, D),
+                    "attn.qkv": ParamSpec((D, N, 3, H), ("embed", "heads", "qkv", "head_dim")),
+                    "attn.gate": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+                    "attn.norm": ParamSpec((N, H), ("heads", "head_dim"), "ones"),
+                    "attn.out": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+                }
+            )
+        elif kind == FULL:
+            out.update(
+                {
+                    "attn.q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+                    "attn.k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+                    "attn.v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+                    "attn.o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
                 }
             )
         else:
-            shapes.update(
-                {"attn.q": (D, N, H), "attn.k": (D, K, H), "attn.v": (D, K, H), "attn.o": (N, H, D)}
-            )
-        shapes.update({"moe.router": (D, E), "moe.wi": (E, D, 2, F), "moe.wo": (E, F, D)})
-        return shapes
+            raise ValueError(f"layer type must be one of {LAYER_TYPES}, got {kind!r}")
+        out.update(
+            {
+                "moe.router": ParamSpec((D, E), ("embed", "experts"), float32=True),
+                "moe.wi": ParamSpec((E, D, 2, F), ("experts", "embed", "gate_up", "mlp")),
+                "moe.wo": ParamSpec((E, F, D), ("experts", "mlp", "embed")),
+            }
+        )
+        return out
+
+    def outer_param_layout(self) -> dict[str, ParamSpec]:
+        """The parameters outside the decoder layers: embed, final_norm, lm_head (if untied)."""
+        D, V = self.hidden_size, self.vocab_size
+        out = {
+            "embed": ParamSpec((V, D), ("vocab", "embed")),
+            "final_norm": ParamSpec((D,), ("embed",), "ones"),
+        }
+        if not self.tie_word_embeddings:
+            out["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+        return out
+
+    def layer_param_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Parameter shapes of decoder layer ``layer``, in the layout the model creates."""
+        return {k: s.shape for k, s in self.layer_param_layout(self.layer_types[layer]).items()}
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """All parameter shapes keyed ``embed``, ``lm_head``, ``final_norm``, ``layers.{l}.*``."""
-        shapes: dict[str, tuple[int, ...]] = {"embed": (self.vocab_size, self.hidden_size)}
-        if not self.tie_word_embeddings:
-            shapes["lm_head"] = (self.hidden_size, self.vocab_size)
-        shapes["final_norm"] = (self.hidden_size,)
+        outer = self.outer_param_layout()
+        shapes = {k: outer[k].shape for k in ("embed", "lm_head", "final_norm") if k in outer}
         for l in range(self.num_layers):
             for name, shape in self.layer_param_shapes(l).items():
                 shapes[f"layers.{l}.{name}"] = shape
@@ -464,12 +346,3 @@ class ModelConfig:
                 n = n // self.num_experts * self.num_experts_per_tok
             total += n
         return total
-
-
-def _num(x: float) -> int | float:
-    """Writes integral floats as ints (``rope_theta: 10000000`` as in the real configs)."""
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _dumps(d: Mapping[str, Any]) -> str:
-    return json.dumps(d, indent=2, sort_keys=True) + "\n"

@@ -1,32 +1,72 @@
-"""Reading Hugging Face configs of the MiniMax-01 family into `ModelConfig`.
+"""Hugging Face configs of the MiniMax-01 family, read and written: the one place for both schemas.
 
-The two schemas (see `minimax_jax.config`): the MiniMax remote code's (`attn_type_list`,
-`layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`) and transformers' native `minimax` one
-(`layer_types`, `*_factor`, `rope_parameters`, `block_size`); a VL-01 config contributes its
-`text_config`. A key whose absence or contradiction would change the model raises ValueError
-naming it.
+Two Hugging Face config schemas are read and written (``from_hf`` / ``to_hf``):
+
+* ``"remote"``: the MiniMax remote code (``MiniMaxText01ForCausalLM`` / ``MiniMaxM1ForCausalLM``,
+  model_type ``minimax_text_01`` / ``minimax_m1``), which the released checkpoints ship with.
+* ``"native"``: transformers' own ``minimax`` model (``MiniMaxForCausalLM``, the ``-hf``
+  checkpoints).
+
+Keys that change the computed function are never defaulted silently: a missing or contradictory
+one raises ``ValueError`` naming the key. Keys that do not (``initializer_range``, ``use_cache``,
+``router_*``, token ids, ``block_size``, which only chunks the lightning scan) may be absent.
+
+Things neither schema can express are written as extra ``minimax_jax_*`` keys, which both
+transformers and the remote code keep as plain attributes and ignore:
+
+* ``minimax_jax_slope_formula``: written when ``slope_formula`` is not the schema's own formula
+  (remote -> ``"remote"``, native -> ``"native"``), so ``from_hf(to_hf(s))`` restores it exactly.
+  A remote-formula config written as native therefore keeps its exact decays in minimax_jax, but
+  transformers will compute native decays from it: for power-of-two head counts they differ only
+  in the layer factor (relative change <= 1e-5, below bf16 resolution), so this is silent; for
+  other head counts the ALiBi bases differ materially and ``to_hf`` warns (``UserWarning``).
+* ``minimax_jax_lightning_norm_eps``: written when ``lightning_norm_eps`` != 1e-6 (hard-coded by
+  both implementations).
+* ``block_size`` is written to a remote config only when it is not the hard-coded 256 (the
+  transformers legacy-config conversion reads it too).
+
+A VL-01 config contributes its ``text_config``. A key whose absence or contradiction would change
+the model raises ValueError naming it. This module is jax-free and imports nothing of
+minimax_jax: ``ModelConfig.from_hf`` / ``to_hf`` call ``fields_from_hf`` / ``to_hf_dict``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from minimax_jax.config import (
-    _DEFAULT_BLOCK_SIZE,
-    _DEFAULT_LIGHTNING_NORM_EPS,
-    _EXTRA_LNORM_KEY,
-    _EXTRA_SLOPE_KEY,
-    _MIXES,
-    FULL,
-    LAYER_TYPES,
-    LINEAR,
-    NATIVE_ARCHITECTURES,
-    REMOTE_ARCHITECTURES,
-    VL_ARCHITECTURES,
-    ModelConfig,
+LINEAR = "linear_attention"
+FULL = "full_attention"
+LAYER_TYPES = (LINEAR, FULL)
+SCHEMAS = ("remote", "native")
+
+# HF architecture name -> model_type.
+REMOTE_ARCHITECTURES = {
+    "MiniMaxText01ForCausalLM": "minimax_text_01",
+    "MiniMaxM1ForCausalLM": "minimax_m1",
+}
+NATIVE_ARCHITECTURES = {"MiniMaxForCausalLM": "minimax"}
+VL_ARCHITECTURES = {"MiniMaxVL01ForConditionalGeneration": "minimax_vl_01"}
+_REMOTE_AUTO_MAP = {
+    "MiniMaxText01ForCausalLM": (
+        "configuration_minimax_text_01",
+        "MiniMaxText01Config",
+        "modeling_minimax_text_01",
+    ),
+    "MiniMaxM1ForCausalLM": ("configuration_minimax_m1", "MiniMaxM1Config", "modeling_minimax_m1"),
+}
+_DEFAULT_BLOCK_SIZE = 256
+_DEFAULT_LIGHTNING_NORM_EPS = 1e-6
+_EXTRA_SLOPE_KEY = "minimax_jax_slope_formula"
+_EXTRA_LNORM_KEY = "minimax_jax_lightning_norm_eps"
+# The three residual mixes: (ModelConfig prefix, remote key infix, native key prefix).
+_MIXES = (
+    ("linear_attn", "linear_attention", "linear_attn"),
+    ("full_attn", "full_attention", "full_attn"),
+    ("mlp", "mlp", "mlp"),
 )
 
 
@@ -116,7 +156,8 @@ def _check_no_shared_expert_or_window(d: Mapping[str, Any]) -> None:
         raise ValueError(f"'rope_scaling' {d['rope_scaling']!r} is not supported: use null")
 
 
-def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
+def fields_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ModelConfig`` fields (keyword arguments) an HF config dict describes."""
     schema, arch = _detect(d)
     if schema == "vl":
         text = d.get("text_config")
@@ -131,7 +172,7 @@ def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
             text["architectures"] = [
                 "MiniMaxText01ForCausalLM" if text_schema == "remote" else "MiniMaxForCausalLM"
             ]
-        return from_hf_dict(text)
+        return fields_from_hf(text)
     _check_no_shared_expert_or_window(d)
     num_layers = int(_require(d, "num_hidden_layers", schema))
     if schema == "remote":
@@ -170,7 +211,7 @@ def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
         schema=schema,
         architecture=arch,
     )
-    return ModelConfig(**fields)
+    return fields
 
 
 def _remote_fields(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
@@ -276,3 +317,137 @@ def _native_rope(d: Mapping[str, Any]) -> tuple[float, int | None]:
             )
         rotary_dim = round(from_factor)
     return float(theta), None if rotary_dim is None else int(rotary_dim)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def to_hf_dict(cfg: Any, schema: str) -> dict[str, Any]:
+    """HF ``config.json`` contents of ``cfg`` (a ``ModelConfig``) in ``schema``."""
+    if schema == "remote":
+        return _to_remote(cfg)
+    if schema == "native":
+        return _to_native(cfg)
+    raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
+
+
+def write_hf_dict(d: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``d`` as JSON (sorted keys, indent 2); a directory ``path`` gets ``config.json``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path, "w") as f:
+        f.write(_dumps(d))
+
+
+def _common(cfg) -> dict[str, Any]:
+    return {
+        "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": (
+            list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+        ),
+        "head_dim": cfg.head_dim,
+        "hidden_act": cfg.hidden_act,
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": cfg.initializer_range,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "num_attention_heads": cfg.num_heads,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "num_hidden_layers": cfg.num_layers,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "num_local_experts": cfg.num_experts,
+        "output_router_logits": False,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "router_jitter_noise": cfg.router_jitter_noise,
+        "sliding_window": None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def _extras(cfg, schema: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cfg.slope_formula != schema:
+        out[_EXTRA_SLOPE_KEY] = cfg.slope_formula
+        if schema == "native" and cfg.num_heads & (cfg.num_heads - 1):
+            warnings.warn(
+                f"writing a remote-slope config with {cfg.num_heads} heads (not a power of "
+                "two) as native: transformers will use different lightning decays "
+                f"(minimax_jax keeps them via {_EXTRA_SLOPE_KEY!r})",
+                UserWarning,
+                stacklevel=3,
+            )
+    if cfg.lightning_norm_eps != _DEFAULT_LIGHTNING_NORM_EPS:
+        out[_EXTRA_LNORM_KEY] = cfg.lightning_norm_eps
+    return out
+
+
+def _to_remote(cfg) -> dict[str, Any]:
+    arch = (
+        cfg.architecture
+        if cfg.architecture in REMOTE_ARCHITECTURES
+        else ("MiniMaxText01ForCausalLM")
+    )
+    conf_mod, conf_cls, model_mod = _REMOTE_AUTO_MAP[arch]
+    d = _common(cfg)
+    d.update(
+        architectures=[arch],
+        model_type=REMOTE_ARCHITECTURES[arch],
+        auto_map={
+            "AutoConfig": f"{conf_mod}.{conf_cls}",
+            "AutoModelForCausalLM": f"{model_mod}.{arch}",
+        },
+        attn_type_list=[int(t == FULL) for t in cfg.layer_types],
+        postnorm=cfg.postnorm,
+        rope_theta=_num(cfg.rope_theta),
+        rotary_dim=cfg.rotary_dim,
+        shared_intermediate_size=0,
+        shared_moe_mode="sigmoid",
+        transformers_version="4.45.2",  # the version the remote code was written against
+    )
+    for ours, remote, _ in _MIXES:
+        d[f"layernorm_{remote}_alpha"] = getattr(cfg, f"{ours}_alpha")
+        d[f"layernorm_{remote}_beta"] = getattr(cfg, f"{ours}_beta")
+    if cfg.pad_token_id is not None:
+        d["pad_token_id"] = cfg.pad_token_id
+    if cfg.block_size != _DEFAULT_BLOCK_SIZE:
+        d["block_size"] = cfg.block_size
+    d.update(_extras(cfg, "remote"))
+    return dict(sorted(d.items()))
+
+
+def _to_native(cfg) -> dict[str, Any]:
+    if not cfg.postnorm:
+        raise ValueError(
+            "postnorm=False cannot be written in the native schema (transformers' minimax "
+            "has no pre-norm residual mode): write schema='remote'"
+        )
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": _num(cfg.rope_theta)}
+    if cfg.rotary_dim != cfg.head_dim:
+        rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    d = _common(cfg)
+    d.update(
+        architectures=["MiniMaxForCausalLM"],
+        model_type="minimax",
+        block_size=cfg.block_size,
+        layer_types=list(cfg.layer_types),
+        pad_token_id=cfg.pad_token_id,
+        rope_parameters=rope,
+    )
+    for ours, _, native in _MIXES:
+        d[f"{native}_alpha_factor"] = getattr(cfg, f"{ours}_alpha")
+        d[f"{native}_beta_factor"] = getattr(cfg, f"{ours}_beta")
+    d.update(_extras(cfg, "native"))
+    return dict(sorted(d.items()))
+
+
+def _num(x: float) -> int | float:
+    """Writes integral floats as ints (``rope_theta: 10000000`` as in the real configs)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _dumps(d: Mapping[str, Any]) -> str:
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"

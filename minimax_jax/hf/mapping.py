@@ -199,47 +199,24 @@ def _regex(template: str, prefix: str) -> re.Pattern:
 
 def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     """Nested dict (block positions as int keys) of ``jax.ShapeDtypeStruct`` for every parameter
-    leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype)``; the router is always float32."""
-    c, nb = config, config.num_blocks
-    d, n, k, h, e, f = (
-        c.hidden_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.num_experts,
-        c.intermediate_size,
-    )
-    lightning = {
-        "qkv": (nb, d, n, 3, h),
-        "gate": (nb, d, n, h),
-        "norm": (nb, n, h),
-        "out": (nb, n, h, d),
+    leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype)`` (from the config's parameter
+    layout); the router is always float32."""
+
+    def leaf(spec, stack=()):
+        return jax.ShapeDtypeStruct((*stack, *spec.shape), jnp.float32 if spec.float32 else dtype)
+
+    flat: dict[LeafPath, object] = {
+        (name,): leaf(spec) for name, spec in config.outer_param_layout().items()
     }
-    softmax = {"q": (nb, d, n, h), "k": (nb, d, k, h), "v": (nb, d, k, h), "o": (nb, n, h, d)}
-    moe = {ROUTER: (nb, d, e), "wi": (nb, e, d, 2, f), "wo": (nb, e, f, d)}
-    tree: dict = {"embed": (c.vocab_size, d), "final_norm": (d,)}
-    if not c.tie_word_embeddings:
-        tree["lm_head"] = (d, c.vocab_size)
-    tree["blocks"] = {
-        p: {
-            "input_norm": (nb, d),
-            "post_attn_norm": (nb, d),
-            "attn": dict(lightning if kind == LINEAR else softmax),
-            "moe": dict(moe),
-        }
-        for p, kind in enumerate(c.block_pattern)
-    }
-    return unflatten(
-        {
-            path: jax.ShapeDtypeStruct(shape, jnp.float32 if path[-1] == ROUTER else dtype)
-            for path, shape in flatten(tree).items()
-        }
-    )
+    for p, kind in enumerate(config.block_pattern):
+        for name, spec in config.layer_param_layout(kind).items():
+            flat[("blocks", p, *name.split("."))] = leaf(spec, (config.num_blocks,))
+    return unflatten(flat)
 
 
 def num_params(config: ModelConfig) -> int:
-    """Total parameter count implied by the layout."""
-    return sum(math.prod(s.shape) for s in flatten(expected_leaf_shapes(config)).values())
+    """Total parameter count of the layout (``ModelConfig.param_count``)."""
+    return config.param_count()
 
 
 def flatten(tree: Mapping) -> dict[LeafPath, object]:

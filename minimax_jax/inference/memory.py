@@ -18,12 +18,10 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from minimax_jax.config import ModelConfig
+from minimax_jax.config import LINEAR, ModelConfig
 from minimax_jax.sharding import MESH_AXES, ShardingRules
 
 GiB = 2**30
@@ -69,18 +67,18 @@ def _shard_elems(shape, axes, mesh, rules: ShardingRules | None) -> int:
 
 
 def param_leaves(config: ModelConfig, param_dtype: Any = jnp.bfloat16) -> list[tuple]:
-    """[(shape, dtype, logical_axes)] of every parameter, from eval_shape (nothing allocated)."""
-    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
+    """[(shape, dtype, logical_axes)] of every parameter, from the config's parameter layout."""
 
-    abstract = nnx.eval_shape(
-        lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype)
-    )
-    leaves = jax.tree.leaves(
-        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    return [
-        (v.get_value().shape, v.get_value().dtype, v.get_metadata()["logical_axes"]) for v in leaves
-    ]
+    def leaf(spec, stack=None):
+        shape, axes = spec.shape, spec.axes
+        if stack is not None:
+            shape, axes = (stack, *shape), ("layers", *axes)
+        return shape, np.dtype(jnp.float32 if spec.float32 else param_dtype), axes
+
+    out = [leaf(spec) for spec in config.outer_param_layout().values()]
+    for kind in config.block_pattern:
+        out += [leaf(s, config.num_blocks) for s in config.layer_param_layout(kind).values()]
+    return out
 
 
 def weight_bytes(config, mesh_shape=None, rules=None, param_dtype=jnp.bfloat16) -> int:
@@ -99,7 +97,7 @@ def cache_bytes(config, batch, max_len, mesh_shape=None, rules=None, kv_dtype=jn
     local_batch = _split(batch, ("batch",), mesh, rules)
     total = local_batch * max_len + 4 + 4 * local_batch  # valid [B,S] bool, index, positions [B]
     for kind in config.block_pattern:
-        if kind == "linear_attention":
+        if kind == LINEAR:
             shape, axes, size = (nb, batch, n, h, h), ("layers", "batch", "heads", None, None), 4
             total += _shard_elems(shape, axes, mesh, rules) * size
         else:

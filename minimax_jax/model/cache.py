@@ -14,16 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.config import ModelConfig
-
-LIGHTNING = "linear_attention"
+from minimax_jax.config import LINEAR, ModelConfig
 
 
 def _block_shapes(config: ModelConfig, batch: int, max_len: int, kv_dtype: Any) -> list[dict]:
     nb, n, h, k = config.num_blocks, config.num_heads, config.head_dim, config.num_kv_heads
     out = []
     for kind in config.block_pattern:
-        if kind == LIGHTNING:
+        if kind == LINEAR:
             out.append({"state": jax.ShapeDtypeStruct((nb, batch, n, h, h), jnp.float32)})
         else:
             kv = jax.ShapeDtypeStruct((nb, batch, max_len, k, h), kv_dtype)

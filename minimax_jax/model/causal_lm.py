@@ -17,7 +17,7 @@ from flax import nnx
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.decoder import RunOptions, forward
-from minimax_jax.model.layers import DecoderLayer, param
+from minimax_jax.model.layers import DecoderLayer, spec_param
 from minimax_jax.sharding import ShardingRules, param_shardings
 
 
@@ -52,17 +52,17 @@ class MiniMaxForCausalLM(nnx.Module):
             return
         self.config = config
         self.options = options
-        d, v, std = config.hidden_size, config.vocab_size, config.initializer_range
-        self.embed = param(rngs, (v, d), ("vocab", "embed"), param_dtype, std=std)
+        outer = config.outer_param_layout()
+        self.embed = spec_param(config, outer["embed"], rngs, param_dtype)
         self.blocks = nnx.List(
             [
                 DecoderLayer(config, kind, config.num_blocks, rngs=rngs, dtype=param_dtype)
                 for kind in config.block_pattern
             ]
         )
-        self.final_norm = param(rngs, (d,), ("embed",), param_dtype, std=None)
-        if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (d, v), ("embed", "vocab"), param_dtype, std=std)
+        self.final_norm = spec_param(config, outer["final_norm"], rngs, param_dtype)
+        if "lm_head" in outer:
+            self.lm_head = spec_param(config, outer["lm_head"], rngs, param_dtype)
 
     def _init_sharded(self, config, rngs, param_dtype, options) -> None:
         """Create every parameter directly in its shards (a jitted init with out_shardings).
