@@ -76,8 +76,6 @@ class ModelConfig:
     slope_formula: str = "remote"  # "remote" | "native"
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
-    router_aux_loss_coef: float = 0.001
-    router_jitter_noise: float = 0.0
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -150,10 +148,6 @@ class ModelConfig:
         for name in ("rope_theta", "rms_norm_eps", "lightning_norm_eps"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.router_jitter_noise < 0 or self.router_aux_loss_coef < 0:
-            raise ValueError(
-                "ModelConfig.router_jitter_noise and router_aux_loss_coef must be >= 0"
-            )
 
     # ---------------------------------------------------------------- layer pattern helpers
 
