@@ -3,25 +3,25 @@
     PYTHONUNBUFFERED=1 python3 experiments/bench_generate.py --out results.jsonl
     python3 experiments/bench_generate.py --tiny --no_hf    # CPU smoke run of the script
 
-Config (ANCHORS.md "Model-level anchors"): a ~1.5B-parameter hybrid MoE, hidden 2048, 16 layers
-(two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 1408, top-2, vocab 32000, bf16 random
-weights. Rows (JSON lines, with device and versions):
+Config (the model-level anchor of experiments/RESULTS.md): a ~1.5B-parameter hybrid MoE, hidden
+2048, 16 layers (two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 1408, top-2, vocab
+32000, bf16 random weights. Rows (JSON lines, with device and versions):
 - decode: tokens/s at batch 1 and 16 (median of timed jitted decode loops after warm-up), the step
   time against its memory floor (weights read + lightning states read/written + KV read, over
   the copy bandwidth measured in the same run), and transformers' `generate` on the same weights;
 - prefill: time per token at 16K..128K tokens for the whole model and for an all-lightning model
   of the same width (the difference is the softmax layers' share).
+Every decode variant's greedy tokens are checked against the first variant's of the same batch
+(`check_ok`, `mismatch_frac`: the fraction of tokens that differ); timings carry their spread.
+Rows go through `experiments.harness`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
-from experiments.timing import timed  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
 from minimax_jax.inference.engine import Engine, SamplingParams, sample_token  # noqa: E402
 from minimax_jax.model.decoder import RunOptions  # noqa: E402
@@ -56,7 +56,7 @@ def bench_config(tiny: bool, layer_types=None) -> ModelConfig:
 def copy_bandwidth() -> float:
     x = jnp.ones((1 << 28,), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
-    sec = timed(lambda: f(x).block_until_ready(), 10, warmup=1)
+    sec = harness.time_device(f, x, warmup=1).median
     return 2 * x.size * 2 / sec
 
 
@@ -94,7 +94,7 @@ def parse_variant(name: str) -> dict:
     return kw
 
 
-def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="default", profile=False):
+def bench_decode(cfg, model, batch, prompt, new, reps, bw, variant="default", profile=False):
     params = model.pure_params()
     kw = parse_variant(variant)
     opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"], matvec_impl=kw["matvec_impl"])
@@ -105,18 +105,16 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="defaul
     plan = engine.plan(batch, prompt, new)
     sp, eos = SamplingParams(), jnp.asarray([-1], jnp.int32)
 
-    def run():
+    def run():  # the decode loop alone: prefill is not timed
         logits, cache = engine.prefill(ids, np.ones_like(ids), plan)
-        first = sample_token(logits, jax.random.key(0), sp)
-        jax.block_until_ready(first)
-        t0 = time.perf_counter()
-        out, _ = engine._loop(engine.params, cache, first, jax.random.key(1), new, sp, eos)
-        out.block_until_ready()
-        return time.perf_counter() - t0
+        first = jax.block_until_ready(sample_token(logits, jax.random.key(0), sp))
+        return harness.device_seconds(
+            engine._loop, engine.params, cache, first, jax.random.key(1), new, sp, eos
+        )
 
-    run()
-    sec = statistics.median(run() for _ in range(reps))
-    step = sec / (new - 1)
+    tokens, _ = run()
+    timing = harness.Timing.of([run()[1] for _ in range(reps)])
+    step = timing.median / (new - 1)
     floor = decode_floor_bytes(cfg, params, batch, prompt + new) / bw
     extra = {}
     if profile:  # kernel time of one decode loop (new - 1 steps), per op
@@ -135,11 +133,12 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, base, variant="defaul
     row = {"impl": "minimax_jax", "variant": variant, "batch": batch, "prompt": prompt,
            "new_tokens": new, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "tokens_per_s": batch / step, "step_ms": step * 1e3,
-           "floor_ms": floor * 1e3, "step_over_floor": step / floor}  # fmt: skip
-    return base | extra | row
+           "floor_ms": floor * 1e3, "step_over_floor": step / floor,
+           **timing.row_ms("loop_ms")}  # fmt: skip
+    return extra | row, np.asarray(tokens[0])
 
 
-def bench_hf(cfg, model, batch, prompt, new, base):
+def bench_hf(cfg, model, batch, prompt, new, reps):
     import torch
     import transformers
 
@@ -154,13 +153,14 @@ def bench_hf(cfg, model, batch, prompt, new, base):
             ref.generate(ids, **kw)
         torch.cuda.synchronize()
 
-    sec = timed(run, 2, warmup=1)
-    return base | {"impl": "transformers.generate", "batch": batch, "prompt": prompt,
-                   "new_tokens": new, "tokens_per_s": batch * new / sec,
-                   "step_ms": sec / new * 1e3}  # fmt: skip
+    timing = harness.timed_stats(run, reps, warmup=1)
+    sec = timing.median
+    return {"impl": "transformers.generate", "batch": batch, "prompt": prompt,
+            "new_tokens": new, "tokens_per_s": batch * new / sec,
+            "step_ms": sec / new * 1e3, **timing.row_ms("generate_ms")}  # fmt: skip
 
 
-def bench_prefill(cfg, model, length, chunk, base, label):
+def bench_prefill(cfg, model, length, chunk, label, reps):
     engine = Engine(cfg, model.pure_params(), prefill_chunk=chunk)
     ids = np.random.RandomState(length).randint(0, cfg.vocab_size, (1, length))
     plan = engine.plan(1, length, 1)
@@ -169,14 +169,22 @@ def bench_prefill(cfg, model, length, chunk, base, label):
         logits, _ = engine.prefill(ids, np.ones_like(ids), plan)
         logits.block_until_ready()
 
-    sec = timed(run, 2, warmup=1)
-    return base | {"impl": f"minimax_jax.prefill[{label}]", "batch": 1, "tokens": length,
-                   "chunk": chunk, "ms": sec * 1e3, "us_per_token": sec / length * 1e6}  # fmt: skip
+    timing = harness.timed_stats(run, reps, warmup=1)
+    sec = timing.median
+    return {"impl": f"minimax_jax.prefill[{label}]", "batch": 1, "tokens": length,
+            "chunk": chunk, **timing.row_ms(), "us_per_token": sec / length * 1e6}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--reps", type=int, default=harness.DEFAULT_REPS, help="timed decode loops")
+    ap.add_argument(
+        "--slow_reps",
+        type=int,
+        default=3,
+        help="timed calls of the slow parts (transformers.generate, long prefills)",
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny preset (CPU smoke run)")
     ap.add_argument("--no_hf", action="store_true", help="skip transformers")
     ap.add_argument("--batches", default="1,16")
@@ -205,36 +213,33 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.prefill, args.new_tokens, args.chunk = "256,512", 16, 128
-    dev = jax.devices()[0]
-    base = {"bench": "generate", "device": dev.device_kind, "platform": dev.platform,
-            "jax": jax.__version__, "dtype": "bfloat16"}  # fmt: skip
     cfg = bench_config(args.tiny)
     model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
-    base["params"] = cfg.param_count()
     bw = copy_bandwidth()
-    base["copy_GBps"] = bw / 1e9
-
-    def emit(row):  # as soon as measured: a run cut short keeps what it has
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    for b in map(int, args.batches.split(",")):
+    rows = harness.Rows(args.out, bench="generate", dtype="bfloat16", params=cfg.param_count(),
+                        copy_GBps=bw / 1e9)  # fmt: skip
+    for b in map(int, filter(None, args.batches.split(","))):
+        ref = None  # the first variant's greedy tokens at this batch
         for v in args.variants.split(","):
             only, _, v = v.rpartition(":")  # "16:gather32": batch 16 only
             if only and int(only) != b:
                 continue
-            emit(bench_decode(cfg, model, b, args.prompt, args.new_tokens, 3, bw, base, v,
-                              profile=args.profile))  # fmt: skip
+            row, tokens = bench_decode(cfg, model, b, args.prompt, args.new_tokens, args.reps, bw,
+                                       v, profile=args.profile)  # fmt: skip
+            if ref is None:
+                ref = tokens
+            else:
+                row.update(harness.check(tokens, ref, atol=0, rtol=0))
+            rows.emit(row)
         if not args.no_hf:
-            emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, base))
+            rows.emit(bench_hf(cfg, model, b, args.prompt, args.new_tokens, args.slow_reps))
     lin_cfg = bench_config(args.tiny, layer_types=lambda n: [LIN] * n)
     lin_model = MiniMaxForCausalLM(lin_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
     for t in map(int, filter(None, args.prefill.split(","))):
         if t <= args.hybrid_max:
-            emit(bench_prefill(cfg, model, t, args.chunk, base, "hybrid"))
-        emit(bench_prefill(lin_cfg, lin_model, t, args.chunk, base, "lightning_only"))
+            rows.emit(bench_prefill(cfg, model, t, args.chunk, "hybrid", args.slow_reps))
+        rows.emit(bench_prefill(lin_cfg, lin_model, t, args.chunk, "lightning_only",
+                                args.slow_reps))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Benchmark: GPU lightning attention (pallas_kernels.lightning.gpu) vs XLA vs FLA, one process.
 
-Run on the lent GPU machine (FLA carried as the `fla-core` wheel, see experiments/README.md)::
+Run on a GPU (FLA installed from the `fla-core` wheel, see experiments/RESULTS.md; without it
+pass --no-fla; or `python experiments/run.py lightning`)::
 
     PYTHONUNBUFFERED=1 python3 experiments/bench_lightning.py --out results.jsonl
 
 Times, at bf16 and MiniMax slopes (scale 1): forward and forward+backward at B2 N16 H128
 T in {8K, 32K} and B1 N64 H128 T in {32K, 128K} for this repo's GPU kernel, the XLA blockwise
-implementation (`pallas_kernels.lightning.xla`, or a plain jnp scan if that module is missing) and
-FLA's `chunk_simple_gla`; and one decode step at B in {1, 64, 256}, N64 H128 (fp32 state) against
-FLA's `fused_recurrent_simple_gla`. Every row is one JSON line with the device, versions, shape,
-impl, median ms, GB/s against the min-bytes floor and the FLA number from the same run.
+implementation (`pallas_kernels.lightning.xla`) and FLA's `chunk_simple_gla`; and one decode step
+at B in {1, 64, 256}, N64 H128 (fp32 state) against FLA's `fused_recurrent_simple_gla`. Every row
+is one JSON line (`experiments.harness`: device, versions, commit, command line) with the shape,
+impl, median ms and its spread, GB/s against the min-bytes floor and the FLA number from the same
+run. Where the XLA implementation ran, the kernel's output (forward, gradients, decode loop) is
+checked against it (`max_abs_err`, `max_rel_err`, `check_ok`).
 `--sweep` also times several kernel configurations per shape (rows with impl "gpu[...]").
 `--packed DOC_LEN` times only packed rows (segment ids, documents of ~DOC_LEN tokens): the kernel
 with and without the ids and XLA with them (rows "gpu_packed", "gpu", "xla_packed", "summary").
@@ -21,24 +24,19 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import harness  # noqa: E402
+from minimax_jax.model.slopes import lightning_slopes  # noqa: E402
 from pallas_kernels.lightning import gpu as lgpu  # noqa: E402
-
-try:
-    from pallas_kernels.lightning.xla import lightning_attention_xla as _xla_impl
-except ImportError:  # pragma: no cover - fallback when the xla module is absent
-    _xla_impl = None
+from pallas_kernels.lightning.xla import lightning_attention_xla as xla_impl  # noqa: E402
 
 FWD_SHAPES = [(2, 8192, 16, 128), (2, 32768, 16, 128), (1, 32768, 64, 128), (1, 131072, 64, 128)]
 DECODE_BATCHES = [1, 64, 256]
@@ -57,68 +55,18 @@ SWEEP_BWD = [
 
 
 def minimax_slopes(n: int, layer: int = 3, layers: int = 80) -> np.ndarray:
-    base = 2.0 ** (-8.0 * (np.arange(n) + 1) / n)
-    return (base * (1 - layer / (layers - 1) + 1e-5)).astype(np.float32)
+    """MiniMax's slopes (the released checkpoints' "remote" formula) of one lightning layer."""
+    return lightning_slopes(n, layer, layers, "remote")
 
 
-def time_jax(fn, *args, iters: int = 15, inner: int = 5) -> float:
-    """Median ms per call: `inner` back-to-back async calls per sample, after warm-up."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e3
+def time_ms(fn, *args, iters: int = 15, inner: int = 5) -> harness.Timing:
+    """Per call: `inner` back-to-back async calls per sample, `iters` samples after warm-up."""
+    return harness.time_device(fn, *args, reps=iters, inner=inner)
 
 
-def xla_blockwise(q, k, v, slopes, block: int = 256):
-    """Fallback plain-jnp blockwise scan (only if pallas_kernels.lightning.xla is missing)."""
-    b, t, n, h = q.shape
-    nb = t // block
-    lam = jnp.exp(-slopes)
-    idx = jnp.arange(block, dtype=jnp.float32)
-    diff = idx[:, None] - idx[None, :]
-    mask = jnp.where(diff >= 0, jnp.exp(-slopes[:, None, None] * jnp.maximum(diff, 0)), 0.0)
-    qd = jnp.exp(-slopes[:, None] * (idx + 1))  # [N, C]
-    kd = jnp.exp(-slopes[:, None] * (block - 1 - idx))
-    sd = lam**block
-
-    def blk(x):
-        return x.reshape(b, nb, block, n, h).transpose(1, 0, 3, 2, 4)  # [nb, B, N, C, H]
-
-    def step(state, xs):
-        qb, kb, vb = xs
-        a = jnp.einsum("bncd,bned->bnce", qb, kb, preferred_element_type=jnp.float32) * mask
-        o = jnp.einsum(
-            "bnce,bned->bncd", a.astype(vb.dtype), vb, preferred_element_type=jnp.float32
-        )
-        o = o + jnp.einsum(
-            "bncd,bnde->bnce",
-            (qb * qd[:, :, None]).astype(qb.dtype),
-            state.astype(qb.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        state = state * sd[:, None, None] + jnp.einsum(
-            "bncd,bnce->bnde",
-            (kb * kd[:, :, None]).astype(kb.dtype),
-            vb,
-            preferred_element_type=jnp.float32,
-        )
-        return state, o.astype(qb.dtype)
-
-    s0 = jnp.zeros((b, n, h, h), jnp.float32)
-    st, o = jax.lax.scan(step, s0, (blk(q), blk(k), blk(v)))
-    return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h), st
-
-
-def xla_impl(q, k, v, slopes):
-    if _xla_impl is not None:
-        return _xla_impl(q, k, v, slopes)
-    return xla_blockwise(q, k, v, slopes)
+def check(out, ref, tol: float = 2e-2) -> dict:
+    """The kernel's output against the XLA implementation's (bf16 tier), if that ran."""
+    return {} if ref is None else harness.check(out, ref, atol=tol, rtol=tol)
 
 
 def gpu_impl(cfg: dict | None, bcfg: dict | None = None):
@@ -153,7 +101,7 @@ def make_fwd_bwd(impl, slopes, do):
 def copy_bandwidth() -> float:
     x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
     f = jax.jit(lambda x: x + 1)
-    ms = time_jax(f, x, iters=10, inner=3)
+    ms = time_ms(f, x, iters=10, inner=3).median * 1e3
     del x
     return 2 * 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
@@ -233,22 +181,28 @@ def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
         )
         do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
         seg = jnp.asarray(packed_segment_ids(b, t, doc_len))
-        impls = {
+        impls = {  # the XLA path first: the kernel's packed output is checked against it
+            "xla_packed": functools.partial(xla_impl, segment_ids=seg),
             "gpu": lgpu.lightning_attention_gpu,
             "gpu_packed": functools.partial(lgpu.lightning_attention_gpu, segment_ids=seg),
-            "xla_packed": functools.partial(_xla_impl, segment_ids=seg),
         }
         shape = {"B": b, "T": t, "N": n, "H": h, "doc_len": doc_len}
         for pname in ["fwd"] + ([] if skip_bwd else ["fwd_bwd"]):
-            got = {}
+            got, ref = {}, None
             for name, impl in impls.items():
                 fn = make_fwd(impl, slopes) if pname == "fwd" else make_fwd_bwd(impl, slopes, do)
                 try:
-                    got[name] = time_jax(fn, q, k, v)
+                    t_ = time_ms(fn, q, k, v)
+                    out = fn(q, k, v)
                 except Exception as e:  # noqa: BLE001 - record the failure and go on
                     print(f"# {name} {pname} failed: {type(e).__name__}: {str(e)[:300]}")
                     continue
-                emit({**shape, "impl": name, "pass": pname, "ms": got[name]})
+                got[name] = t_.median * 1e3
+                if name == "xla_packed":
+                    ref = out
+                tol = 2e-2 if pname == "fwd" else 5e-2
+                emit({**shape, "impl": name, "pass": pname, **t_.row_ms(),
+                      **(check(out, ref, tol) if name == "gpu_packed" else {})})  # fmt: skip
             if {"gpu", "gpu_packed", "xla_packed"} <= set(got):
                 emit({**shape, "impl": "summary", "pass": pname,
                       "gpu_packed_over_unpacked": got["gpu_packed"] / got["gpu"],
@@ -257,7 +211,7 @@ def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="experiments/results/bench_lightning.jsonl")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--shapes", default="all", help="'all' or indices into FWD_SHAPES, e.g. 0,2")
@@ -273,24 +227,11 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    dev = jax.devices()[0]
-    meta = {
-        "device": dev.device_kind,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "dtype": "bfloat16",
-    }
     bw = copy_bandwidth()
-    print(f"# {meta} copy bandwidth {bw:.0f} GB/s", flush=True)
-    fh = open(args.out, "a")
-    rows = []
-
-    def emit(row):
-        row = {**meta, "copy_GBps": round(bw, 1), **row}
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    print(f"# copy bandwidth {bw:.0f} GB/s", flush=True)
+    results = harness.Rows(args.out, bench="lightning", dtype="bfloat16", copy_GBps=round(bw, 1))
+    rows = results.rows
+    emit = results.emit
 
     if args.shapes == "all":
         shapes = FWD_SHAPES
@@ -319,7 +260,8 @@ def main() -> None:
             torch_free()
         shape = {"B": b, "T": t, "N": n, "H": h}
         base_cfg = override.get(f"{b}x{t}x{n}", override.get("default"))
-        impls = {"gpu": gpu_impl(base_cfg, base_cfg), "xla": xla_impl}
+        # the XLA implementation first: the kernel's output is checked against it
+        impls = {"xla": xla_impl, "gpu": gpu_impl(base_cfg, base_cfg)}
         if args.sweep:
             for c in SWEEP_FWD:
                 impls["gpu" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c)
@@ -334,20 +276,27 @@ def main() -> None:
                     "fla_ms": fla["fwd"],
                 }
             )
+        ref = None
         for name, impl in impls.items():
             if name == "xla" and t > 32768:
                 continue  # the XLA scan at 128K only costs time; the FLA anchor is what counts
             try:
-                ms = time_jax(make_fwd(impl, slopes), q, k, v)
+                fn = make_fwd(impl, slopes)
+                t_ = time_ms(fn, q, k, v)
+                out = fn(q, k, v)
             except Exception as e:  # noqa: BLE001 - record failing configs and go on
                 print(f"# {name} fwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
+            ms = t_.median * 1e3
+            if name == "xla":
+                ref = out
             emit(
                 {
                     **shape,
                     "impl": name,
                     "pass": "fwd",
-                    "ms": ms,
+                    **t_.row_ms(),
+                    **(check(out, ref) if name != "xla" else {}),
                     "GBps_floor": fwd_floor / ms / 1e6,
                     "frac_of_copy_bw": fwd_floor / ms / 1e6 / bw,
                     "fla_ms": fla.get("fwd"),
@@ -375,13 +324,13 @@ def main() -> None:
                     )
 
                 if nbl % seg == 0:
-                    ms = time_jax(jax.jit(states), q, k, v)
+                    t_ = time_ms(jax.jit(states), q, k, v)
                     emit(
                         {
                             **shape,
                             "impl": f"gpu states pass only (seg {seg})",
                             "pass": "fwd",
-                            "ms": ms,
+                            **t_.row_ms(),
                             "fla_ms": fla.get("fwd"),
                         }
                     )
@@ -397,26 +346,33 @@ def main() -> None:
                         "fla_ms": fla["fwd_bwd"],
                     }
                 )
-            bimpls = {"gpu": impls["gpu"], "xla": xla_impl}
+            bimpls = {"xla": xla_impl, "gpu": impls["gpu"]}
             if args.sweep:
                 for c in SWEEP_BWD:
                     bimpls["gpu_bwd" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c, c)
+            ref = None
             for name, impl in bimpls.items():
                 if name == "xla" and t > 32768:
                     continue
                 try:
-                    ms = time_jax(make_fwd_bwd(impl, slopes, do), q, k, v, iters=9, inner=3)
+                    fn = make_fwd_bwd(impl, slopes, do)
+                    t_ = time_ms(fn, q, k, v, iters=10, inner=3)
+                    out = fn(q, k, v)
                 except Exception as e:  # noqa: BLE001
                     print(
                         f"# {name} fwd_bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True
                     )
                     continue
+                ms = t_.median * 1e3
+                if name == "xla":
+                    ref = out
                 emit(
                     {
                         **shape,
                         "impl": name,
                         "pass": "fwd_bwd",
-                        "ms": ms,
+                        **t_.row_ms(),
+                        **(check(out, ref, 5e-2) if name != "xla" else {}),
                         "GBps_floor": bwd_floor / ms / 1e6,
                         "fla_ms": fla.get("fwd_bwd"),
                         "speedup_vs_fla": (fla.get("fwd_bwd") or 0) / ms,
@@ -457,13 +413,14 @@ def main() -> None:
             def gpu_step(q, k, v, s):
                 return lgpu.lightning_decode_gpu(q, k, v, slopes, s)
 
-            steps_by_name = {"gpu": gpu_step, "xla": xla_step}
+            steps_by_name = {"xla": xla_step, "gpu": gpu_step}  # XLA first: the reference
             if args.decode_sweep:
                 for bv in (32, 64, 128):
                     for nw in (2, 4, 8):
                         steps_by_name[f"gpu[block_v={bv},num_warps={nw}]"] = functools.partial(
                             decode_with, slopes=slopes, block_v=bv, num_warps=nw
                         )
+            ref = None
             for name, stepf in steps_by_name.items():
 
                 def loop(q, k, v, s, stepf=stepf):
@@ -473,12 +430,21 @@ def main() -> None:
                     o0 = jnp.zeros(q.shape, q.dtype)
                     return jax.lax.fori_loop(0, steps, body, (o0, s))
 
-                ms = time_jax(jax.jit(loop), q, k, v, state) / steps
+                fn = jax.jit(loop)
+                t_ = time_ms(fn, q, k, v, state)
+                out = fn(q, k, v, state)
+                if name == "xla":
+                    ref = out
+                ms = t_.median * 1e3 / steps
                 emit(
                     {
                         **shape,
                         "impl": name,
                         "ms": ms,
+                        "loop_ms_min": t_.min * 1e3,
+                        "loop_ms_max": t_.max * 1e3,
+                        "reps": t_.reps,
+                        **(check(out, ref) if name != "xla" else {}),
                         "GBps_floor": state_bytes / ms / 1e6,
                         "fla_ms": fla_ms,
                         "speedup_vs_fla": (fla_ms or 0) / ms,
@@ -487,17 +453,16 @@ def main() -> None:
                 )
             # one jitted step from Python, dispatch included (what a naive decode loop pays)
             one = jax.jit(gpu_step)
-            ms = time_jax(one, q, k, v, state, iters=30, inner=1)
+            t_ = time_ms(one, q, k, v, state, iters=30, inner=1)
             emit(
                 {
                     **shape,
                     "impl": "gpu(single jitted call, wall)",
-                    "ms": ms,
+                    **t_.row_ms(),
                     "fla_ms": fla_ms,
                     "timing": "wall clock per call incl. dispatch",
                 }
             )
-    fh.close()
     print("\n# summary: impl | pass | B T N | ms | GB/s floor | speedup vs FLA")
     for r in rows:
         print(

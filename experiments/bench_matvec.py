@@ -1,6 +1,6 @@
 """Benchmark: decode-sized matmuls (1 or 16 rows) written several ways, as XLA:GPU compiles them.
 
-The decode profile (experiments/README.md, round 6) showed XLA rewriting some 1-row dots into
+The decode profile (experiments/RESULTS.md, "Decode") showed XLA rewriting some 1-row dots into
 an elementwise multiply that materialises a weight-sized product, then a reduce (e.g. a
 [1,16,128,2048] bf16 temporary for a 2048x2048 projection, an fp32 [2,2048,2,1408] one for the
 gathered-expert MoE), and copying each layer's slice of the stacked weights. This script times a
@@ -9,6 +9,9 @@ output is at least as large as one weight and the cuBLAS / Triton GEMM calls:
 
     python3 experiments/bench_matvec.py --out results.jsonl      # GPU
     python3 experiments/bench_matvec.py --small                  # CPU smoke run
+
+Every formulation's output is checked against the first one's (`einsum_nd`, `moe_cur`) with
+`experiments.harness.check`; timings carry their spread over the reps.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import re
 import sys
@@ -27,8 +29,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.timing import timed  # noqa: E402
+from experiments import harness  # noqa: E402
 from pallas_kernels.matvec import gathered_matvec  # noqa: E402
+from pallas_kernels.matvec.gpu import gathered_matvec_gpu, pick_blocks  # noqa: E402
 from pallas_kernels.moe import grouped_matmul  # noqa: E402
 
 L = 16
@@ -131,11 +134,9 @@ def moe_variants(d, f):
             "moe_kernel": kernel, "moe_gmm": gmm}  # fmt: skip
 
 
-def kernel_sweep(emit, base, d, f, e, rs, vocab=32000):
+def kernel_sweep(emit, d, f, e, rs, vocab=32000):
     """pallas_kernels.matvec tilings on the decode shapes of the benchmark model, each weight
     stacked over L layers and indexed in place (as the model calls it: no sliced copies)."""
-    from pallas_kernels.matvec.gpu import gathered_matvec_gpu, pick_blocks
-
     interpret = jax.default_backend() == "cpu"
     shapes = [(2, e, d, 2 * f), (2, e, f, d), (1, 1, d, 3 * d), (1, 1, d, d), (1, 1, d, vocab)]
     for a, ee, k, n in shapes[:1] if interpret else shapes:
@@ -152,6 +153,7 @@ def kernel_sweep(emit, base, d, f, e, rs, vocab=32000):
                 grid.add(pick_blocks(a, k, n, target_programs=tp, block_k=bk, block_n=bn,
                                      num_warps=nw))  # fmt: skip
         grid |= {dataclasses.replace(b, num_stages=3) for b in list(grid) if b.num_warps == 4}
+        ref = None  # the auto tiling's output: every other tiling is checked against it
         for blocks in sorted(grid, key=lambda b: (b != auto, str(b))):
 
             def chain(x, w, idx, blocks=blocks):
@@ -163,37 +165,36 @@ def kernel_sweep(emit, base, d, f, e, rs, vocab=32000):
 
             g = jax.jit(chain)
             try:
-                sec = timed(lambda g=g, x=x, w=w, idx=idx: g(x, w, idx).block_until_ready(), 20)
+                t = harness.time_device(g, x, w, idx, reps=20)
+                out = g(x, w, idx)
             except Exception as err:  # noqa: BLE001 - a config the backend rejects
                 bad = {"blocks": dataclasses.asdict(blocks), "error": repr(err)[:300]}
-                emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n]} | bad)
+                emit({"what": "kernel_sweep", "shape": [a, ee, k, n]} | bad)
                 continue
+            if ref is None:
+                ref = out
+            sec = t.median
             byts = layers * a * k * n * 2
-            emit(base | {"what": "kernel_sweep", "shape": [a, ee, k, n], "auto": blocks == auto,
-                         "blocks": dataclasses.asdict(blocks), "us": sec / layers * 1e6,
-                         "GBps": byts / sec / 1e9})  # fmt: skip
+            emit({"what": "kernel_sweep", "shape": [a, ee, k, n], "auto": blocks == auto,
+                  "blocks": dataclasses.asdict(blocks), "us": sec / layers * 1e6,
+                  "GBps": byts / sec / 1e9, **t.row_ms(),
+                  **harness.check(out, ref, atol=2e-2, rtol=2e-2)})  # fmt: skip
             if interpret:
                 return
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--sweep", action="store_true", help="also sweep the matvec kernel's blocks")
     args = ap.parse_args()
     d, n1, n2, e, f = (64, 4, 16, 4, 48) if args.small else (2048, 16, 128, 8, 1408)
     dt = jnp.bfloat16
-    dev = jax.devices()[0]
-    base = {"bench": "matvec", "device": dev.device_kind, "jax": jax.__version__, "layers": L}
+    rows = harness.Rows(args.out, bench="matvec", layers=L)
+    emit = rows.emit
     rs = np.random.RandomState(0)
-
-    def emit(row):
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
 
     stacked = jnp.asarray(rs.randn(L, d, n1, n2) * d**-0.5, dt)
     layers = [stacked[i] for i in range(L)]
@@ -202,6 +203,7 @@ def main() -> None:
     wi_l, wo_l = [wi[i] for i in range(L)], [wo[i] for i in range(L)]
     for b in map(int, args.batches.split(",")):
         x = jnp.asarray(rs.randn(b, d), dt)
+        ref = None  # the first formulation's output
         for name, fn in proj_variants(d, n1, n2).items():
             for src, ws in (("stacked", stacked), ("list", layers)):
 
@@ -212,13 +214,18 @@ def main() -> None:
 
                 g = jax.jit(chain)
                 txt = g.lower(x, ws).compile().as_text()
-                sec = timed(lambda g=g, ws=ws, x=x: g(x, ws).block_until_ready(), 20)
+                t = harness.time_device(g, x, ws, reps=20)
+                out = g(x, ws)
+                ref = out if ref is None else ref
+                sec = t.median
                 byts = L * d * n1 * n2 * 2
-                emit(base | {"what": "proj", "variant": name, "weights": src, "batch": b,
-                             "us_per_layer": sec / L * 1e6, "GBps": byts / sec / 1e9,
-                             **hlo_stats(txt, d * n1 * n2)})  # fmt: skip
+                emit({"what": "proj", "variant": name, "weights": src, "batch": b,
+                      "us_per_layer": sec / L * 1e6, "GBps": byts / sec / 1e9,
+                      **hlo_stats(txt, d * n1 * n2), **t.row_ms(),
+                      **harness.check(out, ref, atol=5e-2, rtol=5e-2)})  # fmt: skip
         xa = jnp.repeat(x, 2, axis=0)
         ex = jnp.asarray(rs.randint(0, e, (L, 2 * b)), jnp.int32)
+        ref = None
         for name, fn in moe_variants(d, f).items():
             if name in ("moe_loop", "moe_kernel") and b > 1:
                 continue
@@ -230,14 +237,18 @@ def main() -> None:
 
             g = jax.jit(mchain)
             txt = g.lower(xa, wi_l, wo_l, ex).compile().as_text()
-            sec = timed(lambda g=g, xa=xa, ex=ex: g(xa, wi_l, wo_l, ex).block_until_ready(), 20)
+            t = harness.time_device(g, xa, wi_l, wo_l, ex, reps=20)
+            out = g(xa, wi_l, wo_l, ex)
+            ref = out if ref is None else ref
+            sec = t.median
             touched = min(e, 2 * b)
             byts = L * touched * 3 * d * f * 2
-            emit(base | {"what": "moe_gather", "variant": name, "batch": b, "assignments": 2 * b,
-                         "us_per_layer": sec / L * 1e6, "GBps_touched": byts / sec / 1e9,
-                         **hlo_stats(txt, d * f)})  # fmt: skip
+            emit({"what": "moe_gather", "variant": name, "batch": b, "assignments": 2 * b,
+                  "us_per_layer": sec / L * 1e6, "GBps_touched": byts / sec / 1e9,
+                  **hlo_stats(txt, d * f), **t.row_ms(),
+                  **harness.check(out, ref, atol=5e-2, rtol=5e-2)})  # fmt: skip
     if args.sweep:
-        kernel_sweep(emit, base, d, f, e, rs)
+        kernel_sweep(emit, d, f, e, rs)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Benchmark: the MoE layer and its grouped matmul at MiniMax width, against a dense matmul.
 
-Run on the lent GPU machine (one command; H100/H200, bf16)::
+Run on a GPU (H100/H200, bf16; or `python experiments/run.py moe` / `ep`)::
 
     PYTHONUNBUFFERED=1 python3 experiments/bench_moe.py            # 1 GPU
     PYTHONUNBUFFERED=1 python3 experiments/bench_moe.py --ep       # + EP=2 rows (>= 2 GPUs)
 
 E=32 experts, top-2, D=6144, F=9216, bf16, M in {4K, 16K, 64K} tokens (A = 2M routed rows).
-Rows (one JSON line each, appended to experiments/results/bench_moe.jsonl):
+Rows (one JSON line each, appended to --out):
 
 * what="gmm": the fused w1/w3 grouped matmul alone, A x D x 2F, for this repo's
   `grouped_matmul` (auto = Mosaic GPU kernels), `jax.lax.ragged_dot` and a dense matmul of the
@@ -20,6 +20,9 @@ TFLOP/s count routed tokens only: forward 2*A*D*2F + 2*A*F*D = 6*A*D*F, fwd+bwd 
 Goals (issue 4): layer fwd >= 70% and fwd+bwd >= 60% of the dense TFLOP/s, >= 10x ragged_dot,
 EP=2 per-GPU >= 80% of one GPU at 64K tokens. `--sweep` times several gmm block configs first
 and uses the best. `--small` shrinks every dimension for a CPU smoke run of the script.
+Rows go through `experiments.harness` (median ms with its spread; slow baselines, one warm call
+over 0.1 s, take 3 samples). Forward rows of our implementations are checked against the same
+computation on `jax.lax.ragged_dot` when that ran, and the EP rows against the one-GPU layer.
 """
 
 from __future__ import annotations
@@ -27,24 +30,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
 
+from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import sharding  # noqa: E402
+from minimax_jax.model import moe_parallel  # noqa: E402
 from minimax_jax.model.moe import dispatch as dispatch_rows  # noqa: E402
 from minimax_jax.model.moe import ffn_implementation, moe_sorted, route, sort_by_expert  # noqa: E402
-from minimax_jax.ops import moe_parallel  # noqa: E402
 from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
 from pallas_kernels.moe.api import grouped_matmul, resolve_implementation  # noqa: E402
 
@@ -73,26 +73,32 @@ def profile_row(emit, row, fn, *args) -> None:
     emit({**row, "what": f"profile:{row.get('what')}", "profile": prof})
 
 
-def time_ms(fn, *args, iters: int = 10) -> float:
-    """Median ms per call after two warm-up calls (compile included in the first)."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    warm = time.perf_counter() - t0
-    samples = []
-    for _ in range(iters if warm < 0.1 else 3):  # slow baselines: 3 samples
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
-
-
-def safe_time(fn, *args) -> tuple[float | None, str | None]:
-    """(ms, None) or (None, error) when the implementation fails (e.g. ragged_dot OOM)."""
+def safe_time(fn, *args) -> tuple[float | None, dict, str | None]:
+    """(median ms, timing fields, None) or (None, {}, error) when the implementation fails (e.g.
+    ragged_dot out of memory). Slow baselines (a warm call over 0.1 s) take 3 samples."""
     try:
-        return time_ms(fn, *args), None
+        t = harness.time_device(fn, *args, slow_s=0.1, slow_reps=3)
     except Exception as e:  # noqa: BLE001 - record any failure as a row, keep benchmarking
-        return None, f"{type(e).__name__}: {str(e)[:200]}"
+        return None, {}, f"{type(e).__name__}: {str(e)[:200]}"
+    return t.median * 1e3, t.row_ms(), None
+
+
+def safe_check(fn, args, ref, tol: float = 5e-2) -> dict:
+    """Max error of fn(*args) against ref (bf16 tier), or {} without a reference."""
+    if ref is None:
+        return {}
+    try:
+        return harness.check(fn(*args), ref, atol=tol, rtol=tol)
+    except Exception as e:  # noqa: BLE001 - a failed check is a field, not the end of the run
+        return {"check_ok": False, "check_error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def reference_output(fn, *args):
+    """fn(*args) as the reference of the checks, or None when it cannot run (out of memory)."""
+    try:
+        return jax.block_until_ready(jax.jit(fn)(*args))
+    except Exception:  # noqa: BLE001 - no reference: the rows are not checked
+        return None
 
 
 def make_problem(m: int, d: int, f: int, e: int, k: int, dtype, seed: int = 0):
@@ -137,16 +143,18 @@ def gmm_rows(xs, gs, w, impl_names, emit, base, ragged=True):
         fns["ragged_dot"] = lambda x, w: jax.lax.ragged_dot(x, w, gs)
     for name in impl_names:
         fns[name] = functools.partial(_gmm_impl, gs=gs, impl=name)
+    ref = reference_output(fns["ragged_dot"], xs, w) if ragged else None
     results = {}
     for name, fn in fns.items():
         fwd, bwd = fwd_and_bwd(fn)
         fwd_bwd = functools.partial(_call_with_dy, bwd, dy=dy)
         for mode, f, mult in (("fwd", fwd, 1), ("fwd_bwd", fwd_bwd, 3)):
-            ms, err = safe_time(f, xs, w)
+            ms, timing, err = safe_time(f, xs, w)
             tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
             results[(name, mode)] = tf
+            checked = safe_check(f, (xs, w), ref) if mode == "fwd" and name in impl_names else {}
             emit({**base, "what": "gmm", "impl": name, "mode": mode, "shape_MKN": [a, d, n],
-                  "ms": ms, "tflops": tf, "error": err})  # fmt: skip
+                  "ms": ms, **timing, "tflops": tf, "error": err, **checked})  # fmt: skip
     return results
 
 
@@ -160,7 +168,7 @@ def _gmm_impl(x, w, *, gs, impl):
 
 def layer_rows(params, x, k, impls, emit, base, ragged=True, dense=True):
     """Time the whole MoE layer (ours per implementation, and on ragged_dot) and a dense FFN
-    over the same rows."""
+    over the same rows. Returns ({(name, mode): TFLOP/s}, {impl: forward output})."""
     m, d = x.shape
     e, _, _, f = params["wi"].shape
     a = m * k
@@ -180,21 +188,27 @@ def layer_rows(params, x, k, impls, emit, base, ragged=True, dense=True):
     if ragged:
         variants["ragged_dot"] = (lambda p, x: moe_sorted(p, x, k, implementation="xla")[0],
                                   params, x)  # fmt: skip
-    out = {}
+    ref = reference_output(variants["ragged_dot"][0], params, x) if ragged else None
+    out, outputs = {}, {}
     for name, (fn, p, inp) in variants.items():
         fwd = jax.jit(fn)
         bwd = jax.jit(jax.grad(lambda p, i, fn=fn: jnp.sum(fn(p, i).astype(jnp.float32) ** 2),
                                argnums=(0, 1)))  # fmt: skip
         for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
-            ms, err = safe_time(g, p, inp)
+            ms, timing, err = safe_time(g, p, inp)
             tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
             out[(name, mode)] = tf
+            checked = {}
+            if ms is not None and mode == "fwd" and name in impls:
+                outputs[name] = g(p, inp)
+                checked = safe_check(g, (p, inp), ref)
             row = {**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
-                   "routed_rows": a, "ms": ms, "tflops": tf, "error": err}  # fmt: skip
+                   "routed_rows": a, "ms": ms, **timing, "tflops": tf, "error": err,
+                   **checked}  # fmt: skip
             emit(row)
             if ms is not None and name in impls:
                 profile_row(emit, row, g, p, inp)
-    return out
+    return out, outputs
 
 
 def _layer(p, x, *, k, impl):
@@ -230,13 +244,16 @@ def ep_setup(params, x):
     return mesh, rules, p, x3
 
 
-def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbatches=(1,)):
+def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbatches=(1,),
+            single_out=None):  # fmt: skip
     """EP=2 layer on 2 devices (global tokens = x's rows) per all-to-all flavour: the padded
     `all_to_all` ("dense") dropless and with capacity 1.25, and `ragged_all_to_all`; plus the
     dispatch-only time (route + sort + both all-to-alls + combine, FFN skipped). Each padded
-    flavour once per entry of `microbatches` (independent exchanges per device)."""
+    flavour once per entry of `microbatches` (independent exchanges per device). Forward rows
+    are checked against `single_out` (the one-GPU layer's output; capacity rows drop tokens)."""
     mesh, rules, p, x3 = ep_setup(params, x)
     m, d = x.shape
+    ref = None if single_out is None else single_out.reshape(x3.shape)
     flops = 6.0 * m * k * d * params["wi"].shape[-1]
     configs = [("dense", None, ("fwd", "fwd_bwd")), ("dense", 1.25, ("fwd", "fwd_bwd")),
                ("ragged", None, ("fwd",))]  # fmt: skip
@@ -257,12 +274,13 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
         for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
             if mode not in modes:
                 continue
-            ms, err = safe_time(g, p, x3)
+            ms, timing, err = safe_time(g, p, x3)
             per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
             one = single_tflops.get(mode)
+            checked = safe_check(g, (p, x3), ref) if ms is not None and mode == "fwd" else {}
             row = {**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
-                   "dispatch": dispatch, "microbatches": mb, "tokens": m, "ms": ms,
-                   "tflops_per_gpu": per_gpu,
+                   "dispatch": dispatch, "microbatches": mb, "tokens": m, "ms": ms, **timing,
+                   "tflops_per_gpu": per_gpu, **checked,
                    "single_gpu_tflops": one, "goal": 0.8, "error": err,
                    "per_gpu_vs_single": None if not (per_gpu and one)
                    else per_gpu / one}  # fmt: skip
@@ -275,12 +293,12 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
         moe_parallel.expert_ffn = lambda xs, wi, wo, gs, impl, **kw: xs  # dispatch only
         moe_parallel.expert_ffn_padded = lambda xs, expert, wi, wo, **kw: xs  # the padded path
         # A new function object: jax.jit(layer) would reuse the executable compiled above with
-        # the real FFN (rounds 4-6 measured whole layers as "dispatch only" that way).
+        # the real FFN (and time the whole layer as "dispatch only").
         only = jax.jit(lambda p, x, f=layer: f(p, x))
         try:
-            ms, err = safe_time(only, p, x3)
+            ms, timing, err = safe_time(only, p, x3)
             row = {**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
-                   "capacity_factor": cf, "dispatch": dispatch, "ms": ms, "error": err,
+                   "capacity_factor": cf, "dispatch": dispatch, "ms": ms, **timing, "error": err,
                    "note": "route + sort + 2 all-to-alls + combine, FFN skipped"}  # fmt: skip
             emit(row)
             if ms is not None:
@@ -294,9 +312,9 @@ def sweep_blocks(xs, gs, w, emit, base) -> None:
     best = (float("inf"), None)
     for blocks in SWEEP:
         fn = jax.jit(lambda x, w, b=blocks: moe_gpu.gmm(x, w, gs, blocks=b))
-        ms, err = safe_time(fn, xs, w)
+        ms, timing, err = safe_time(fn, xs, w)
         emit({**base, "what": "gmm_sweep", "blocks": dataclasses.asdict(blocks), "ms": ms,
-              "error": err})  # fmt: skip
+              **timing, "error": err})  # fmt: skip
         if ms is not None and ms < best[0]:
             best = (ms, blocks)
     if best[1] is not None:
@@ -306,7 +324,7 @@ def sweep_blocks(xs, gs, w, emit, base) -> None:
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="experiments/results/bench_moe.jsonl")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--ep", action="store_true", help="also EP=2 rows (needs 2 devices)")
     ap.add_argument("--sweep", action="store_true", help="sweep gmm block sizes first")
@@ -352,22 +370,14 @@ def main() -> None:
     impls = [ffn_implementation(v, dtype) for v in args.impls.split(",")]
     impls = [v if v == "padded" else resolve_implementation(v) for v in impls]
     impl = impls[0]
-    dev = jax.devices()[0]
-    base = {"device": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "E": e, "top_k": k, "D": d, "F": f, "dtype": "bfloat16", "gmm_impl": impl,
-            "anchor": ANCHOR, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    out = open(args.out, "a")
+    base = {"E": e, "top_k": k, "D": d, "F": f, "gmm_impl": impl, "anchor": ANCHOR}
+    rows = harness.Rows(args.out, bench="moe", dtype="bfloat16")
+    keys = ("what", "impl", "dispatch", "capacity_factor", "microbatches", "mode", "tokens",
+            "ms", "tflops", "vs_dense", "vs_ragged_dot", "tflops_per_gpu", "per_gpu_vs_single",
+            "max_rel_err", "error")  # fmt: skip
 
-    def emit(row):
-        out.write(json.dumps(row) + "\n")
-        out.flush()
-        keys = ("what", "impl", "dispatch", "capacity_factor", "microbatches", "mode", "tokens",
-                "ms", "tflops",
-                "vs_dense", "vs_ragged_dot",
-                "tflops_per_gpu", "per_gpu_vs_single", "error")  # fmt: skip
-        print({kk: row[kk] for kk in keys if row.get(kk) is not None}, flush=True)
+    def emit(row):  # the whole row goes to the file; the log gets the fields that matter
+        rows.emit(row, echo=lambda r: {kk: r[kk] for kk in keys if r.get(kk) is not None})
 
     for i, m in enumerate(tokens):
         params, x = make_problem(m, d, f, e, k, dtype)
@@ -382,8 +392,8 @@ def main() -> None:
             res = gmm_rows(xs, gs, wi, names, emit, row, ragged)
             for v in names:
                 ratio_rows(res, v, "gmm", emit, row)
-        res = layer_rows(params, x, k, names or [impl], emit, row, ragged,
-                         dense=not args.ep_only)  # fmt: skip
+        res, outputs = layer_rows(params, x, k, names or [impl], emit, row, ragged,
+                                  dense=not args.ep_only)  # fmt: skip
         if not args.ep_only:
             for v in names or [impl]:
                 ratio_rows(res, v, "layer", emit, row)
@@ -399,9 +409,9 @@ def main() -> None:
                 single,
                 quick=args.ep_only,
                 microbatches=tuple(int(v) for v in args.ep_microbatches.split(",")),
+                single_out=outputs.get(impl),
             )
-        del params, x, xs
-    out.close()
+        del params, x, xs, outputs
 
 
 if __name__ == "__main__":

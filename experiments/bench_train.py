@@ -1,7 +1,6 @@
 """Benchmark: training-step throughput and MFU of a ~1B-parameter hybrid MoE on one GPU.
 
-    PYTHONUNBUFFERED=1 python3 experiments/bench_train.py \
-        --out experiments/results/bench_train.jsonl
+    PYTHONUNBUFFERED=1 python3 experiments/bench_train.py --out bench_train.jsonl
     python3 experiments/bench_train.py --tiny          # CPU smoke run of the script
 
 Config: hidden 2048, 16 layers (two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 768,
@@ -10,15 +9,15 @@ AdamW state, bf16 compute, the real train step of `minimax_jax.training.step` (j
 donated). One JSON line per sequence length (4K and 8K; --tokens per step): median step time,
 tokens/s, MFU = `flops_per_token` (6 x active matmul params + attention) x tokens/s over the
 bf16 matmul peak measured in the same run, and a breakdown forward / backward /
-optimizer+rest from separately jitted forward-only and forward+backward functions.
+optimizer+rest from separately jitted forward-only and forward+backward functions. The first
+step's objective is checked against a separately jitted forward on the same initial weights
+(`experiments.harness.check`); step times carry their spread over --reps steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import types
 
@@ -29,9 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.timing import timed  # noqa: E402
+from experiments import harness  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig  # noqa: E402
 from minimax_jax.model.decoder import RunOptions  # noqa: E402
+from minimax_jax.training import losses  # noqa: E402
 from minimax_jax.training.run_config import OptimSection  # noqa: E402
 from minimax_jax.training.step import (  # noqa: E402
     batch_loss,
@@ -72,35 +72,45 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
     step = jax.jit(make_train_step(config, opts, compute, optim, tx, packed=args.packed),
                    donate_argnums=0)  # fmt: skip
     n_tok = float(rows * seq_len)
+    # the step divides by the tokens that have a target; the reference forward does the same
+    _, weights, _ = losses.shifted_targets(tokens[0], batch["segment_ids"][0])
+    total = jnp.maximum(jnp.sum(weights), 1.0)
 
     def loss(p):
         return batch_loss(config, opts, compute, optim, p, tokens[0], batch["segment_ids"][0],
-                          n_tok, 1, packed=args.packed)[0]  # fmt: skip
+                          total, 1, packed=args.packed)[0]  # fmt: skip
 
     fwd = jax.jit(loss)
     fwd_bwd = jax.jit(jax.grad(loss))
+    ref = fwd(state["params"])  # before the first step donates the weights
     holder = types.SimpleNamespace(state=state)
+    holder.state, first = step(holder.state, batch)
+    checked = harness.check(first["objective"], ref, atol=1e-3, rtol=1e-2)
 
     def run_step():
         holder.state, m = step(holder.state, batch)
         jax.block_until_ready(m)
 
-    t_step = timed(run_step, args.reps)
+    timing = harness.timed_stats(run_step, args.reps, warmup=1)
+    t_step = timing.median
     t_fwd = t_fb = float("nan")
-    if seq_len in args.breakdown:  # two more compilations
-        t_fwd = timed(lambda: jax.block_until_ready(fwd(holder.state["params"])), args.reps)
-        t_fb = timed(lambda: jax.block_until_ready(fwd_bwd(holder.state["params"])), args.reps)
+    if seq_len in args.breakdown:  # one more compilation
+        params = holder.state["params"]
+        t_fwd = harness.time_device(fwd, params, reps=args.reps).median
+        t_fb = harness.time_device(fwd_bwd, params, reps=args.reps).median
     peak = measure_peak_flops(compute)
     tok_s = n_tok / t_step
     fpt = flops_per_token(config, seq_len)
     return {
         "seq_len": seq_len, "rows": rows, "tokens_per_step": int(n_tok),
-        "step_s": t_step, "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak,
+        "step_s": t_step, **timing.row_ms("step_ms"), "tokens_per_s": tok_s,
+        "mfu": fpt * tok_s / peak,
         "flops_per_token": fpt, "peak_bf16_flops": peak,
         "breakdown_s": {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest":
                         t_step - t_fb},
         "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl,
         "lightning_impl": args.lightning_impl, "attention_impl": args.attention_impl,
+        **checked,
     }  # fmt: skip
 
 
@@ -119,7 +129,7 @@ def main() -> None:
     p.add_argument("--moe_impl", default="sorted")
     p.add_argument("--lightning_impl", default="auto")
     p.add_argument("--attention_impl", default="auto", help="softmax layers: auto | xla | cudnn")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=harness.DEFAULT_REPS)
     p.add_argument(
         "--packed",
         action="store_true",
@@ -139,17 +149,10 @@ def main() -> None:
     config = bench_config(args.tiny)
     seqs = [64, 128] if args.tiny else args.seq
     total, active = count_params(config)
-    dev = jax.devices()[0]
+    rows = harness.Rows(args.out, bench="train", total_params=total, active_params=int(active),
+                        tiny=args.tiny)  # fmt: skip
     for t in seqs:
-        row = run_one(config, t, max(1, (256 if args.tiny else args.tokens) // t), args)
-        row.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                   python=platform.python_version(), total_params=total,
-                   active_params=int(active), tiny=args.tiny)  # fmt: skip
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        rows.emit(run_one(config, t, max(1, (256 if args.tiny else args.tokens) // t), args))
 
 
 if __name__ == "__main__":

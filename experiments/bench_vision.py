@@ -19,20 +19,22 @@ driver's time cap may cut the tail):
   and with cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`), the
   one "auto" resolved to first;
 - attention alone (q, k, v [19, 577, 16, 64] bf16, applied 24 times in a row: the tower's whole
-  attention): `torch.sdpa[attention only]`, then `minimax_jax.vl.vision.attention[xla]`, `[pallas
+  attention): `torch.sdpa[attention only]`, then `minimax_jax.vl.vision.attention[xla]` (rows
+  keep that name; the function is `pallas_kernels.attention.attention`), `[pallas
   bqX bkY wW sS]` (four block / warp / stage configs of the Pallas kernel; the first is the
   default) and `[cudnn]`; `max_rel_diff_vs_fp32` of one application against fp32 XLA;
-- `minimax_jax._encode_tiles[device pixels, 19 tiles]` (`attn=xla`: run r1's attention, the
-  materialised logits; run r1's row name), `minimax_jax.encode_tiles[host pixels, float32
-  transfer]` (float32 sent, cast on the device), `..._encode_tiles[device pixels, 24 tiles]`
-  (`attn=xla`, padded to 24 as TILE_BUCKET=8 did: run r1's row);
+- `minimax_jax._encode_tiles[device pixels, 19 tiles]` (`attn=xla`: the materialised logits; run
+  r1-x2's row name), `minimax_jax.encode_tiles[host pixels, float32 transfer]` (float32 sent,
+  cast on the device), `..._encode_tiles[device pixels, 24 tiles]` (`attn=xla`, padded to 24 as
+  an earlier TILE_BUCKET=8 did: run r1-x2's row);
 - `..._encode_tiles[device pixels, 19 tiles, unrolled, attn=X]`: the auto-resolved attention with
   the 24 layers unrolled instead of scanned (last: the slowest compile).
 A row that fails (e.g. cuDNN without execution plans on CUDA 13) is written with `error`.
 ms = median of --reps timed calls after warm-up, synchronised; ratio = transformers ms / ours (goal
 >= 1); max_rel_diff = max|ours - theirs| / max|theirs| over the projected features [19, 576, E]
 (mean_rel_diff: the same with means; diff_ok: max_rel_diff < 5e-2 in bf16, 1e-4 in fp32; a full-size
-bf16 tile gave 2.4e-2 on CPU). The run exits after --budget_s (rows already written are kept).
+bf16 tile gave 2.4e-2 on CPU), plus `experiments.harness.check`'s fields against the same
+reference. The run exits after --budget_s (rows already written are kept).
 --small: a tiny tower (same image and tiles) in float32, for a CPU smoke run (the fused kernels
 are then run as on CPU: Pallas in interpret mode, cuDNN failing with "not detected").
 """
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import os
 import sys
 import time
@@ -54,14 +55,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert import vl_mapping  # noqa: E402
+from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile, torch_profile  # noqa: E402
-from experiments.timing import timed  # noqa: E402
-from minimax_jax import vl_model  # noqa: E402
 from minimax_jax.config import ModelConfig  # noqa: E402
-from minimax_jax.vl import vision
+from minimax_jax.hf import vl_mapping  # noqa: E402
+from minimax_jax.vl import model as vl_model  # noqa: E402
 from minimax_jax.vl.processor import MiniMaxVLProcessor  # noqa: E402
 from minimax_jax.vl.vision import Projector, VisionConfig, VisionTower, VLConfig  # noqa: E402
+from pallas_kernels.attention import attention as vit_attention  # noqa: E402
+from pallas_kernels.attention.gpu import flash_attention_gpu  # noqa: E402
 
 IMAGE_HW = (1080, 1920)
 EXPECTED_TILES = 19  # 3 x 6 tiles on the 1008 x 2016 canvas + thumbnail
@@ -76,7 +78,7 @@ def bench_config(small: bool) -> VLConfig:
 
 
 def synthetic_pixels(cfg: VLConfig) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # optional dependency (the processor's)
 
     h, w = IMAGE_HW
     yy, xx = np.mgrid[0:h, 0:w]
@@ -139,9 +141,9 @@ def rel_diff(ours, theirs) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="experiments/results/bench_vision.jsonl")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--small", action="store_true", help="tiny tower, float32 (CPU smoke run)")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=harness.DEFAULT_REPS)
     ap.add_argument("--budget_s", type=int, default=180, help="hard exit after this many s")
     ap.add_argument(
         "--profile",
@@ -170,22 +172,16 @@ def main() -> None:
         cudnn = cuda_versions.cudnn_get_version() if cuda_versions else None
     except Exception:  # noqa: BLE001
         cudnn = None
-    base = {"bench": "vision", "device": dev.device_kind, "platform": dev.platform,
-            "cudnn": cudnn,
+    base = {"cudnn": cudnn,
             "torch_device": torch.cuda.get_device_name() if tdev == "cuda" else "cpu",
-            "jax": jax.__version__, "torch": torch.__version__,
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "dtype": jnp.dtype(dtype).name,
             "small": args.small, "image_hw": list(IMAGE_HW), "tiles": EXPECTED_TILES,
             "vision": f"L{v.num_layers} D{v.hidden_size} F{v.intermediate_size} N{v.num_heads} "
                       f"{v.image_size}/{v.patch_size}", "proj_dim": cfg.text.hidden_size,
             "reps": args.reps}  # fmt: skip
 
-    def emit(row):
-        print(json.dumps(row), flush=True)
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    emit = harness.Rows(args.out, bench="vision").emit
 
     pixels = synthetic_pixels(cfg)  # float32 [19, 3, 336, 336], thumbnail first
     rngs = nnx.Rngs(0)
@@ -198,23 +194,26 @@ def main() -> None:
     ref, attn = torch_reference(cfg, params, tdtype, tdev)
     tpix = torch.from_numpy(pixels).to(tdev, tdtype)
     theirs = ref(tpix).float().cpu().numpy()
-    t_sec = timed(lambda: ref(tpix), args.reps)
+    t_timing = harness.timed_stats(lambda: ref(tpix), args.reps)
+    t_sec = t_timing.median
     emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector", "attn": attn,
-                 "ms": t_sec * 1e3, "tiles_per_s": EXPECTED_TILES / t_sec})  # fmt: skip
+                 **t_timing.row_ms(), "tiles_per_s": EXPECTED_TILES / t_sec})  # fmt: skip
 
     def ours_row(impl, fn, tiles_run, attn, **extra):
         row = base | {"impl": impl, "attn": attn, "tiles_run": tiles_run, **extra}
         try:
             feats = np.asarray(jax.device_get(fn()), np.float32)[:EXPECTED_TILES]
-            sec = timed(lambda: jax.block_until_ready(fn()), args.reps)
+            timing = harness.timed_stats(lambda: jax.block_until_ready(fn()), args.reps)
+            sec = timing.median
         except Exception as err:  # noqa: BLE001 - report and go on to the next row
             emit(row | {"error": f"{type(err).__name__}: {err}"[:1500],
                         "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
             return
         diff, mean_diff = rel_diff(feats, theirs)
-        emit(row | {"ms": sec * 1e3, "tiles_per_s": EXPECTED_TILES / sec, "ratio": t_sec / sec,
-                    "max_rel_diff": diff, "mean_rel_diff": mean_diff,
-                    "diff_ok": diff < (1e-4 if args.small else 5e-2),
+        tol = 1e-4 if args.small else 5e-2
+        emit(row | {**timing.row_ms(), "tiles_per_s": EXPECTED_TILES / sec, "ratio": t_sec / sec,
+                    "max_rel_diff": diff, "mean_rel_diff": mean_diff, "diff_ok": diff < tol,
+                    **harness.check(feats, theirs, atol=tol, rtol=tol),
                     "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
 
     tower_p, proj_p = params["vision_tower"], params["projector"]
@@ -278,7 +277,7 @@ def main() -> None:
     shape = (EXPECTED_TILES, v.num_patches + 1, v.num_heads, v.head_dim)
     qkv32 = [jnp.asarray(rs.randn(*shape), jnp.float32) for _ in range(3)]
     with jax.default_matmul_precision("highest"):
-        ref_o = np.asarray(vision.attention(*qkv32, "xla"))  # fp32, one application
+        ref_o = np.asarray(vit_attention(*qkv32, "xla"))  # fp32, one application
     qkv = [t.astype(dtype) for t in qkv32]
     att_base = base | {"shape_bsnh": list(shape), "layers": v.num_layers}
     try:
@@ -295,8 +294,9 @@ def main() -> None:
                 torch.cuda.synchronize()
             return o
 
-        sec = timed(torch_att, args.reps)
-        emit(att_base | {"impl": "torch.sdpa[attention only]", "ms": sec * 1e3})
+        t_ = harness.timed_stats(torch_att, args.reps)
+        sec = t_.median
+        emit(att_base | {"impl": "torch.sdpa[attention only]", **t_.row_ms()})
         t_att = sec
     except Exception as err:  # noqa: BLE001
         emit(att_base | {"impl": "torch.sdpa[attention only]", "error": repr(err)[:1500]})
@@ -308,24 +308,26 @@ def main() -> None:
         row = att_base | {"impl": f"minimax_jax.vl.vision.attention[{label}]"}
         try:
             one = np.asarray(jax.jit(fn1)(*qkv), np.float32)
-            sec = timed(lambda: jax.block_until_ready(chain(*qkv)), args.reps)
+            t_ = harness.time_device(chain, *qkv, reps=args.reps)
         except Exception as err:  # noqa: BLE001
             emit(row | {"error": f"{type(err).__name__}: {err}"[:1500]})
             return
+        sec = t_.median
         diff = float(np.abs(one - ref_o).max() / np.abs(ref_o).max())
-        emit(row | {"ms": sec * 1e3, "ratio": (t_att / sec) if t_att else None,
-                    "max_rel_diff_vs_fp32": diff})  # fmt: skip
+        emit(row | {**t_.row_ms(), "ratio": (t_att / sec) if t_att else None,
+                    "max_rel_diff_vs_fp32": diff,
+                    **harness.check(one, ref_o, atol=2e-2, rtol=2e-2)})  # fmt: skip
 
-    attention_row("xla", lambda q, k, w: vision.attention(q, k, w, "xla"))
+    attention_row("xla", lambda q, k, w: vit_attention(q, k, w, "xla"))
     for bq, bk, warps, stages in ((128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2),
                                   (128, 128, 8, 2)):  # fmt: skip
         attention_row(
             f"pallas bq{bq} bk{bk} w{warps} s{stages}",
-            lambda q, k, w, c=(bq, bk, warps, stages): vision.flash_attention_pallas(
+            lambda q, k, w, c=(bq, bk, warps, stages): flash_attention_gpu(
                 q, k, w, scale=v.head_dim**-0.5, block_q=c[0], block_k=c[1], num_warps=c[2],
                 num_stages=c[3]),
         )  # fmt: skip
-    attention_row("cudnn", lambda q, k, w: vision.attention(q, k, w, "cudnn"))
+    attention_row("cudnn", lambda q, k, w: vit_attention(q, k, w, "cudnn"))
 
     device_row(EXPECTED_TILES, "xla")  # run r1's row (its attention), exact tile count
     host_row("minimax_jax.encode_tiles[host pixels, float32 transfer]", cast_on_host=False)

@@ -1,63 +1,66 @@
 """Probe: batched GEMM over capacity-padded expert groups vs the dense matmul and the Mosaic GPU
-grouped kernels, at MiniMax expert width (one-off measurements behind the "padded" backend)."""
+grouped kernels, at MiniMax expert width (the measurements behind the "padded" expert FFN).
+
+    python3 experiments/probe_bmm.py --out probe_bmm.jsonl      # GPU (`run.py moe-probe`)
+
+Rows through `experiments.harness`; the padded batched GEMM at capacity 1.0 (every group exactly
+the mean) is checked against the Mosaic `gmm` on the same rows.
+"""
 
 import argparse
-import json
+import os
 import sys
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, ".")
-from experiments.timing import timed  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import harness  # noqa: E402
 from pallas_kernels.moe import gpu as mgpu  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args()
     e, d, n = 32, 6144, 18432
     key = jax.random.PRNGKey(0)
-    rows = []
+    rows = harness.Rows(args.out, bench="probe_bmm", E=e, D=d, N=n, dtype="bfloat16")
 
-    def run(fn, *a, reps=10):
-        f = jax.jit(fn)
-        return timed(lambda: f(*a).block_until_ready(), reps)
+    def run(fn, *a):
+        return harness.time_device(jax.jit(fn), *a)
 
-    def rec(**r):
-        r["device"] = jax.devices()[0].device_kind
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(r) + "\n")
+    def rec(t: harness.Timing, flops: float, key="tflops", **r):
+        rows.emit({**r, **t.row_ms(), key: flops / t.median / 1e12})
 
     for tokens in (4096, 65536):
         m = tokens * 2
         mean = m // e
+        flops = 2 * m * d * n
         x = jax.random.normal(key, (m, d), jnp.bfloat16)
         w = jax.random.normal(key, (e, d, n), jnp.bfloat16) * 0.02
         dy = jax.random.normal(key, (m, n), jnp.bfloat16)
-        t = run(lambda x, w: x @ w[0], x, w)
-        rec(tokens=tokens, what="dense", ms=t * 1e3, tflops=2 * m * d * n / t / 1e12)
-        t = run(lambda x, dy: x.T @ dy, x, dy)
-        rec(tokens=tokens, what="dense_dw", ms=t * 1e3, tflops=2 * m * d * n / t / 1e12)
+        rec(run(lambda x, w: x @ w[0], x, w), flops, tokens=tokens, what="dense")
+        rec(run(lambda x, dy: x.T @ dy, x, dy), flops, tokens=tokens, what="dense_dw")
         gs = jnp.full((e,), mean, jnp.int32)
-        t = run(mgpu.gmm, x, w, gs)
-        rec(tokens=tokens, what="mosaic_gmm", ms=t * 1e3, tflops=2 * m * d * n / t / 1e12)
-        t = run(mgpu.tgmm, x, dy, gs, reps=5)
-        rec(tokens=tokens, what="mosaic_tgmm", ms=t * 1e3, tflops=2 * m * d * n / t / 1e12)
+        rec(run(mgpu.gmm, x, w, gs), flops, tokens=tokens, what="mosaic_gmm")
+        rec(run(mgpu.tgmm, x, dy, gs), flops, tokens=tokens, what="mosaic_tgmm")
+        gmm_out = jax.jit(mgpu.gmm)(x, w, gs)
         for r in (1.0, 1.0625, 1.125, 1.25, 1.5):
             for mult in (32, 64, 128):
                 c = -(-int(mean * r) // mult) * mult
                 xp = jax.random.normal(key, (e, c, d), jnp.bfloat16)
                 dp = jax.random.normal(key, (e, c, n), jnp.bfloat16)
-                fwd = (lambda xp, w: jnp.einsum("eck,ekn->ecn", xp, w), w, {})
-                dw = (lambda xp, dp: jnp.einsum("eck,ecn->ekn", xp, dp), dp, {"reps": 5})
-                for what, (fn, other, kw) in (("bmm", fwd), ("bmm_dw", dw)):
-                    t = run(fn, xp, other, **kw)
-                    rec(tokens=tokens, what=what, ratio=r, mult=mult, C=c, ms=t * 1e3,
-                        tflops_useful=2 * m * d * n / t / 1e12)  # fmt: skip
+                fwd = (lambda xp, w: jnp.einsum("eck,ekn->ecn", xp, w), w)
+                dw = (lambda xp, dp: jnp.einsum("eck,ecn->ekn", xp, dp), dp)
+                for what, (fn, other) in (("bmm", fwd), ("bmm_dw", dw)):
+                    checked = {}
+                    if what == "bmm" and c == mean:  # the same rows as gmm's: compare
+                        out = jax.jit(fn)(x.reshape(e, c, d), other).reshape(m, n)
+                        checked = harness.check(out, gmm_out, atol=5e-2, rtol=5e-2)
+                    rec(run(fn, xp, other), flops, "tflops_useful", tokens=tokens,
+                        what=what, ratio=r, mult=mult, C=c, **checked)  # fmt: skip
                 if tokens > 4096:
                     break
 
