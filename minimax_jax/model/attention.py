@@ -7,11 +7,13 @@ Implementations (``RunOptions.attention_impl``; all compute softmax(q k^T * scal
 logits, probabilities in v's dtype for the value product):
 - "xla": logits materialised as [B,K,G,T,S] fp32 (any backend, any dtype; tests' reference).
 - "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention`` (no [T,S] logits in
-  memory): CUDA GPUs, bfloat16/float16 activations, head dim a multiple of 8 and at most 128.
+  memory): CUDA GPUs, bfloat16/float16 activations, head dim a multiple of 8 and at most 128
+  (``pallas_kernels.attention.cudnn_unsupported``).
   A plain causal call (no padding, no packed segments) uses cuDNN's causal mask, which skips the
   masked half; otherwise the boolean mask goes in as an additive bias [B,1,T,S]. Odd lengths
   are padded by one slot (JAX's cuDNN training kernels take even lengths only).
-- "auto": "xla" everywhere for now; "cudnn" is opt-in until it is measured on a GPU.
+- "auto": "xla" everywhere for now; "cudnn" is opt-in until it is measured on a GPU
+  (`resolve_attention_impl` is the one place that decides).
 Decode steps (one query row) always take "xla".
 """
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from minimax_jax.model.proj import proj
 from minimax_jax.model.rope import apply_rope
+from pallas_kernels.attention import cudnn_unsupported
 
 # A finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax instead of
 # NaN; its output is never used.
@@ -41,19 +44,6 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # What "cudnn" passes to jax.nn.dot_product_attention; CPU tests set it to "xla" to check the
 # arguments (mask layout, causal flag, GQA grouping) against `dot_product_attention` itself.
 _CUDNN = "cudnn"
-
-
-def cudnn_unsupported(q: jax.Array) -> str | None:
-    """Why the cuDNN path cannot run q [B,T,N,H] here, or None when it can."""
-    backend = jax.default_backend()
-    if backend not in ("gpu", "cuda"):
-        return f"needs a CUDA GPU (the default backend is {backend})"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"needs bfloat16 or float16 activations (got {q.dtype})"
-    h = q.shape[-1]
-    if h % 8 or h > 128:
-        return f"needs a head dim that is a multiple of 8 and at most 128 (got {h})"
-    return None
 
 
 def resolve_attention_impl(impl: str, q: jax.Array) -> str:

@@ -28,6 +28,8 @@ from minimax_jax.model.norm import rms_norm
 from minimax_jax.model.proj import LayerSlice, materialize, proj
 from minimax_jax.model.rope import rope_tables
 from minimax_jax.sharding import constrain
+from pallas_kernels.matvec.api import IMPLEMENTATIONS as MATVEC_IMPLEMENTATIONS
+from pallas_kernels.matvec.api import resolve_implementation as resolve_matvec
 from pallas_kernels.moe.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 
 LIGHTNING = "linear_attention"
@@ -54,12 +56,13 @@ class RunOptions:
     # "sorted" without a mesh: calls with at most this many token-expert assignments (B*T*k)
     # use `moe_gather` (decode steps at small batch); None: num_experts // 2 (it reads one
     # expert per assignment; at 32 assignments of 8 experts it made the decode step 1.4x slower
-    # than the grouped kernels, experiments/README.md round 7); 0: never.
+    # than the grouped kernels, experiments/README.md); 0: never.
     moe_gather_rows: int | None = None
     unroll_blocks: bool = False  # unroll the scan over blocks (the Engine's decode step does)
     # One-row projections and `moe_gather` (batch-1 decode): "xla" (paired zero row, gathered
     # weights), "gpu" (`pallas_kernels.matvec` kernel: reads each weight once), "gpu_interpret"
-    # (tests); "auto": gpu on a GPU without a mesh (a Pallas call is not partitioned), else xla.
+    # (tests); "auto": `pallas_kernels.matvec.api.resolve_implementation` (gpu on a GPU without
+    # a mesh, else xla).
     matvec_impl: str = "auto"
     # Softmax layers: "auto" | "xla" | "cudnn" (`minimax_jax.model.attention`; auto = xla for now).
     attention_impl: str = "auto"
@@ -83,18 +86,15 @@ class RunOptions:
             raise ValueError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
-        if self.matvec_impl not in ("auto", "xla", "gpu", "gpu_interpret"):
+        if self.matvec_impl not in MATVEC_IMPLEMENTATIONS:
             raise ValueError(
-                "matvec_impl must be 'auto', 'xla', 'gpu' or 'gpu_interpret', "
-                f"got {self.matvec_impl!r}"
+                f"matvec_impl must be one of {MATVEC_IMPLEMENTATIONS}, got {self.matvec_impl!r}"
             )
 
     @property
     def matvec(self) -> str:
         """matvec_impl with 'auto' resolved for the default backend and the mesh."""
-        if self.matvec_impl != "auto":
-            return self.matvec_impl
-        return "gpu" if self.mesh is None and jax.default_backend() in ("gpu", "cuda") else "xla"
+        return resolve_matvec(self.matvec_impl, sharded=self.mesh is not None)
 
 
 @dataclasses.dataclass(frozen=True)

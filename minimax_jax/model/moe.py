@@ -18,12 +18,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.model.moe_padded import expert_ffn_padded
+from minimax_jax.model.moe_padded import expert_ffn_padded, swiglu
 from minimax_jax.model.proj import LayerSlice
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported as matvec_supported
 from pallas_kernels.moe import grouped_matmul
-from pallas_kernels.moe.api import grouped_matmul_vjp, match_vma, resolve_implementation
+from pallas_kernels.moe.api import gpu_takes, grouped_matmul_vjp, resolve_implementation
+from pallas_kernels.platform import match_vma
 
 
 def route(
@@ -86,16 +87,11 @@ def router_aux(
     }
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
-    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F]."""
-    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-
-
 def moe_dense(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Every expert on every token, combined by the routing weights: x [M,D] -> ([M,D], logits)."""
     weights, experts, logits = route(x, params["router"], top_k)
     combine_w = jnp.sum(jax.nn.one_hot(experts, params["wi"].shape[0]) * weights[..., None], axis=1)
-    h = _swiglu(jnp.einsum("md,edcf->mecf", x, params["wi"]))
+    h = swiglu(jnp.einsum("md,edcf->mecf", x, params["wi"]))
     y = jnp.einsum("mef,efd->med", h, params["wo"], preferred_element_type=jnp.float32)
     return jnp.einsum("med,me->md", y, combine_w).astype(x.dtype), logits
 
@@ -142,7 +138,7 @@ def _ffn_and_h(xs, wi, wo, group_sizes, implementation, group_rows=None):
     e, d, _, f = wi.shape
     gmm = functools.partial(grouped_matmul, implementation=implementation, group_rows=group_rows)
     h = gmm(xs, wi.reshape(e, d, 2 * f), group_sizes)
-    act = _swiglu(h.reshape(-1, 2, f))
+    act = swiglu(h.reshape(-1, 2, f))
     return gmm(act, wo, group_sizes), h
 
 
@@ -233,7 +229,7 @@ def _bucketed_bwd(sizes, impl, res, dy):
 
     def branch(n, xs, wi, wo, gs, h, dy):
         hn = h[:n].reshape(-1, 2, f)
-        act, act_vjp = jax.vjp(_swiglu, hn)
+        act, act_vjp = jax.vjp(swiglu, hn)
         dact, dwo = grouped_matmul_vjp(act, wo, gs, dy[:n].astype(act.dtype), implementation=impl)
         (dh,) = act_vjp(dact)
         dxs, dwi = grouped_matmul_vjp(xs[:n], wi.reshape(e, d, 2 * f), gs, dh.reshape(n, 2 * f),
@@ -266,16 +262,17 @@ def dispatch(x: jax.Array, order: jax.Array, top_k: int) -> jax.Array:
 
 
 def ffn_implementation(implementation: str, dtype) -> str:
-    """The expert-FFN implementation "auto" stands for with operands of this dtype.
+    """The expert-FFN implementation "auto" stands for with operands of this dtype (the one
+    place that decides it; `moe_sorted` and `moe_parallel.moe_ep` call this).
 
-    On GPU with 16-bit operands that is "padded" (batched GEMMs over capacity-padded groups,
-    the Mosaic grouped kernels as fallback): measured faster than the grouped kernels alone at
-    every MiniMax-width token count (experiments/README.md, rounds 13-16). Elsewhere, and for
-    explicit names, the name is returned unchanged (the grouped-matmul API resolves it).
+    Where the grouped-matmul API would pick its GPU kernels (a GPU, 16-bit operands) that is
+    "padded" (batched GEMMs over capacity-padded groups, `moe_padded`, the Mosaic grouped
+    kernels as fallback): measured faster than the grouped kernels alone at every MiniMax-width
+    token count (experiments/README.md). Elsewhere, and for explicit names, the name is returned
+    unchanged (`pallas_kernels.moe.api.resolve_implementation` resolves it per call).
     """
-    if implementation == "auto" and jnp.dtype(dtype).itemsize == 2:
-        if resolve_implementation("auto") == "gpu":
-            return "padded"
+    if implementation == "auto" and gpu_takes(dtype) and resolve_implementation("auto") == "gpu":
+        return "padded"
     return implementation
 
 
@@ -324,14 +321,14 @@ def moe_gather(
     if matvec != "xla" and matvec_supported(d, 2 * f) and matvec_supported(f, d):
         wi, first = wi_v.rows(e, d)  # [L*E, D, 2F]: the stacked weights, indexed in place
         h = gathered_matvec(xa, wi, first + flat, implementation=matvec).astype(x.dtype)
-        act = _swiglu(h.reshape(-1, 2, f))  # [A,F]
+        act = swiglu(h.reshape(-1, 2, f))  # [A,F]
         wo, first = wo_v.rows(e, f)
         y = gathered_matvec(act, wo, first + flat, implementation=matvec)
     else:
         pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
         wi = jnp.take(wi_v.get().reshape(e, d, 2 * f), flat, axis=0).astype(x.dtype)
         h = jnp.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32)
-        act = _swiglu(h.astype(x.dtype).reshape(*h.shape[:2], 2, f))  # [A,2,F]
+        act = swiglu(h.astype(x.dtype).reshape(*h.shape[:2], 2, f))  # [A,2,F]
         wo = jnp.take(wo_v.get(), flat, axis=0).astype(x.dtype)  # [A,F,D]
         y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
     y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)

@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.moe import padded as _padded
-from pallas_kernels.moe.api import grouped_matmul, grouped_matmul_vjp, match_vma
+from pallas_kernels.moe.api import grouped_matmul, grouped_matmul_vjp, resolve_implementation
+from pallas_kernels.platform import match_vma
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
+def swiglu(h: jax.Array) -> jax.Array:
+    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F] (the experts' activation)."""
     return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
 
 
@@ -77,7 +79,7 @@ def _padded_fwd_branch(c, k, x, expert, wi, wo):
     slot, source, valid = _slots(expert, order, gs, c)
     xp = _take_rows(x, source // k, valid).reshape(e, c, d)
     h = _einsum("ecd,edn->ecn", xp, wi.reshape(e, d, 2 * f).astype(x.dtype), x.dtype)
-    act = _swiglu(h.reshape(e, c, 2, f))
+    act = swiglu(h.reshape(e, c, 2, f))
     y = _einsum("ecf,efd->ecd", act, wo.astype(x.dtype), x.dtype)
     used = slot < e * c
     return _take_rows(y.reshape(e * c, d), slot, used), _take_rows(h.reshape(e * c, -1), slot, used)
@@ -88,7 +90,7 @@ def _sorted_fwd_branch(impl, k, x, expert, wi, wo):
     order, gs = _layout(expert, e)
     xs = jnp.take(x, order // k, axis=0)  # rows past sum(gs) are unused: their output is 0
     h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), gs, implementation=impl)
-    y = grouped_matmul(_swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
+    y = grouped_matmul(swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
     inv = _inverse(order)
     return jnp.take(y, inv, axis=0), jnp.take(h, inv, axis=0)
 
@@ -127,7 +129,7 @@ def _padded_bwd_branch(c, k, x, expert, wi, wo, h, dy):
     slot, source, valid = _slots(expert, order, gs, c)
     dyp = _take_rows(dy.astype(x.dtype), source, valid).reshape(e, c, d)
     hp = _take_rows(h, source, valid).reshape(e, c, 2, f)
-    act, act_vjp = jax.vjp(_swiglu, hp)
+    act, act_vjp = jax.vjp(swiglu, hp)
     dact = _einsum("ecd,efd->ecf", dyp, wo.astype(x.dtype), x.dtype)
     dwo = _einsum("ecf,ecd->efd", act, dyp, wo.dtype)
     (dh,) = act_vjp(dact)
@@ -149,7 +151,7 @@ def _sorted_bwd_branch(impl, k, x, expert, wi, wo, h, dy):
     xs = jnp.take(x, order // k, axis=0)
     hs = jnp.take(h, order, axis=0).reshape(-1, 2, f)
     dys = jnp.take(dy.astype(x.dtype), order, axis=0)
-    act, act_vjp = jax.vjp(_swiglu, hs)
+    act, act_vjp = jax.vjp(swiglu, hs)
     dact, dwo = grouped_matmul_vjp(act, wo, gs, dys, implementation=impl)
     (dh,) = act_vjp(dact)
     dxs, dwi = grouped_matmul_vjp(xs, wi.reshape(e, d, 2 * f), gs, dh.reshape(-1, 2 * f),
@@ -192,15 +194,9 @@ def expert_ffn_padded(
         raise ValueError(f"expert has {a} rows, expected M*k = {x.shape[0]}*{k}")
     rows = max(1, group_rows if group_rows is not None else -(-a // e))
     caps = _padded.capacities(rows)
-    if fallback == "gpu" or (fallback == "auto" and _fallback_is_gpu(x)):
+    if resolve_implementation(fallback, x.dtype) == "gpu":
         caps = _padded.break_even(caps, rows * e, e)
     # Inside shard_map every operand varies like the rows (custom VJP cotangent types).
     wi, wo, expert = (match_vma(t, x) for t in (wi, wo, expert.astype(jnp.int32)))
     x = match_vma(x, wi)
     return _ffn(caps, fallback, k, x, expert, wi, wo)
-
-
-def _fallback_is_gpu(x: jax.Array) -> bool:
-    from pallas_kernels.moe.api import resolve_implementation
-
-    return resolve_implementation("auto") == "gpu" and x.dtype.itemsize == 2

@@ -46,7 +46,7 @@ from minimax_jax.model.moe import (
     dispatch as dispatch_rows,
 )
 from minimax_jax.model.moe_padded import expert_ffn_padded
-from pallas_kernels.moe.api import match_vma
+from pallas_kernels.platform import match_vma, on_tpu
 
 DISPATCHES = ("auto", "ragged", "dense")
 # The receive buffer holds up to P*A rows, about A of them used with balanced routing: the
@@ -226,7 +226,7 @@ def resolve_dispatch(dispatch: str) -> str:
         raise ValueError(f"EP dispatch must be one of {DISPATCHES}, got {dispatch!r}")
     if dispatch != "auto":
         return dispatch
-    return "ragged" if jax.default_backend() == "tpu" else "dense"
+    return "ragged" if on_tpu() else "dense"
 
 
 def moe_ep(

@@ -18,25 +18,18 @@ Parameters (pure dict, layers stacked on axis 0 and scanned):
             fc2 [L, F, D], fc2_bias [L, D]
     projector: w1 [D, E], b1 [E], w2 [E, E], b2 [E]
 
-Attention (``attention_impl``, a static choice; all compute softmax(q k^T / sqrt(H)) v with fp32
-logits and softmax, probabilities cast to v's dtype before the second matmul):
-
-    "xla"     jax.nn.dot_product_attention(implementation="xla"): the [B, N, S, S] logits are
-              materialised (the reference; exact in fp32, any backend)
-    "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention (GPU,
-              bf16/fp16, head dim a multiple of 8; S = 577 needs no padding in inference)
-    "pallas"  flash_attention_pallas: a Pallas (Triton) flash kernel, sequence zero-padded to a
-              multiple of 128 with the padded keys masked (GPU; interpret mode elsewhere)
-    "auto"    the first of auto_attention_candidates(dtype, H) that traces: on a GPU with
-              bf16/fp16 cudnn, then pallas, then xla; xla otherwise. A failure that shows only at
-              compile or run time is caught one level up, by ``vl_model.encode_tiles``.
+Attention (``attention_impl``, a static choice): ``pallas_kernels.attention`` ("xla", "cudnn",
+"pallas", "auto"; see its ``api.py``), re-exported here as ``attention``, ``ATTENTION_IMPLS``,
+``auto_attention_candidates`` and ``flash_attention_pallas``. "auto" falls back at trace time; a
+failure that shows only at compile or run time is caught one level up, by
+``minimax_jax.vl.model.encode_tiles``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
+import json
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,10 +37,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import configs
+from minimax_jax.config import ModelConfig
 from minimax_jax.model.layers import param
+from pallas_kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from pallas_kernels.attention import attention
+from pallas_kernels.attention import auto_candidates as auto_attention_candidates  # noqa: F401
+from pallas_kernels.attention.gpu import (
+    flash_attention_gpu as flash_attention_pallas,  # noqa: F401 - re-exported (tests, benchmarks)
+)
 
 _GELU_NAMES = ("gelu",)  # erf GELU; CLIP's quick_gelu is not what VL-01 uses
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,145 +162,6 @@ def embed_patches(cfg: VisionConfig, params: Mapping, pixels: jax.Array) -> jax.
     return x + params["pos"].astype(x.dtype)[None]
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
-def auto_attention_candidates(dtype: Any, head_dim: int) -> tuple[str, ...]:
-    """What ``attention_impl="auto"`` tries, in order (the last one, ``"xla"``, always works).
-
-    Fused kernels only on a GPU and only for bf16 / fp16 (fp32 keeps the exact XLA path):
-    cuDNN flash attention (head dim <= 128, multiple of 8), then the Pallas kernel (head dim
-    16..256, multiple of 16: Triton's dot needs >= 16).
-    """
-    out = []
-    if _on_gpu() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        if head_dim % 8 == 0 and head_dim <= 128:
-            out.append("cudnn")
-        if head_dim % 16 == 0 and 16 <= head_dim <= 256:
-            out.append("pallas")
-    return (*out, "xla")
-
-
-def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *, scale, seq_len, block_k):
-    """One (q block, batch, head): online softmax over the key blocks (exp2, fp32 statistics).
-
-    q_ref, o_ref [bq, H]; k_ref, v_ref [Sp, H] (zero-padded past ``seq_len``; those keys are
-    masked, in the last block only)."""
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    def dot(a, b, trans_b=False):
-        dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-        return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-    q = q_ref[...]
-    bq = q.shape[0]
-    c = scale * math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x * log2 e)
-
-    def step(start, carry, masked):
-        acc, m, l = carry
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = dot(q, k, trans_b=True) * c  # [bq, bk] fp32
-        if masked:
-            col = start + lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
-            s = jnp.where(col < seq_len, s, -1e30)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s - m_new[:, None])
-        alpha = jnp.exp2(m - m_new)
-        l = alpha * l + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
-
-    full = seq_len // block_k  # key blocks with no padding
-    carry = (
-        jnp.zeros((bq, q.shape[1]), jnp.float32),
-        jnp.full((bq,), -jnp.inf, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
-    )
-    carry = lax.fori_loop(
-        0,
-        full,
-        lambda j, cr: step(pl.multiple_of(j * block_k, block_k), cr, False),
-        carry,
-    )
-    if seq_len % block_k:
-        carry = step(full * block_k, carry, True)
-    acc, _, l = carry
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("scale", "block_q", "block_k", "num_warps", "num_stages", "interpret")
-)
-def flash_attention_pallas(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    scale: float,
-    block_q: int = 128,
-    block_k: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Non-causal attention, q/k/v/out [B, S, N, H], fp32 softmax statistics (Pallas, Triton).
-
-    The sequence is zero-padded to a multiple of ``max(block_q, block_k)`` (577 -> 640): the
-    padded keys are masked, the padded queries dropped. Grid (q blocks, B, N), q blocks fastest
-    so programs that share one head's keys run together. ``interpret`` (default: off a GPU) runs
-    the same kernel through Pallas' interpreter.
-    """
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    b, s, n, h = q.shape
-    if interpret is None:
-        interpret = not _on_gpu()
-    step = max(block_q, block_k)
-    if step % block_q or step % block_k:
-        raise ValueError(f"block_q {block_q} and block_k {block_k} must divide each other")
-    sp = -(-s // step) * step
-    if sp != s:
-        q, k, v = (jnp.pad(t, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for t in (q, k, v))
-    kern = functools.partial(_flash_kernel, scale=float(scale), seq_len=s, block_k=block_k)
-    q_spec = pl.BlockSpec((None, block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0))
-    kv_spec = pl.BlockSpec((None, sp, None, h), lambda i, bi, ni: (bi, 0, ni, 0))
-    out = pl.pallas_call(
-        kern,
-        grid=(sp // block_q, b, n),
-        in_specs=[q_spec, kv_spec, kv_spec],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct((b, sp, n, h), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="vision_flash_attention",
-    )(q, k, v)
-    return out[:, :s] if sp != s else out
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v for q, k, v [B, S, N, H] (no mask) -> [B, S, N, H].
-
-    ``impl`` in ATTENTION_IMPLS (module docstring). "auto" falls back at trace time only.
-    """
-    scale = q.shape[-1] ** -0.5
-    if impl == "auto":
-        for cand in auto_attention_candidates(q.dtype, q.shape[-1])[:-1]:
-            try:
-                return attention(q, k, v, cand)
-            except Exception:  # noqa: BLE001 - unsupported here: try the next one
-                continue
-        impl = "xla"
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-    if impl == "pallas":
-        return flash_attention_pallas(q, k, v, scale=scale)
-    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-
-
 def encoder_layer(
     cfg: VisionConfig, p: Mapping, x: jax.Array, attention_impl: str = "xla"
 ) -> jax.Array:
@@ -321,7 +182,7 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt(2))) computed in fp32, as torch's kernel does.
 
     `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:GPU evaluated at ~136 us per
-    [19*577, 4096] bf16 layer against torch's ~60 us (round 7 profile, experiments/README.md).
+    [19*577, 4096] bf16 layer against torch's ~60 us (a profile in experiments/README.md).
     """
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
@@ -486,7 +347,7 @@ class VLConfig:
     (``vision_feature_layer`` -1, strategy ``default``), erf-GELU projector, ``anyres`` packing.
     """
 
-    text: Any  # minimax_jax.config.ModelConfig
+    text: ModelConfig
     vision: VisionConfig = VisionConfig()
     image_token_index: int = IMAGE_TOKEN_ID
     image_grid_pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
@@ -514,8 +375,6 @@ class VLConfig:
         Raises:
           ValueError: naming the key, for settings other than the released ones.
         """
-        from minimax_jax.config import ModelConfig
-
         expected = {
             "vision_feature_layer": -1,
             "vision_feature_select_strategy": "default",
@@ -554,12 +413,7 @@ class VLConfig:
     def preset(cls, name: str = "minimax-vl-01") -> VLConfig:
         """A VL preset: ``configs/vl/{name}.json`` (kept apart from the text presets, whose
         tests round-trip every ``configs/*.json`` as a text config)."""
-        import json
-        import pathlib
-
         stem = name[: -len(".json")] if name.endswith(".json") else name
-        import configs
-
         path = pathlib.Path(configs.__file__).resolve().parent / "vl" / f"{stem}.json"
         if "/" in stem or not path.is_file():
             known = sorted(p.stem for p in path.parent.glob("*.json"))

@@ -14,11 +14,11 @@ Gradients flow to q, k, v and initial_state (explicit custom_vjp backward in xla
 zero gradient. Any T (padded internally with identity steps).
 
 Implementations: "reference" (token scan, tests only), "xla" (chunked scan; the CPU path and
-always-working fallback), "tpu" (Pallas Mosaic kernel), "gpu" (`pallas_kernels.lightning.gpu`,
-owned separately: its adapters `lightning_attention(q, k, v, slopes, *, initial_state,
-segment_ids, block_size)` and `lightning_decode(q, k, v, slopes, state)`; in interpret mode
-`lightning_attention_gpu` / `lightning_decode_gpu` with `interpret=True`). "auto": tpu on TPU,
-gpu on GPU when that module imports, else xla; "auto" also falls back to xla for inputs the gpu
+always-working fallback), "tpu" (Pallas Mosaic kernel), "gpu" (Pallas Triton kernels,
+`pallas_kernels.lightning.gpu`: its adapters `lightning_attention(q, k, v, slopes, *,
+initial_state, segment_ids, block_size)` and `lightning_decode(q, k, v, slopes, state)`; in
+interpret mode `lightning_attention_gpu` / `lightning_decode_gpu` with `interpret=True`).
+"auto": tpu on TPU, gpu on GPU, else xla; "auto" also falls back to xla for inputs the gpu
 kernels do not support (head dims that are not powers of two >= 16).
 Pallas kernels run on CPU in interpret mode inside `with interpret_mode():` (or
 `set_interpret(True)`), which is how the tests exercise them.
@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib
 from collections.abc import Iterator
-from types import ModuleType
 
 import jax
 
+from pallas_kernels import platform
 from pallas_kernels.lightning import decode as _decode
+from pallas_kernels.lightning import gpu as _gpu
 from pallas_kernels.lightning import reference as _reference
+from pallas_kernels.lightning import tpu as _tpu
 from pallas_kernels.lightning import xla as _xla
 
 __all__ = [
@@ -90,36 +90,16 @@ class LightningConfig:
                 raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
-@functools.cache
-def _gpu_module() -> ModuleType | None:
-    """`pallas_kernels.lightning.gpu` if it exists and imports, else None."""
-    try:
-        return importlib.import_module("pallas_kernels.lightning.gpu")
-    except ImportError:
-        return None
-
-
 def resolve_implementation(implementation: str = "auto") -> str:
     """Map "auto" to a concrete implementation for the default backend."""
     LightningConfig(implementation=implementation)
     if implementation != "auto":
         return implementation
-    platform = jax.default_backend()
-    if platform == "tpu":
+    if platform.on_tpu():
         return "tpu"
-    if platform in ("gpu", "cuda", "rocm") and _gpu_module() is not None:
+    if platform.on_gpu():
         return "gpu"
     return "xla"
-
-
-def _require_gpu() -> ModuleType:
-    mod = _gpu_module()
-    if mod is None:
-        raise ValueError(
-            'implementation="gpu" needs pallas_kernels.lightning.gpu, which did not import; '
-            'use implementation="xla"'
-        )
-    return mod
 
 
 def lightning_attention(
@@ -144,14 +124,12 @@ def lightning_attention(
     if impl == "xla":
         return _xla.lightning_attention_xla(q, k, v, slopes, block_size=cfg.block_size, **kwargs)
     if impl == "tpu":
-        from pallas_kernels.lightning import tpu as _tpu  # Pallas import only when used
-
         return _tpu.lightning_attention_tpu(
             q, k, v, slopes, block_size=cfg.block_size, interpret=_INTERPRET, **kwargs
         )
     # Packed rows (segment_ids) take the kernel too: on H200 it ran 3.8-6.4x faster than the XLA
     # chunked scan with ids, at 1.17-1.21x the kernel's own time without them
-    # (experiments/results/bench_lightning.jsonl, run r20-h200).
+    # (experiments/results/bench_lightning.jsonl).
     if not _gpu_supports(q):
         if cfg.implementation == "auto":
             return _xla.lightning_attention_xla(
@@ -161,15 +139,14 @@ def lightning_attention(
             'implementation="gpu" needs head dims that are powers of two >= 16 '
             f'(got H={q.shape[-1]}); use implementation="auto" or "xla"'
         )
-    gpu = _require_gpu()
     if _INTERPRET:  # the adapter has no interpret flag; same block policy as the adapter
         block = cfg.block_size if cfg.block_size in (32, 64, 128) else None
-        return gpu.lightning_attention_gpu(
+        return _gpu.lightning_attention_gpu(
             q, k, v, slopes, initial_state, segment_ids=segment_ids, block_size=block,
             interpret=True,
         )  # fmt: skip
     # The adapter keeps its tuned block unless block_size is 32/64/128 (256 is a poor GPU tile).
-    return gpu.lightning_attention(
+    return _gpu.lightning_attention(
         q, k, v, slopes, initial_state=initial_state, segment_ids=segment_ids,
         block_size=cfg.block_size,
     )  # fmt: skip
@@ -211,8 +188,7 @@ def lightning_decode(
             # The gpu kernel donates `state`; an eager caller keeps its array (under jit the
             # donation of an inner jit is moot, and the caller's jit decides).
             state = state.copy()
-        gpu = _require_gpu()
         if _INTERPRET:
-            return gpu.lightning_decode_gpu(q, k, v, slopes, state, interpret=True)
-        return gpu.lightning_decode(q, k, v, slopes, state)
+            return _gpu.lightning_decode_gpu(q, k, v, slopes, state, interpret=True)
+        return _gpu.lightning_decode(q, k, v, slopes, state)
     return _decode.lightning_decode_xla(q, k, v, slopes, state)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import match_vma
+
 __all__ = [
     "check_inputs",
-    "match_vma",
     "lightning_attention_quadratic",
     "lightning_attention_reference",
     "segment_runs",
@@ -60,24 +61,6 @@ def segment_runs(segment_ids: jax.Array | None, batch: int, length: int) -> jax.
     return jnp.concatenate(
         [jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(change, axis=1, dtype=jnp.int32)], axis=1
     )
-
-
-def _varying(x: jax.Array) -> frozenset[str]:
-    """shard_map axes over which x varies (JAX 0.10 spells it `manual_axis_type.varying`)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def match_vma(x: jax.Array, *likes: jax.Array | None) -> jax.Array:
-    """Mark `x` as varying over every shard_map axis that any of `likes` varies over.
-
-    Inside `jax.shard_map` a scan carry that starts as a fresh (invariant) zero state but is
-    updated from sharded inputs must be cast to varying first; outside shard_map this is a no-op.
-    """
-    want = frozenset().union(*(_varying(y) for y in likes if y is not None))
-    missing = tuple(sorted(want - _varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _zero_state(q: jax.Array, initial_state: jax.Array | None) -> jax.Array:

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.lightning.api import lightning_attention
-from pallas_kernels.lightning.reference import match_vma, segment_runs
+from pallas_kernels.lightning.reference import segment_runs
+from pallas_kernels.platform import match_vma
 
 __all__ = ["lightning_attention_seq_sharded"]
 

@@ -27,8 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.lightning.reference import match_vma
 from pallas_kernels.lightning.xla import DEFAULT_BLOCK_SIZE, block_masks, pad_and_prepare
+from pallas_kernels.platform import match_vma
 
 __all__ = ["lightning_attention_tpu"]
 

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.lightning.reference import check_inputs, match_vma, segment_runs
+from pallas_kernels.lightning.reference import check_inputs, segment_runs
+from pallas_kernels.platform import match_vma
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "lightning_attention_xla", "pad_and_prepare"]
 

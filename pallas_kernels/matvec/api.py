@@ -7,13 +7,16 @@ a batch-1 decode step, or one row with E = 1 for a plain projection) and every c
 reading the A selected [K,N] weights. Implementations: "xla" (`reference.py`: gather + einsum;
 CPU path and fallback), "gpu" (Pallas Triton kernel, `gpu.py`: reads each selected weight once),
 "gpu_interpret" (the same kernel in Pallas interpret mode, for CPU tests). "auto": gpu on a GPU
-when the shape is supported (K, N multiples of 16), else xla. Not differentiable (inference).
+when the shape is supported (K, N multiples of 16) and the call is not partitioned over a
+device mesh (XLA's SPMD partitioner does not split a Pallas call), else xla. Not differentiable
+(inference).
 """
 
 from __future__ import annotations
 
 import jax
 
+from pallas_kernels import platform
 from pallas_kernels.matvec import gpu as _gpu
 from pallas_kernels.matvec.reference import gathered_matvec_reference
 
@@ -25,8 +28,15 @@ def supported(k: int, n: int) -> bool:
     return _gpu.supported(k, n)
 
 
-def resolve_implementation(implementation: str, k: int, n: int) -> str:
-    """'auto' -> 'gpu' on a GPU backend for supported shapes, else 'xla'; others are checked."""
+def resolve_implementation(
+    implementation: str, k: int | None = None, n: int | None = None, *, sharded: bool = False
+) -> str:
+    """'auto' -> 'gpu' on a GPU backend, else 'xla'; other names are checked and returned.
+
+    k, n: the weight's [K,N] when known ('auto' takes xla for shapes the kernel does not tile;
+    without them the caller checks `supported` per call). sharded: the call runs under a device
+    mesh, where 'auto' means xla (a Pallas call is not partitioned).
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"gathered_matvec implementation must be one of {IMPLEMENTATIONS}, "
@@ -34,8 +44,9 @@ def resolve_implementation(implementation: str, k: int, n: int) -> str:
         )
     if implementation != "auto":
         return implementation
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
-    return "gpu" if on_gpu and _gpu.AVAILABLE and _gpu.supported(k, n) else "xla"
+    if sharded or not (platform.on_gpu() and _gpu.AVAILABLE):
+        return "xla"
+    return "gpu" if k is None or n is None or _gpu.supported(k, n) else "xla"
 
 
 def gathered_matvec(

@@ -3,8 +3,8 @@
 A decode step at batch 1 multiplies one activation row by each weight; the time is the weight
 read. XLA:GPU compiles a 1-row dot as an elementwise multiply + reduce that materialises a
 weight-sized product, and a gathered expert weight (`jnp.take(w, experts)`) as a copy followed
-by a GEMM: both move the weight bytes two or three times (experiments/README.md, rounds 7 and
-9). This kernel streams `w[index[a]]` from HBM exactly once:
+by a GEMM: both move the weight bytes two or three times (experiments/README.md).
+This kernel streams `w[index[a]]` from HBM exactly once:
 
 * grid (A, N / BN, S): program (a, j, s) owns output columns j*BN.. of row a and the s-th of S
   equal slices of K; it walks its slice in [BK, BN] tiles of the selected expert (a dynamic

@@ -18,8 +18,8 @@ Pallas interpret mode, for CPU tests), "reference" (dense loop over experts, tes
 "padded" (batched GEMM over groups padded to a capacity that holds the largest group,
 `padded.py`; a `lax.switch` over a static ladder of capacities, falling back to the
 platform's kernel when the groups are too uneven for the ladder).
-"auto": tpu on TPU, gpu on GPU when the kernels import (16-bit inputs; fp32 goes to xla), else
-xla.
+"auto" (`resolve_implementation`): tpu on TPU, gpu on GPU when the kernels import (16-bit
+inputs; fp32 goes to xla), else xla.
 `group_rows` (padded only): the expected rows per group the capacity ladder is built around
 (default ceil(M / E); callers whose buffers are mostly unused tail rows pass the real load).
 """
@@ -37,12 +37,13 @@ from pallas_kernels.moe import padded as _padded
 from pallas_kernels.moe import reference as _reference
 from pallas_kernels.moe import tpu as _tpu
 from pallas_kernels.moe import xla as _xla
+from pallas_kernels.platform import match_vma, on_gpu, on_tpu
 
 __all__ = [
     "IMPLEMENTATIONS",
     "grouped_matmul",
+    "gpu_takes",
     "grouped_matmul_vjp",
-    "match_vma",
     "resolve_implementation",
     "tgmm",
 ]
@@ -58,8 +59,14 @@ class Padded:
     fallback: str
 
 
-def resolve_implementation(implementation: str) -> str:
-    """'auto' -> the backend for the default platform; other names are checked and returned."""
+def gpu_takes(dtype) -> bool:
+    """Whether the Mosaic GPU kernels take operands of this dtype (16-bit only: wgmma)."""
+    return jnp.dtype(dtype).itemsize == 2
+
+
+def resolve_implementation(implementation: str, dtype=None) -> str:
+    """'auto' -> the backend for the default platform (and, given the operands' dtype, xla
+    where the GPU kernels cannot take it); other names are checked and returned."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"grouped_matmul implementation must be one of {IMPLEMENTATIONS}, "
@@ -67,22 +74,18 @@ def resolve_implementation(implementation: str) -> str:
         )
     if implementation != "auto":
         return implementation
-    platform = jax.default_backend()
-    if platform == "tpu" and _tpu.AVAILABLE:
+    if on_tpu() and _tpu.AVAILABLE:
         return "tpu"
-    if platform in ("gpu", "cuda") and _gpu.AVAILABLE:
+    if on_gpu() and _gpu.AVAILABLE and (dtype is None or gpu_takes(dtype)):
         return "gpu"
     return "xla"
 
 
 def _resolve(implementation: str, x: jax.Array, e: int, group_rows: int | None):
     """The backend for these operands: a name, or `Padded` for "padded"."""
-    impl = resolve_implementation(implementation)
-    if implementation == "auto" and impl == "gpu" and x.dtype.itemsize != 2:
-        impl = "xla"  # the Mosaic GPU kernels take 16-bit operands only (wgmma)
     if implementation != "padded":
-        return impl
-    fallback = _resolve("auto", x, e, None)
+        return resolve_implementation(implementation, x.dtype)
+    fallback = resolve_implementation("auto", x.dtype)
     rows = group_rows if group_rows is not None else -(-x.shape[0] // e)
     return Padded(_padded.capacities(max(1, rows)), fallback)
 
@@ -180,19 +183,6 @@ def grouped_matmul_vjp(
     x, wc = match_vma(x, w), match_vma(w.astype(x.dtype), x)
     dx, dw, _ = _bwd(impl, (x, wc, match_vma(group_sizes.astype("int32"), x)), dy)
     return dx, dw.astype(w.dtype)
-
-
-def _varying(x: jax.Array) -> frozenset:
-    """shard_map axes x varies over (`manual_axis_type.varying` in JAX 0.10, `vma` later)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def match_vma(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Mark x as varying over every shard_map axis that `like` varies over (else a no-op)."""
-    missing = tuple(sorted(_varying(like) - _varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

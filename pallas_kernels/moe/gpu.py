@@ -49,7 +49,7 @@ class BlockSizes:
             raise ValueError(f"BlockSizes need block_m % 64 == block_k % 16 == block_n % 8: {self}")
 
 
-# Best measured config for 32768x2048x4096 bf16 on H200 (ANCHORS.md); tgmm: a safe default.
+# Best measured config for 32768x2048x4096 bf16 on H200; tgmm: a safe default.
 GMM_BLOCKS = BlockSizes()
 TGMM_BLOCKS = BlockSizes(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
                          grid_block_n=1)  # fmt: skip
@@ -133,5 +133,5 @@ def tgmm(
     # No masking pass for empty groups: the kernel stores every group's tiles, and an empty
     # group's accumulator stays at its zero initialisation (its K loop is skipped). A
     # jnp.where here cost a read and a write of the whole [E,K,N] gradient (~7 ms of a 32 ms
-    # forward+backward at 4K tokens, experiments/README.md round 9); tests check the zeros.
+    # forward+backward at 4K tokens, experiments/README.md); tests check the zeros.
     return out

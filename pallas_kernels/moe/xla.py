@@ -1,6 +1,6 @@
 """XLA grouped matmuls: `jax.lax.ragged_dot` and `ragged_dot_general` (CPU path, fallback).
 
-On GPU these lower to a dense-materialised product (slow: see ANCHORS.md); use `gpu.py` there.
+On GPU these lower to a dense-materialised product (slow); use `gpu.py` there.
 Rows past sum(group_sizes) give zero output and take no part in the weight gradient.
 """
 
