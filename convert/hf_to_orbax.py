@@ -18,6 +18,13 @@ dropped. Then each HF tensor is read once and streamed into its slot of the stac
 window, whatever the model size. Everything is written to a hidden temporary directory next to
 OUT and renamed at the end; a failed or interrupted run removes it and leaves no OUT.
 
+IN is data, not instructions: index entries and side files must stay inside IN (see
+``minimax_jax.hf.safetensors``); a tokenizer file that is a symbolic link leading out of IN, a
+directory or a FIFO is not copied (one warning line). OUT may not be IN, contain it or lie inside
+it, and ``--overwrite`` replaces only an empty directory or an earlier converter output.
+Exit codes: 0 done, 2 wrong command line, 1 failure while converting (bad checkpoint contents,
+I/O), 128 + N on signal N.
+
 ``--mesh`` names how the logical axes will be sharded when the checkpoint is restored
 (``logical_axis=ways``, axes: layers, vocab, embed, heads, kv_heads, head_dim, qkv, experts,
 gate_up, mlp); chunks are cut so each shard is a whole number of chunks.
@@ -34,23 +41,27 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from convert.common import (
     CONFIG_FILE,
     OUT_DIR,
     OVERWRITE,
-    ConversionError,
+    ArgumentError,
     atomic_output,
+    check_input_dir,
     copy_side_files,
+    prepare_output,
+    run_app,
     run_cli,
+    usage_error,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
-from minimax_jax.hf.safetensors import SafetensorsReader
+from minimax_jax.hf.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, check_inside
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
 _DTYPE = flags.DEFINE_enum(
@@ -76,7 +87,7 @@ def parse_mesh(text: str | None, known: set[str]) -> dict[str, int]:
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         name, _, ways = item.partition("=")
         if name not in known or not ways.isdigit() or int(ways) < 1:
-            raise ConversionError(
+            raise ArgumentError(
                 f"--mesh item {item!r}: expected logical_axis=ways with an axis in "
                 f"{sorted(known)} and ways >= 1"
             )
@@ -161,10 +172,10 @@ def write_params(
             largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
             for a in assignments:
                 _write_tensor(reader, writer, leaf, a, np_dtype, progress)
+        writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1}})
     except BaseException:
         writer.abort()  # no write may land after the caller removes the directory
         raise
-    writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1}})
     return {"largest_leaf_bytes": largest}
 
 
@@ -183,15 +194,22 @@ def convert(
 
     Raises:
       CheckpointMismatchError: unknown/missing/duplicate tensors, wrong shapes, dtypes or buffers.
-      SafetensorsError: missing or truncated files.
-      ConversionError, ValueError: bad arguments, bad config, ``out_dir`` exists.
+      SafetensorsError: missing, truncated, malformed or unsafe files (paths leaving IN).
+      ArgumentError: bad arguments, ``hf_dir`` not a checkpoint, ``out_dir`` exists (without
+        ``overwrite``), overlaps ``hf_dir`` or is not replaceable (``common.check_replaceable``).
+      ValueError: bad config.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
-    config = ModelConfig.from_hf(hf_dir)
+        raise ArgumentError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if target_chunk_bytes < 1:
+        raise ArgumentError("--chunk_mb must be at least 1")
+    expected = (
+        f"a Hugging Face checkpoint directory ({CONFIG_FILE} + {SINGLE_FILE} or {INDEX_FILE})"
+    )
+    check_input_dir(hf_dir, "--hf_dir", expected, any_of=(SINGLE_FILE, INDEX_FILE))
+    prepare_output(hf_dir, out_dir, overwrite, "--hf_dir")
+    config = ModelConfig.from_hf(check_inside(hf_dir, hf_dir / CONFIG_FILE, CONFIG_FILE))
     axes = logical_axes(config) if mesh else {}
     mesh_ways = parse_mesh(mesh, {name for names in axes.values() for name in names})
     reader = SafetensorsReader(hf_dir)
@@ -213,13 +231,17 @@ def convert(
         )
         progress.close()
         config.save_hf(tmp / CONFIG_FILE)
-        copied = copy_side_files(hf_dir, tmp)
+        copied, skipped = copy_side_files(hf_dir, tmp, stream)
         summary = _summary(hf_dir, out_dir, dtype, plan, total, progress.elapsed, tmp, sizes)
         summary |= {"copied_files": copied, "peak_rss_bytes": peak_rss_bytes()}
+        if skipped:
+            summary["skipped_files"] = skipped
         (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-    return atomic_output(out_dir, overwrite, build)
+    return atomic_output(
+        out_dir, overwrite, build, in_dir=hf_dir, in_flag="--hf_dir", stream=stream
+    )
 
 
 def _du(path: Path) -> int:
@@ -271,9 +293,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _HF_DIR.value or not OUT_DIR.value:
-        raise app.UsageError("--hf_dir and --out_dir are required")
+        usage_error(f"unexpected arguments {argv[1:]}: every input is a flag (see --help)")
+    for holder in (_HF_DIR, OUT_DIR):
+        if not holder.value:
+            usage_error(f"--{holder.name} is required (see --help)")
 
     def work() -> None:
         summary = convert(
@@ -291,7 +314,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    run_app(main, __doc__, (_HF_DIR, OUT_DIR, _DTYPE, _MESH, _CHUNK_MB, OVERWRITE))
 
 
 if __name__ == "__main__":

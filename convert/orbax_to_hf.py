@@ -14,7 +14,11 @@ keeps. Tensors keep the stored dtype (bf16, router fp32): HF -> Orbax -> HF is b
 Streaming: shards are planned from the leaf metadata, then each HF tensor is read from its slot
 of the stored leaf (TensorStore reads only the chunks of that slot) and appended to its shard
 file at once; host memory holds one HF tensor (embed / lm_head: one 128 MiB piece of it).
-OUT is built in a temporary directory beside it and moved into place at the end.
+OUT is built in a hidden temporary directory beside it and moved into place at the end; a failed
+or interrupted run removes it and leaves no OUT. OUT may not be IN, contain it or lie inside it,
+``--overwrite`` replaces only an empty directory or an earlier converter output, and side files
+are copied only if they are regular files inside IN (see ``convert.common``). Exit codes: 0 done,
+2 wrong command line, 1 failure while converting, 128 + N on signal N.
 """
 
 from __future__ import annotations
@@ -27,24 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from convert.common import (
     CONFIG_FILE,
     OUT_DIR,
     OVERWRITE,
-    ConversionError,
+    ArgumentError,
+    atomic_output,
+    check_input_dir,
     copy_side_files,
+    prepare_output,
+    run_app,
     run_cli,
+    usage_error,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR
-from minimax_jax.hf.safetensors import RowPieces, TensorSpec, write_sharded
+from minimax_jax.hf.safetensors import RowPieces, TensorSpec, check_inside, write_sharded
 
 PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
+_STAGE = "shards"  # write_sharded's directory inside the partial output, emptied into it
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
 _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
@@ -125,30 +135,44 @@ def export(
     Raises:
       OrbaxFormatError: ``orbax_dir`` has no finished checkpoint.
       CheckpointMismatchError: its leaves do not match its config.
-      ConversionError, ValueError: ``out_dir`` exists (without ``overwrite``), bad schema.
+      ArgumentError: ``orbax_dir`` is not a hf_to_orbax output, ``out_dir`` exists (without
+        ``overwrite``), overlaps ``orbax_dir`` or is not replaceable; bad schema or shard size.
     """
     orbax_dir, out_dir = Path(orbax_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
-    if not (orbax_dir / CONFIG_FILE).is_file():
-        raise ConversionError(f"{orbax_dir}: no {CONFIG_FILE}; expected a hf_to_orbax output")
-    config = ModelConfig.from_hf(orbax_dir)
+    if schema is not None and schema not in SCHEMAS:
+        raise ArgumentError(f"--schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
+    if max_shard_bytes <= 0:
+        raise ArgumentError("--max_shard_gb must be positive")
+    expected = f"a directory written by convert.hf_to_orbax ({CONFIG_FILE} + {ORBAX_PARAMS_DIR}/)"
+    check_input_dir(orbax_dir, "--orbax_dir", expected, any_of=(ORBAX_PARAMS_DIR,))
+    prepare_output(orbax_dir, out_dir, overwrite, "--orbax_dir")
+    config = ModelConfig.from_hf(check_inside(orbax_dir, orbax_dir / CONFIG_FILE, CONFIG_FILE))
     schema = config.schema if schema is None else schema
     hf_config = config.to_hf(schema)  # validates the schema before anything is written
-    reader = orbax_io.LeafReader(orbax_dir / ORBAX_PARAMS_DIR)
-    check_leaves(reader, config, str(orbax_dir / ORBAX_PARAMS_DIR))
+    params = check_inside(orbax_dir, orbax_dir / ORBAX_PARAMS_DIR, ORBAX_PARAMS_DIR)
+    reader = orbax_io.LeafReader(params)
+    check_leaves(reader, config, str(params))
     total = sum(int(np.prod(s)) * d.itemsize for s, d in (reader.leaves[p] for p in reader.paths))
     progress = Progress(total, "orbax_to_hf", stream)
-    files = write_sharded(
-        out_dir,
-        hf_tensors(reader, config, schema, progress),
-        specs=hf_specs(reader, config, schema),
-        max_shard_bytes=max_shard_bytes,
-        extra_files={CONFIG_FILE: json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
+
+    def build(tmp: Path) -> tuple[list[str], list[str], list[str]]:
+        files = write_sharded(
+            tmp / _STAGE,
+            hf_tensors(reader, config, schema, progress),
+            specs=hf_specs(reader, config, schema),
+            max_shard_bytes=max_shard_bytes,
+            extra_files={CONFIG_FILE: json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
+        )
+        for name in files:
+            os.replace(tmp / _STAGE / name, tmp / name)
+        (tmp / _STAGE).rmdir()
+        progress.close()
+        return files, *copy_side_files(orbax_dir, tmp, stream)
+
+    files, copied, skipped = atomic_output(
+        out_dir, overwrite, build, in_dir=orbax_dir, in_flag="--orbax_dir", stream=stream
     )
-    progress.close()
-    copied = copy_side_files(orbax_dir, out_dir)
-    return {
+    summary = {
         "output": str(out_dir.resolve()),
         "schema": schema,
         "files": files + copied,
@@ -156,13 +180,15 @@ def export(
         "seconds": round(progress.elapsed, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    return summary | ({"skipped_files": skipped} if skipped else {})
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _ORBAX_DIR.value or not OUT_DIR.value:
-        raise app.UsageError("--orbax_dir and --out_dir are required")
+        usage_error(f"unexpected arguments {argv[1:]}: every input is a flag (see --help)")
+    for holder in (_ORBAX_DIR, OUT_DIR):
+        if not holder.value:
+            usage_error(f"--{holder.name} is required (see --help)")
 
     def work() -> None:
         s = export(
@@ -184,7 +210,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    run_app(main, __doc__, (_ORBAX_DIR, OUT_DIR, _SCHEMA, _MAX_SHARD_GB, OVERWRITE))
 
 
 if __name__ == "__main__":

@@ -10,24 +10,36 @@ File format (https://huggingface.co/docs/safetensors): 8-byte little-endian head
 caller keeps. ``write_sharded`` streams tensors into shards of bounded size inside a temporary
 directory and moves the finished files into place, so a crash never leaves a half-written
 checkpoint under the final name.
+
+Checkpoint files are data, not instructions: the reader reads only files inside the checkpoint
+directory (an index entry that is absolute, holds ``..`` or is a symbolic link leading outside is
+refused; a Hugging Face hub cache snapshot may link into its repository's ``blobs/``), checks
+every header (size cap, offsets non-negative, ordered, non-overlapping, inside the file and equal
+to dtype x shape) before any tensor is read, and its errors name the file and the entry but never
+echo file bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Largest header / index accepted (the safetensors reference implementation's header limit):
+# a bigger length field is a corrupt or hostile file, not a checkpoint.
+MAX_HEADER_BYTES = 100_000_000
 
 # safetensors dtype code <-> numpy dtype.
 _DTYPES: dict[str, np.dtype] = {
@@ -63,8 +75,76 @@ def numpy_dtype(code: str) -> np.dtype:
     """numpy dtype of a safetensors dtype code."""
     try:
         return _DTYPES[code]
-    except KeyError:
-        raise SafetensorsError(f"unsupported safetensors dtype {code!r}") from None
+    except (KeyError, TypeError):
+        raise SafetensorsError(f"unsupported safetensors dtype {short(code)}") from None
+
+
+def short(value: object, limit: int = 80) -> str:
+    """``repr`` of a value read from a file, cut to ``limit`` characters: errors name entries but
+    never dump file contents."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def trusted_roots(directory: Path) -> tuple[Path, ...]:
+    """Real directories the files of checkpoint ``directory`` may resolve into: the directory
+    itself and, for a Hugging Face hub cache snapshot (``models--org--name/snapshots/<rev>/``,
+    whose files are symbolic links to ``../../blobs/<hash>``), that repository's ``blobs/``."""
+    real = directory.resolve()
+    for parent in real.parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            blobs = parent.parent / "blobs"
+            return (real, blobs) if blobs.is_dir() else (real,)
+    return (real,)
+
+
+def check_inside(directory: Path, path: Path, what: str) -> Path:
+    """``path`` if it resolves inside ``directory`` (see ``trusted_roots``); else raises."""
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in trusted_roots(directory)):
+        raise SafetensorsError(
+            f"{path}: {what} is a symbolic link leading outside {directory}; only files inside "
+            "the checkpoint directory are read"
+        )
+    return path
+
+
+def resolve_inside(directory: Path, name: Any, what: str) -> Path:
+    """``directory / name`` for a relative file name read from an index or manifest; raises
+    unless it stays inside ``directory`` (no absolute path, no ``..``, no link leading out)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise SafetensorsError(f"{what}: {short(name)} is not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise SafetensorsError(
+            f"{what}: {short(name)} points outside the checkpoint directory {directory}; entries "
+            "must be file names relative to it"
+        )
+    return check_inside(directory, directory / pure, what)
+
+
+def _load_json(file: Path, what: str) -> Any:
+    """Parsed JSON of a small metadata file; any malformation is one ``SafetensorsError``."""
+    if file.stat().st_size > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"{file}: {what} is over the {MAX_HEADER_BYTES} byte limit")
+    return _parse_json(file.read_bytes(), file, what)
+
+
+def _parse_json(raw: bytes, file: Path, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:  # its message names the position, not the text
+        raise SafetensorsError(
+            f"{file}: {what} is not valid JSON ({e.msg} at byte {e.pos})"
+        ) from None
+    except UnicodeDecodeError:
+        raise SafetensorsError(f"{file}: {what} is not UTF-8 JSON") from None
+    except RecursionError:
+        raise SafetensorsError(f"{file}: {what} is nested too deeply") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,29 +159,68 @@ class TensorInfo:
 
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parses one safetensors file's header: ({name: TensorInfo}, __metadata__)."""
+    """Parses and validates one safetensors file's header: ({name: TensorInfo}, __metadata__).
+
+    Refused (``SafetensorsError`` naming the file): a header length over ``MAX_HEADER_BYTES`` or
+    the file size, malformed JSON, an entry without a known dtype, a shape of non-negative ints
+    and two ``data_offsets``, offsets that are negative, reversed, past the end of the file, not
+    dtype x shape bytes apart, or overlapping another tensor's.
+    """
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise SafetensorsError(f"{file}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise SafetensorsError(f"{file}: header length {n} exceeds the file size {size}")
-        header = json.loads(f.read(n))
-    metadata = header.pop("__metadata__", None) or {}
-    infos = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        shape = tuple(int(s) for s in entry["shape"])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(entry["dtype"]).itemsize
-        if end - begin != nbytes or 8 + n + end > size:
+        if n > MAX_HEADER_BYTES:  # the length itself is not printed: it is 8 bytes of the file
             raise SafetensorsError(
-                f"{file}: tensor {name!r} has byte range {begin}..{end} inconsistent with "
-                f"dtype {entry['dtype']} shape {list(shape)} or the file size"
+                f"{file}: header length is over the {MAX_HEADER_BYTES} byte limit; not a "
+                "safetensors file or corrupt"
             )
-        infos[name] = TensorInfo(file, entry["dtype"], shape, 8 + n + begin, nbytes)
+        if n > size - 8:
+            raise SafetensorsError(
+                f"{file}: header length exceeds the file size {size}; not a safetensors file or "
+                "truncated"
+            )
+        header = _parse_json(f.read(n), file, "header")
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{file}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{file}: header __metadata__ is not a JSON object")
+    infos = {name: _tensor_info(file, name, entry, 8 + n, size) for name, entry in header.items()}
+    end = 0
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        if info.start < end:
+            raise SafetensorsError(
+                f"{file}: tensor {short(name)} overlaps the bytes of another tensor"
+            )
+        end = info.start + info.nbytes
     return infos, metadata
+
+
+def _tensor_info(file: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    """One validated header entry (``data_start`` = 8 + header length)."""
+    if not isinstance(entry, dict):
+        raise SafetensorsError(f"{file}: header entry {short(name)} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list):
+        raise SafetensorsError(f"{file}: tensor {short(name)} needs a shape and data_offsets")
+    if not (isinstance(dtype, str) and dtype in _DTYPES):
+        raise SafetensorsError(f"{file}: tensor {short(name)} has unsupported dtype {short(dtype)}")
+    itemsize = _DTYPES[dtype].itemsize
+    if not all(_is_int(s) and s >= 0 for s in shape):
+        raise SafetensorsError(f"{file}: tensor {short(name)} has a shape that is not sizes >= 0")
+    if len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise SafetensorsError(f"{file}: tensor {short(name)} needs data_offsets [begin, end]")
+    begin, end = offsets
+    nbytes = math.prod(shape) * itemsize
+    if not 0 <= begin <= end or end - begin != nbytes or data_start + end > size:
+        raise SafetensorsError(
+            f"{file}: tensor {short(name)} has byte range {begin}..{end} inconsistent with "
+            f"dtype {dtype} shape {shape} ({nbytes} bytes) or the file size"
+        )
+    return TensorInfo(file, dtype, tuple(shape), data_start + begin, nbytes)
 
 
 class SafetensorsReader:
@@ -121,11 +240,13 @@ class SafetensorsReader:
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self.total_size: int | None = None
         if files is None and (path / INDEX_FILE).is_file():
-            index = json.loads((path / INDEX_FILE).read_text())
-            self._where = {k: path / v for k, v in index["weight_map"].items()}
-            self.total_size = (index.get("metadata") or {}).get("total_size")
+            self._where = self._read_index(check_inside(path, path / INDEX_FILE, INDEX_FILE))
         elif files is not None or (path / SINGLE_FILE).is_file():
-            file = files[None] if files is not None else path / SINGLE_FILE
+            file = (
+                files[None]
+                if files is not None
+                else check_inside(path, path / SINGLE_FILE, SINGLE_FILE)
+            )
             self._headers[file] = read_header(file)[0]
             self._where = dict.fromkeys(self._headers[file], file)
         else:
@@ -133,6 +254,29 @@ class SafetensorsReader:
                 f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found; expected a HF checkpoint "
                 "directory"
             )
+
+    def _read_index(self, index_file: Path) -> dict[str, Path]:
+        """{tensor name: shard path} of the index, every shard checked to be inside the
+        directory; sets ``total_size``."""
+        index = _load_json(index_file, "index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        metadata = index.get("metadata") if isinstance(index, dict) else None
+        metadata = {} if metadata is None else metadata
+        if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+            raise SafetensorsError(
+                f"{index_file}: expected a JSON object with a weight_map object of tensor name "
+                "-> shard file name (and an optional metadata object)"
+            )
+        total = metadata.get("total_size")
+        self.total_size = total if _is_int(total) else None
+        shards: dict[Any, Path] = {}
+        where = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or shard not in shards:
+                what = f"{index_file.name} weight_map[{short(name)}]"
+                shards[shard] = resolve_inside(self.path, shard, what)
+            where[name] = shards[shard]
+        return where
 
     def names(self) -> list[str]:
         """All tensor names, in index/file order."""
@@ -146,7 +290,9 @@ class SafetensorsReader:
         file = self._where[name]
         if file not in self._headers:
             if not file.is_file():
-                raise SafetensorsError(f"{file}: shard listed in {INDEX_FILE} does not exist")
+                raise SafetensorsError(
+                    f"{file}: shard listed in {INDEX_FILE} does not exist or is not a regular file"
+                )
             self._headers[file] = read_header(file)[0]
         try:
             return self._headers[file][name]
