@@ -39,11 +39,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import app, flags
 
 from convert.common import run_cli
 from minimax_jax.config import ModelConfig
+from minimax_jax.hf.pretrained import from_pretrained
 
 # Its own FlagValues: `--prompt` / `--seed` also exist in `minimax_jax.generate`, and tests import
 # both modules into one process. `run()` joins them to absl's FLAGS for parsing and --help.
@@ -167,11 +169,7 @@ def reference_logits(hf_dir: Path, ids: np.ndarray, patch_rope: bool) -> np.ndar
 
 def candidate_logits(path: Path, ids: np.ndarray) -> np.ndarray:
     """minimax_jax fp32 logits [B, T, V] of ``ids``."""
-    import jax
-
     jax.config.update("jax_default_matmul_precision", "highest")
-    from minimax_jax.hf.pretrained import from_pretrained
-
     model = from_pretrained(path)
     return np.asarray(jax.device_get(model(ids)), np.float32)
 

@@ -2,12 +2,9 @@
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained, save_pretrained
+from minimax_jax.hf.vl_pretrained import from_pretrained_vl, save_pretrained_vl
 from minimax_jax.model.causal_lm import MiniMaxForCausalLM
-from minimax_jax.vl.model import (
-    MiniMaxVLForConditionalGeneration,
-    from_pretrained_vl,
-    save_pretrained_vl,
-)
+from minimax_jax.vl.model import MiniMaxVLForConditionalGeneration
 
 __all__ = [
     "ModelConfig",

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags
 
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
+from minimax_jax.sharding import maybe_initialize_distributed
 
 # Its own FlagValues (joined to absl's FLAGS in `run`): tests import this module together with
 # other CLIs (convert.*) whose flags share names such as --dtype, --prompt and --seed.
@@ -84,10 +86,6 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
-    import jax
-
-    from minimax_jax.sharding import maybe_initialize_distributed
-
     try:
         # A multi-process launch (every host runs this command with --mesh over all devices):
         # join it before JAX is used; process 0 prints, the others compute in step silently.

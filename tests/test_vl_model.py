@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from minimax_jax.hf import mapping, vl_mapping
+from minimax_jax.hf import mapping, vl_mapping, vl_pretrained
 from minimax_jax.hf.mapping import CheckpointMismatchError
+from minimax_jax.inference import vl_generate
 from minimax_jax.vl import model as vl_model
 from minimax_jax.vl.processor import MiniMaxVLProcessor
 from minimax_jax.vl.vision import PINPOINTS, VLConfig
@@ -122,7 +123,7 @@ def write_checkpoint(path, ref):
 def setup(tmp_path_factory):
     ref = build_reference()
     path, tensors = write_checkpoint(tmp_path_factory.mktemp("vl"), ref)
-    return ref, path, tensors, vl_model.from_pretrained_vl(path)
+    return ref, path, tensors, vl_pretrained.from_pretrained_vl(path)
 
 
 def reference_features(ref, pixel_values, sizes):
@@ -177,7 +178,7 @@ def test_config_and_layout(setup):
     assert cfg.image_token_index == IMG and cfg.vision.num_layers == 2
     assert cfg.text.rotary_dim == cfg.text.head_dim  # transformers' full RoPE
     assert VLConfig.from_hf(cfg.to_hf()) == cfg
-    assert vl_model.is_vl_checkpoint(path) and not vl_model.is_vl_checkpoint(path.parent)
+    assert vl_pretrained.is_vl_checkpoint(path) and not vl_pretrained.is_vl_checkpoint(path.parent)
 
 
 def test_packed_features_match_reference(setup):
@@ -301,7 +302,7 @@ def test_mismatched_inputs_are_refused(setup):
 def test_greedy_generation_equals_repeated_forward(setup):
     _, _, _, ours = setup
     ids, pixels, sizes = make_inputs([(336, 336)], "Look: <image>!")
-    got = vl_model.generate_vl(ours, ids, pixels, sizes, max_new_tokens=3, prefill_chunk=512)
+    got = vl_generate.generate_vl(ours, ids, pixels, sizes, max_new_tokens=3, prefill_chunk=512)
     # Greedy = repeated full forwards; causality lets one forward over prompt + tokens check all.
     full = np.asarray(ours(np.concatenate([ids, got[:, :2]], axis=1), pixels, sizes))
     t = ids.shape[1]
@@ -310,7 +311,7 @@ def test_greedy_generation_equals_repeated_forward(setup):
 
 def test_round_trip_hf_ours_hf_is_bit_exact(setup, tmp_path):
     _, path, tensors, ours = setup
-    vl_model.save_pretrained_vl(ours, tmp_path, schema="native")
+    vl_pretrained.save_pretrained_vl(ours, tmp_path, schema="native")
     back = load_file(tmp_path / "model.safetensors")
     learned = set(vl_mapping.expected_names(ours.config))
     assert learned <= set(tensors) and learned <= set(back)
@@ -318,7 +319,7 @@ def test_round_trip_hf_ours_hf_is_bit_exact(setup, tmp_path):
     for name in learned:
         assert back[name].dtype == tensors[name].dtype, name
         np.testing.assert_array_equal(back[name], tensors[name], err_msg=name)
-    again = vl_model.from_pretrained_vl(tmp_path)
+    again = vl_pretrained.from_pretrained_vl(tmp_path)
     ids, pixels, sizes = make_inputs([(336, 336)], "<image>")
     np.testing.assert_array_equal(
         np.asarray(again(ids, pixels, sizes)), np.asarray(ours(ids, pixels, sizes))
@@ -432,21 +433,21 @@ def test_generate_for_cli_with_image_file(setup, tmp_path):
     Image.fromarray(np.random.RandomState(5).randint(0, 256, (200, 260, 3), np.uint8)).save(image)
     buf = io.StringIO()
     gen = dict(max_new_tokens=3, temperature=0.0, prefill_chunk=512)
-    texts = vl_model.generate_for_cli(path, tok, ["Look: <image>"], [image], out=buf, **gen)
+    texts = vl_generate.generate_for_cli(path, tok, ["Look: <image>"], [image], out=buf, **gen)
     x = prepare_vl_inputs(MiniMaxVLProcessor(image_token_id=IMG), tok, "Look: <image>", [image])
-    want = vl_model.generate_vl(
+    want = vl_generate.generate_vl(
         ours, x["input_ids"][None], x["pixel_values"], x["image_sizes"], **gen
     )
     assert texts == [tok.decode(want[0])] and buf.getvalue() == texts[0] + "\n"
     with pytest.raises(ValueError, match="VL-01 checkpoint"):
-        vl_model.generate_for_cli(path / "..", tok, ["<image>"], [image])
+        vl_generate.generate_for_cli(path / "..", tok, ["<image>"], [image])
 
 
 def test_round_trip_hf_orbax_hf_is_bit_exact(setup, tmp_path):
     _, path, tensors, ours = setup
     vl_mapping.hf_to_orbax(path, tmp_path / "orbax")
-    restored = vl_model.from_pretrained_vl(tmp_path / "orbax")
-    vl_model.save_pretrained_vl(restored, tmp_path / "hf", schema="native")
+    restored = vl_pretrained.from_pretrained_vl(tmp_path / "orbax")
+    vl_pretrained.save_pretrained_vl(restored, tmp_path / "hf", schema="native")
     back = load_file(tmp_path / "hf" / "model.safetensors")
     for name in vl_mapping.expected_names(ours.config):
         assert back[name].dtype == tensors[name].dtype, name
@@ -487,7 +488,7 @@ def test_generate_cli_with_image_flag(setup, tmp_path):
     )
     tok = ChatTokenizer.from_dir(ckpt)
     x = prepare_vl_inputs(MiniMaxVLProcessor(image_token_id=IMG), tok, "<image>\nLook", [image])
-    want = vl_model.generate_vl(
+    want = vl_generate.generate_vl(
         ours,
         x["input_ids"][None],
         x["pixel_values"],

@@ -38,6 +38,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from minimax_jax.hf import mapping
+
 LeafPath = tuple[str | int, ...]
 METADATA_FILE = "_METADATA"
 CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
@@ -355,8 +357,6 @@ def check_stored_leaves(
 
     Raises ``minimax_jax.hf.mapping.CheckpointMismatchError`` listing every problem.
     """
-    from minimax_jax.hf import mapping
-
     stored = reader.leaves
     problems = {
         "unknown leaves": [leaf_key(p) for p in stored if p not in expected],

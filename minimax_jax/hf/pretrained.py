@@ -28,6 +28,7 @@ from minimax_jax.config import ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.safetensors import SafetensorsReader, write_sharded
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 from minimax_jax.sharding import ShardingRules
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -160,10 +161,6 @@ def from_pretrained(
     Returns:
       the model; parameters on the default device, or placed by ``sharding``.
     """
-    from minimax_jax.model.causal_lm import (
-        MiniMaxForCausalLM,  # the model imports heavy ops; keep lazy
-    )
-
     path = Path(path)
     config = ModelConfig.from_hf(path)
     abstract = nnx.eval_shape(
@@ -209,8 +206,6 @@ def load_orbax_state(
 
 def logical_axes(config: ModelConfig) -> dict[mapping.LeafPath, tuple[str, ...]]:
     """Logical axis names of every parameter leaf, read from the model's parameter metadata."""
-    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
-
     abstract = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return {tuple(p): tuple(v.get_metadata()["logical_axes"]) for p, v in flat}

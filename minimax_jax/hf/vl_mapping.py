@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.mapping import (
     HEADS_IN,
     HEADS_NORM,
@@ -48,6 +49,8 @@ from minimax_jax.hf.mapping import (
     Layout,
     LeafPath,
 )
+from minimax_jax.hf.pretrained import check_buffers
+from minimax_jax.hf.safetensors import SafetensorsReader
 from minimax_jax.vl.vision import VLConfig
 
 TEXT_PREFIX = "language_model."
@@ -304,9 +307,6 @@ def _by_leaf(plan: VLLoadPlan) -> dict[LeafPath, list[Assignment]]:
 
 
 def _open_hf(path: Path) -> tuple[VLConfig, Any, VLLoadPlan]:
-    from minimax_jax.hf.pretrained import check_buffers
-    from minimax_jax.hf.safetensors import SafetensorsReader
-
     config = VLConfig.from_hf(json.loads((path / "config.json").read_text()))
     reader = SafetensorsReader(path)
     meta = {n: (reader.info(n).shape, reader.info(n).dtype) for n in reader.names()}
@@ -328,8 +328,6 @@ def load_hf_state(path: str | os.PathLike, dtype=jnp.float32) -> dict[LeafPath, 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=jnp.float32) -> None:
     """Converts an HF VL-01 directory to ours: ``dst/config.json`` + ``dst/params`` (Orbax, one
     zarr array per leaf written slot by slot with ``minimax_jax.hf.orbax``; router kept fp32)."""
-    from minimax_jax.hf import orbax as orbax_io
-
     src, dst = Path(src), Path(dst)
     config, reader, plan = _open_hf(src)
     specs = mapping.flatten(expected_leaf_shapes(config, dtype))
@@ -356,8 +354,6 @@ def load_orbax_state(
     path: str | os.PathLike, config: VLConfig, dtype=jnp.float32
 ) -> dict[LeafPath, jax.Array]:
     """Our Orbax ``params`` directory -> {leaf path: array} (leaves and shapes checked first)."""
-    from minimax_jax.hf import orbax as orbax_io
-
     stored = orbax_io.LeafReader(path).leaves
     specs = mapping.flatten(expected_leaf_shapes(config, dtype))
     problems = {

@@ -22,6 +22,7 @@ import numpy as np
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.inference import memory
+from minimax_jax.model.attention import resolve_attention_impl
 from minimax_jax.model.cache import init_cache
 from minimax_jax.model.decoder import RunOptions, forward_cached
 
@@ -141,8 +142,6 @@ class Engine:
 
     def _prefill_attention(self, chunk: int) -> str:
         """What the softmax layers run for a prefill chunk ("xla" or "cudnn")."""
-        from minimax_jax.model.attention import resolve_attention_impl
-
         dtype = self.compute_dtype or self.params["embed"].dtype
         h = self.config.head_dim
         q = jax.ShapeDtypeStruct((1, chunk, self.config.num_heads, h), dtype)

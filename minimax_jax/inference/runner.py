@@ -11,6 +11,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from minimax_jax.config import ModelConfig
+from minimax_jax.hf.pretrained import from_pretrained, sharding_from_rules
+from minimax_jax.inference import engine as sampling
+from minimax_jax.inference import vl_generate
+from minimax_jax.inference.tokenizer import ChatTokenizer, StreamDecoder
+from minimax_jax.model.decoder import RunOptions
+from minimax_jax.sharding import load_rules, make_mesh
+from minimax_jax.vl import processor
+
 DEMO_DIR = Path(__file__).parent.parent / "demo_model"
 
 
@@ -74,9 +83,6 @@ def run_generate(
 ) -> list[str]:
     """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
     out, log = out or sys.stdout, log or sys.stderr
-    from minimax_jax.inference import engine as sampling
-    from minimax_jax.inference.tokenizer import ChatTokenizer, StreamDecoder
-
     ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no config.json)")
@@ -88,12 +94,10 @@ def run_generate(
         items = [_with_image_placeholders(it, len(images)) for it in items]
     texts = [render(tok, it, chat=chat, system=system, template=template) for it in items]
     if images:
-        from minimax_jax.vl import model as vl_model
-
         if attention_impl != "auto":
             raise ValueError("--attention_impl is for text models; drop it with --image")
 
-        return vl_model.generate_for_cli(
+        return vl_generate.generate_for_cli(
             ckpt, tok, texts, images, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
             stream=stream, out=out, max_new_tokens=max_new_tokens,
             temperature=0.0 if greedy else temperature, top_k=top_k,
@@ -170,11 +174,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_impl: str = "auto"):
     """The model (parameters placed by the rules when a mesh is given) and its RunOptions."""
-    from minimax_jax.config import ModelConfig
-    from minimax_jax.hf.pretrained import from_pretrained, sharding_from_rules
-    from minimax_jax.model.decoder import RunOptions
-    from minimax_jax.sharding import load_rules, make_mesh
-
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     if not mesh:
         return from_pretrained(ckpt, dtype=jdtype), RunOptions(attention_impl=attention_impl)
@@ -190,8 +189,6 @@ def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_i
 def _with_image_placeholders(item, num_images: int):
     """One <image> per image prepended to a plain prompt that has none; image parts of chat
     messages become <image> in their text."""
-    from minimax_jax.vl import processor
-
     if isinstance(item, str):
         return processor.ensure_placeholders(item, num_images)
     return {"messages": [processor.image_parts_to_text(m) for m in item["messages"]]}

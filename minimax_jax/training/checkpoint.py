@@ -22,6 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from minimax_jax.hf.pretrained import save_pretrained
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
 ITEMS = ("state", "data", "config")
 
@@ -107,11 +111,6 @@ def export_pretrained(
     ``tokenizer.json`` / ``tokenizer_config.json`` are copied from ``tokenizer_dir`` when given.
     Returns the file names written.
     """
-    from flax import nnx
-
-    from minimax_jax.hf.pretrained import save_pretrained
-    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
-
     model = nnx.eval_shape(
         lambda: MiniMaxForCausalLM(model_config, rngs=nnx.Rngs(0), param_dtype=dtype)
     )

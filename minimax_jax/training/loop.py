@@ -19,6 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from minimax_jax import sharding as shard_lib
 from minimax_jax.config import ModelConfig
+from minimax_jax.hf.pretrained import from_pretrained
+from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 from minimax_jax.model.decoder import RunOptions
 from minimax_jax.training import checkpoint as ckpt
 from minimax_jax.training import data as data_lib
@@ -143,8 +145,6 @@ def run_options(config: tc.TrainConfig, mesh, rules) -> RunOptions:
 
 
 def _param_shardings(setup: Setup, param_dtype: Any) -> dict:
-    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
-
     abstract = nnx.eval_shape(
         lambda: MiniMaxForCausalLM(setup.model_config, rngs=nnx.Rngs(0), param_dtype=param_dtype)
     )
@@ -153,9 +153,6 @@ def _param_shardings(setup: Setup, param_dtype: Any) -> dict:
 
 def init_state(setup: Setup, tx) -> dict:
     """Fresh (or init_from) train state placed by the sharding rules."""
-    from minimax_jax.hf.pretrained import from_pretrained
-    from minimax_jax.model.causal_lm import MiniMaxForCausalLM
-
     m = setup.config.model
     dtype = _dtype(m.param_dtype, "model.param_dtype")
     p_shard = _param_shardings(setup, dtype)

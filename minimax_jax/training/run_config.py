@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from minimax_jax.training.data import SourceSpec
+
 
 class ConfigError(ValueError):
     """A bad run configuration (unknown key, wrong type, impossible value)."""
@@ -160,9 +162,6 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 def _source(raw: Any, i: int):
-    # Imported here: the data pipeline (grain) is not needed to build optimizers/configs.
-    from minimax_jax.training.data import SourceSpec
-
     keys = {"type", "path", "text_field"}
     if not isinstance(raw, dict) or not {"type", "path"} <= set(raw) or set(raw) - keys:
         raise ConfigError(f"data.sources[{i}] must be a mapping with keys type, path[, text_field]")

@@ -10,6 +10,8 @@ Forward for a prompt whose ``<image>`` tokens were expanded by ``MiniMaxVLProces
 3. the features replace the ``<image>`` token embeddings in order (batch row-major), and the
    decoder runs on the embeddings (``forward_embeds`` / ``forward_cached_embeds``).
 
+Loading and saving live in ``hf.vl_pretrained``, generation in ``inference.vl_generate``.
+
 Parameters (pure dict): ``language_model`` (the text model's tree), ``vision_tower``,
 ``projector``, ``image_newline`` [E] (see ``vl.vision`` and ``hf.vl_mapping``).
 """
@@ -17,11 +19,7 @@ Parameters (pure dict): ``language_model`` (the text model's tree), ``vision_tow
 from __future__ import annotations
 
 import functools
-import json
-import os
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.inference import engine as sampling
 from minimax_jax.model import decoder
 from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 from minimax_jax.model.decoder import RunOptions
@@ -238,7 +235,7 @@ def encode_tiles(
     H200 for 19 tiles); a ``jax.Array`` stays where it is. ``attention_impl``:
     ``minimax_jax.vl.vision.ATTENTION_IMPLS``; "auto" falls back (once per process) from a fused
     kernel that fails. ``unroll``: the layer scan's unroll factor (default all layers: 18.3 vs
-    18.8 ms for the scan, round 8 in experiments/README.md).
+    18.8 ms for the scan, measured by experiments/bench_vision.py).
     """
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
@@ -402,257 +399,3 @@ def forward_cached_embeds(
         config, params, x, token_mask, cache, opts, compute_dtype, last_only=True
     )
     return logits[:, -1], cache
-
-
-# ----------------------------------------------------------------------------- generation
-
-_prefill_embeds = jax.jit(forward_cached_embeds, static_argnums=(0, 5, 6), donate_argnums=4)
-
-
-def prefill_vl(
-    engine, x: jax.Array, mask: np.ndarray, plan: dict, opts=None, compute_dtype: Any = None
-):
-    """Chunked prefill from embeddings x [B,T,D] (left-padded by mask [B,T]) into a fresh cache
-    of ``plan`` (``engine.plan``) -> (last logits [B,V], cache). Decoding then runs on tokens
-    with the engine's own jitted step / loop."""
-    from minimax_jax.model.cache import init_cache
-
-    b, t = mask.shape
-    pad = plan["padded_prompt"] - t
-    x = jnp.pad(x, ((0, 0), (pad, 0), (0, 0)))
-    mask = np.pad(np.asarray(mask, np.int32), ((0, 0), (pad, 0)))
-    cache = init_cache(engine.config, b, plan["max_len"], engine.kv_dtype)
-    chunk, opts = plan["chunk"], opts or RunOptions()
-    for start in range(0, x.shape[1], chunk):
-        logits, cache = _prefill_embeds(
-            engine.config,
-            engine.params,
-            x[:, start : start + chunk],
-            jnp.asarray(mask[:, start : start + chunk]),
-            cache,
-            opts,
-            compute_dtype,
-        )
-    return logits, cache
-
-
-def generate_vl(
-    model: MiniMaxVLForConditionalGeneration,
-    input_ids,
-    pixel_values=None,
-    image_sizes=None,
-    attention_mask=None,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    prefill_chunk: int = 256,
-    compute_dtype: Any = None,
-) -> np.ndarray:
-    """Like ``sampling.generate`` with images -> int32 [B, max_new_tokens].
-
-    input_ids [B,T] left-padded by attention_mask, ``<image>`` tokens expanded (the processor's
-    ``input_ids``); pixel_values / image_sizes as the processor returns them.
-    """
-    stream = generate_vl_stream(
-        model,
-        input_ids,
-        pixel_values,
-        image_sizes,
-        attention_mask,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        eos_token_id=eos_token_id,
-        prefill_chunk=prefill_chunk,
-        compute_dtype=compute_dtype,
-    )
-    steps = list(stream)
-    out = np.stack(steps, axis=1)
-    eos = int(sampling.eos_ids(eos_token_id)[0])
-    if out.shape[1] < max_new_tokens:  # every row stopped: fill with eos as sampling does
-        fill = np.full((out.shape[0], max_new_tokens - out.shape[1]), eos, np.int32)
-        out = np.concatenate([out, fill], axis=1)
-    return out.astype(np.int32)
-
-
-def generate_vl_stream(
-    model: MiniMaxVLForConditionalGeneration,
-    input_ids,
-    pixel_values=None,
-    image_sizes=None,
-    attention_mask=None,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    prefill_chunk: int = 256,
-    compute_dtype: Any = None,
-):
-    """Yields each step's tokens [B] (rows that finished repeat eos); stops when all are done."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sp = sampling.SamplingParams(temperature, top_k, top_p)
-    ids, mask = sampling._as_batch(input_ids, attention_mask)  # noqa: SLF001
-    params = model.pure_params()
-    engine = sampling.Engine(
-        model.config.text,
-        params["language_model"],
-        options=model.options,
-        prefill_chunk=prefill_chunk,
-        compute_dtype=compute_dtype,
-    )
-    plan = engine.plan(ids.shape[0], ids.shape[1], max_new_tokens)
-    engine.check_memory(plan)
-    x = embed_inputs(
-        model.config,
-        params,
-        ids,
-        pixel_values,
-        image_sizes,
-        max_tile_batch=model.max_tile_batch,
-        compute_dtype=compute_dtype,
-        attention_impl=model.vision_attention,
-    )
-    logits, cache = prefill_vl(engine, x, mask, plan, model.options, compute_dtype)
-    yield from sampling.stream_after_prefill(
-        engine, logits, cache, max_new_tokens=max_new_tokens, sampling=sp, seed=seed,
-        eos_token_id=eos_token_id,
-    )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _read_vl_config(path: Path) -> VLConfig:
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no config.json at {file}")
-    return VLConfig.from_hf(json.loads(file.read_text()))
-
-
-def is_vl_checkpoint(path: str | os.PathLike) -> bool:
-    """True if ``path`` (a directory or config.json) holds a MiniMax-VL-01 config."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    try:
-        d = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    from minimax_jax.vl.vision import VL_ARCHITECTURE, VL_MODEL_TYPE
-
-    return d.get("model_type") == VL_MODEL_TYPE or VL_ARCHITECTURE in (d.get("architectures") or [])
-
-
-def from_pretrained_vl(
-    path: str | os.PathLike, *, dtype: Any = jnp.float32, max_tile_batch: int = 32
-) -> MiniMaxVLForConditionalGeneration:
-    """Builds the VL model from an HF VL-01 directory (config.json + safetensors) or from ours
-    written by ``minimax_jax.hf.vl_mapping.hf_to_orbax`` (config.json + ``params/``, Orbax).
-
-    Every tensor name and shape is validated before any weight is read (``hf.vl_mapping``);
-    leaves are filled one at a time. Raises CheckpointMismatchError listing every problem.
-    """
-    from minimax_jax.hf import mapping, vl_mapping
-    from minimax_jax.hf import orbax as orbax_io
-
-    path = Path(path)
-    config = _read_vl_config(path)
-    abstract = nnx.eval_shape(
-        lambda: MiniMaxVLForConditionalGeneration(
-            config, rngs=nnx.Rngs(0), param_dtype=dtype, max_tile_batch=max_tile_batch
-        )
-    )
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    if orbax_io.is_orbax_checkpoint(path / "params"):
-        state = vl_mapping.load_orbax_state(path / "params", config, dtype)
-    else:
-        state = vl_mapping.load_hf_state(path, dtype)
-    nnx.replace_by_pure_dict(params, mapping.unflatten(state))
-    return nnx.merge(graphdef, params, rest)
-
-
-def save_pretrained_vl(
-    model: MiniMaxVLForConditionalGeneration,
-    path: str | os.PathLike,
-    *,
-    schema: str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> list[str]:
-    """Writes an HF VL-01 checkpoint (``text_config`` in ``schema``, default the text's own;
-    remote-code per-expert names); returns the file names written."""
-    import itertools
-
-    from minimax_jax.hf import vl_mapping
-    from minimax_jax.hf.pretrained import export_tensors
-    from minimax_jax.hf.safetensors import write_sharded
-
-    config: VLConfig = model.config
-    schema = config.text.schema if schema is None else schema
-    hf_config = config.to_hf(schema)
-    text = nnx.to_pure_dict(nnx.state(model.language_model, nnx.Param))
-    rest = {k: v for k, v in model.pure_params().items() if k != "language_model"}
-    tensors = itertools.chain(
-        export_tensors(text, config.text, schema=schema, prefix=vl_mapping.TEXT_PREFIX),
-        vl_mapping.export_vision(config, rest),
-    )
-    return write_sharded(
-        path,
-        tensors,
-        max_shard_bytes=max_shard_bytes,
-        extra_files={"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n"},
-    )
-
-
-def generate_for_cli(
-    ckpt,
-    tok,
-    texts: Sequence[str],
-    images: Sequence[Any],
-    *,
-    dtype: Any = jnp.float32,
-    stream: bool = False,
-    out=None,
-    **gen: Any,
-) -> list[str]:
-    """What ``python -m minimax_jax.generate --image PATH`` runs once prompts are rendered.
-
-    texts: final prompts (chat template applied), each with one ``<image>`` per image (use
-    ``processor.ensure_placeholders`` on the user's text before rendering); every prompt gets
-    all ``images``. gen: max_new_tokens, temperature, top_k, top_p, seed, prefill_chunk.
-    Prints each completion (streamed when ``stream``) to ``out`` and returns them.
-    """
-    import sys
-
-    from minimax_jax.inference.tokenizer import StreamDecoder
-    from minimax_jax.vl.processor import prepare_vl_inputs
-
-    if not is_vl_checkpoint(ckpt):
-        raise ValueError(f"--image needs a MiniMax-VL-01 checkpoint; {ckpt} is a text model")
-    out = out or sys.stdout
-    model = from_pretrained_vl(ckpt, dtype=dtype)
-    proc = MiniMaxVLProcessor.from_config(model.config)
-    eos = tuple(tok.eos_token_ids) or None
-    results = []
-    for text in texts:
-        x = prepare_vl_inputs(proc, tok, text, images)
-        args = (model, x["input_ids"][None], x["pixel_values"], x["image_sizes"])
-        dec = StreamDecoder(tok)
-        for step in generate_vl_stream(*args, eos_token_id=eos, **gen):
-            if eos and int(step[0]) in eos:
-                break
-            piece = dec.push(int(step[0]))
-            if stream:
-                out.write(piece)
-                out.flush()
-        results.append(tok.decode(dec.ids))
-        out.write("\n" if stream else results[-1] + "\n")
-    return results
