@@ -114,7 +114,7 @@ class Engine:
         steps between checks run as a loop of known trip count (no host round trip per token
         on GPU), and a stop at eos is noticed up to sync_every - 1 steps late (those steps
         write eos and do not change the result). Decode steps run the block scan unrolled.
-        Measured on H200 (experiments/README.md): these and `moe_gather` took the 1.5B
+        Measured on H200 (experiments/RESULTS.md): these and `moe_gather` took the 1.5B
         benchmark model's batch-1 step from 3.42 to 1.75 ms."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")

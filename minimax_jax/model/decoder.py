@@ -56,7 +56,7 @@ class RunOptions:
     # "sorted" without a mesh: calls with at most this many token-expert assignments (B*T*k)
     # use `moe_gather` (decode steps at small batch); None: num_experts // 2 (it reads one
     # expert per assignment; at 32 assignments of 8 experts it made the decode step 1.4x slower
-    # than the grouped kernels, experiments/README.md); 0: never.
+    # than the grouped kernels, experiments/RESULTS.md); 0: never.
     moe_gather_rows: int | None = None
     unroll_blocks: bool = False  # unroll the scan over blocks (the Engine's decode step does)
     # One-row projections and `moe_gather` (batch-1 decode): "xla" (paired zero row, gathered

@@ -268,7 +268,7 @@ def ffn_implementation(implementation: str, dtype) -> str:
     Where the grouped-matmul API would pick its GPU kernels (a GPU, 16-bit operands) that is
     "padded" (batched GEMMs over capacity-padded groups, `moe_padded`, the Mosaic grouped
     kernels as fallback): measured faster than the grouped kernels alone at every MiniMax-width
-    token count (experiments/README.md). Elsewhere, and for explicit names, the name is returned
+    token count (experiments/RESULTS.md). Elsewhere, and for explicit names, the name is returned
     unchanged (`pallas_kernels.moe.api.resolve_implementation` resolves it per call).
     """
     if implementation == "auto" and gpu_takes(dtype) and resolve_implementation("auto") == "gpu":

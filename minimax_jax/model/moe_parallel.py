@@ -220,7 +220,7 @@ def _body(router, wi, wo, x, *, top_k, mode, e_axis, p, f_axes, impl, dispatch, 
 def resolve_dispatch(dispatch: str) -> str:
     """'auto' -> 'ragged' (lax.ragged_all_to_all) on TPU, 'dense' elsewhere: XLA:CPU has no
     lowering, and on one GPU host XLA's ragged all-to-all was measured at 377 ms for a 64K-token
-    EP=2 dispatch on 2 H200s (experiments/README.md; openxla/xla#33386 reports ~2% of NVLink
+    EP=2 dispatch on 2 H200s (experiments/RESULTS.md; openxla/xla#33386 reports ~2% of NVLink
     bandwidth), far slower than the padded all_to_all."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"EP dispatch must be one of {DISPATCHES}, got {dispatch!r}")

@@ -5,7 +5,7 @@ with a weight into an elementwise multiply that materialises a weight-sized prod
 reduce: e.g. a [1,16,128,2048] temporary for a 2048x2048 projection, written and read back on
 every step. `experiments/bench_matvec.py` measured such a 1-row projection at 23-25 us against
 12 us when the row is paired with a zero row (then XLA calls a GEMM that reads the weight once);
-see experiments/README.md. `proj` does that pairing (matvec="xla"), or with
+see experiments/RESULTS.md. `proj` does that pairing (matvec="xla"), or with
 matvec="gpu" runs the row through `pallas_kernels.matvec` (a split-K kernel that streams the
 weight once). Either way the real row's result is the einsum's, up to summation order.
 """
@@ -28,7 +28,7 @@ class LayerSlice:
 
     XLA:GPU copies a slice of a stacked weight before handing it to a Pallas call (custom-call
     operands are whole buffers): at batch 1 those copies took 1.4 ms of a 2.4 ms decode step
-    (experiments/README.md). The matvec kernel instead indexes the stacked array
+    (experiments/RESULTS.md). The matvec kernel instead indexes the stacked array
     itself. Everything else takes `get()`, which XLA fuses into its own GEMMs.
     """
 

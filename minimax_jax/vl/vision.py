@@ -182,7 +182,7 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt(2))) computed in fp32, as torch's kernel does.
 
     `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:GPU evaluated at ~136 us per
-    [19*577, 4096] bf16 layer against torch's ~60 us (a profile in experiments/README.md).
+    [19*577, 4096] bf16 layer against torch's ~60 us (a profile in experiments/RESULTS.md).
     """
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)

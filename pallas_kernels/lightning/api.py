@@ -178,7 +178,7 @@ def lightning_decode(
     _decode.check_decode_inputs(q, k, v, slopes, state)
     impl = resolve_implementation(cfg.implementation)
     if impl == "gpu" and cfg.implementation == "auto":
-        # Measured on H200 (experiments/README.md): XLA's fused update is 4-7% faster than the
+        # Measured on H200 (experiments/RESULTS.md): XLA's fused update is 4-7% faster than the
         # Pallas decode kernel at B >= 64 and equal at B = 1, so "auto" keeps XLA for decode.
         impl = "xla"
     if impl == "tpu":

@@ -9,7 +9,7 @@ Semantics, per batch ``b`` and head ``n`` (``s = slopes[n]``, ``lam = exp(-s)``)
 ``initial_state``: ``[B, N, H, H]`` fp32. Returns ``(o [B, T, N, H] in q.dtype, final [B, N, H, H]
 fp32)``.
 
-Design (chosen by measurement on an H200, ``experiments/README.md``, ``bench_lightning.jsonl``):
+Design (chosen by measurement on an H200, ``experiments/RESULTS.md``, ``bench_lightning.jsonl``):
 
 * One generic *scan kernel* does everything. A program owns one ``(b, n, value tile, T segment)``
   and walks its T segment block by block (block ``C`` = 64 tokens) keeping its ``[Hk, BV]`` fp32

@@ -3,7 +3,7 @@
 A decode step at batch 1 multiplies one activation row by each weight; the time is the weight
 read. XLA:GPU compiles a 1-row dot as an elementwise multiply + reduce that materialises a
 weight-sized product, and a gathered expert weight (`jnp.take(w, experts)`) as a copy followed
-by a GEMM: both move the weight bytes two or three times (experiments/README.md).
+by a GEMM: both move the weight bytes two or three times (experiments/RESULTS.md).
 This kernel streams `w[index[a]]` from HBM exactly once:
 
 * grid (A, N / BN, S): program (a, j, s) owns output columns j*BN.. of row a and the s-th of S
@@ -77,7 +77,7 @@ def pick_blocks(
     """Tiles for x [a,k] @ w [.,k,n]: the widest column tile up to block_n, K steps of up to
     block_k rows, and the divisor of K's step count that brings the grid closest to
     `target_programs`. Defaults: the best of a sweep on the benchmark model's decode shapes
-    (H200, experiments/results/bench_matvec.jsonl run r10-h200; [128,128] tiles were ~20%
+    (H200, experiments/results/bench_matvec.jsonl; [128,128] tiles were ~20%
     faster than [32,256] ones on average, with run-to-run noise of the same order)."""
     if not supported(k, n):
         raise ValueError(f"gathered_matvec kernel needs K and N multiples of 16, got {k}, {n}")

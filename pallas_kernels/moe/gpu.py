@@ -133,5 +133,5 @@ def tgmm(
     # No masking pass for empty groups: the kernel stores every group's tiles, and an empty
     # group's accumulator stays at its zero initialisation (its K loop is skipped). A
     # jnp.where here cost a read and a write of the whole [E,K,N] gradient (~7 ms of a 32 ms
-    # forward+backward at 4K tokens, experiments/README.md); tests check the zeros.
+    # forward+backward at 4K tokens, experiments/RESULTS.md); tests check the zeros.
     return out

@@ -9,7 +9,7 @@ group with a `lax.switch`, and falls back to the grouped-matmul kernel when none
 Why: the Mosaic GPU grouped kernel computes cdiv(M, 128) + E - 1 row tiles whatever the group
 sizes (a group of ~256 rows straddles up to 3 tiles), and its weight gradient runs a short K
 loop per output tile; at a few thousand tokens per layer a batched GEMM over groups padded to
-the largest one does less work (experiments/README.md). Letters as in `api.py`.
+the largest one does less work (experiments/RESULTS.md). Letters as in `api.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LADDER = (1.0, 1.03125, 1.0625, 1.09375, 1.125, 1.15625, 1.1875, 1.21875, 1.25, 
           2.0)  # fmt: skip
 MULTIPLE = 32
 # The Mosaic GPU grouped kernel computes cdiv(A, 128) + E - 1 row tiles of 128 rows at about
-# this fraction of a dense matmul's speed per tile (0.83-0.85 at 64K tokens, experiments/README.md).
+# this fraction of a dense matmul's speed per tile (0.83-0.85 at 64K tokens, experiments/RESULTS.md).
 GPU_TILE = 128
 GPU_TILE_EFFICIENCY = 0.85
 
