@@ -26,7 +26,8 @@ LADDER = (1.0, 1.03125, 1.0625, 1.09375, 1.125, 1.15625, 1.1875, 1.21875, 1.25, 
           2.0)  # fmt: skip
 MULTIPLE = 32
 # The Mosaic GPU grouped kernel computes cdiv(A, 128) + E - 1 row tiles of 128 rows at about
-# this fraction of a dense matmul's speed per tile (0.83-0.85 at 64K tokens, experiments/RESULTS.md).
+# this fraction of a dense matmul's speed per tile (0.83-0.85 at 64K tokens; see
+# experiments/RESULTS.md).
 GPU_TILE = 128
 GPU_TILE_EFFICIENCY = 0.85
 
