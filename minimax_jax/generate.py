@@ -18,6 +18,7 @@ import sys
 import jax
 from absl import app, flags
 
+from minimax_jax import generation_config
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
 from minimax_jax.sharding import maybe_initialize_distributed
 
@@ -96,6 +97,13 @@ def main(argv):
     quiet = jax.process_index() != 0
     sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - lives as long as the run
     try:
+        # Sampling flags not given on the command line come from generation_config.json.
+        sampling_flags = (_MAX_NEW, _TEMPERATURE, _TOP_P, _TOP_K, _GREEDY)
+        sampling = generation_config.merge(
+            generation_config.sampling_defaults(_CHECKPOINT.value or DEMO_DIR),
+            {f.name: f.value for f in sampling_flags},
+            {f.name for f in sampling_flags if f.present},
+        )
         run_generate(
             checkpoint=_CHECKPOINT.value,
             prompts=_PROMPT.value,
@@ -103,11 +111,7 @@ def main(argv):
             chat=_CHAT.value,
             system=_SYSTEM.value,
             chat_template=_TEMPLATE.value,
-            max_new_tokens=_MAX_NEW.value,
-            temperature=_TEMPERATURE.value,
-            top_p=_TOP_P.value,
-            top_k=_TOP_K.value,
-            greedy=_GREEDY.value,
+            **sampling,
             seed=_SEED.value,
             stream=_STREAM.value,
             dtype=_DTYPE.value,
