@@ -39,6 +39,10 @@ class ParamSpec:
     init: str = "normal"
     float32: bool = False
 
+    def stacked(self, n: int) -> ParamSpec:
+        """The same parameter with a leading ``layers`` axis of size n (a scanned block stack)."""
+        return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -202,15 +202,15 @@ def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype)`` (from the config's parameter
     layout); the router is always float32."""
 
-    def leaf(spec, stack=()):
-        return jax.ShapeDtypeStruct((*stack, *spec.shape), jnp.float32 if spec.float32 else dtype)
+    def leaf(spec):
+        return jax.ShapeDtypeStruct(spec.shape, jnp.float32 if spec.float32 else dtype)
 
     flat: dict[LeafPath, object] = {
         (name,): leaf(spec) for name, spec in config.outer_param_layout().items()
     }
     for p, kind in enumerate(config.block_pattern):
         for name, spec in config.layer_param_layout(kind).items():
-            flat[("blocks", p, *name.split("."))] = leaf(spec, (config.num_blocks,))
+            flat[("blocks", p, *name.split("."))] = leaf(spec.stacked(config.num_blocks))
     return unflatten(flat)
 
 

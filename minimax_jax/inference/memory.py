@@ -69,16 +69,10 @@ def _shard_elems(shape, axes, mesh, rules: ShardingRules | None) -> int:
 def param_leaves(config: ModelConfig, param_dtype: Any = jnp.bfloat16) -> list[tuple]:
     """[(shape, dtype, logical_axes)] of every parameter, from the config's parameter layout."""
 
-    def leaf(spec, stack=None):
-        shape, axes = spec.shape, spec.axes
-        if stack is not None:
-            shape, axes = (stack, *shape), ("layers", *axes)
-        return shape, np.dtype(jnp.float32 if spec.float32 else param_dtype), axes
-
-    out = [leaf(spec) for spec in config.outer_param_layout().values()]
+    specs = list(config.outer_param_layout().values())
     for kind in config.block_pattern:
-        out += [leaf(s, config.num_blocks) for s in config.layer_param_layout(kind).values()]
-    return out
+        specs += [s.stacked(config.num_blocks) for s in config.layer_param_layout(kind).values()]
+    return [(s.shape, np.dtype(jnp.float32 if s.float32 else param_dtype), s.axes) for s in specs]
 
 
 def weight_bytes(config, mesh_shape=None, rules=None, param_dtype=jnp.bfloat16) -> int:

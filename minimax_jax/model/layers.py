@@ -29,11 +29,10 @@ def spec_param(
     cfg: ModelConfig, spec: ParamSpec, rngs: nnx.Rngs, dtype, stack: int | None = None
 ) -> nnx.Param:
     """The parameter ``spec`` describes, with a leading ``layers`` axis of size ``stack``."""
-    shape, axes = spec.shape, spec.axes
     if stack is not None:
-        shape, axes = (stack, *shape), ("layers", *axes)
+        spec = spec.stacked(stack)
     std = None if spec.init == "ones" else cfg.initializer_range
-    return param(rngs, shape, axes, jnp.float32 if spec.float32 else dtype, std=std)
+    return param(rngs, spec.shape, spec.axes, jnp.float32 if spec.float32 else dtype, std=std)
 
 
 class _Group(nnx.Module):
