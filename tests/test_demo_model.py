@@ -84,7 +84,7 @@ def test_greedy_continuation_neither_loops_nor_stutters(greedy_texts, index):
 @retrained
 def test_demo_is_a_plain_continuation_model():
     """No chat template: the README command continues the prompt as code."""
-    from minimax_jax.tokenizer import ChatTokenizer
+    from minimax_jax.inference.tokenizer import ChatTokenizer
 
     assert ChatTokenizer.from_dir(DEMO_DIR).chat_template is None
     defaults = generation_config.sampling_defaults(DEMO_DIR)
@@ -169,7 +169,7 @@ def test_heldout_bits_per_byte():
 def test_heldout_list_is_the_old_models_split():
     """heldout_files.txt = the 3% the previous demo model held out (data.split_documents, seed
     0, over Debian's /usr/lib/python3.11/**/*.py), where that tree is present."""
-    from minimax_jax import data
+    from minimax_jax.training import data
 
     root = Path("/usr/lib/python3.11")
     files = sorted(str(p) for p in root.glob("**/*.py") if p.is_file()) if root.is_dir() else []

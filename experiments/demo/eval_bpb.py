@@ -55,7 +55,7 @@ class Scorer:
         import jax.numpy as jnp
 
         from minimax_jax import from_pretrained
-        from minimax_jax.tokenizer import ChatTokenizer
+        from minimax_jax.inference.tokenizer import ChatTokenizer
 
         self.model = from_pretrained(checkpoint, dtype=jnp.float32)
         self.tok = ChatTokenizer.from_dir(checkpoint)

@@ -86,7 +86,7 @@ if ((rc != 0 || erc != 0)); then tail -n 30 "$OUT/probe.log"; exit 1; fi
 STEPS=$("$PY" - "$probe_s" "$PROBE_STEPS" "$((DEADLINE - EXPORT_S - (SECONDS - t0)))" \
   "$MIN_STEPS" "$MAX_STEPS" "$CFG" "${SET[@]}" <<'EOF'
 import json, statistics, sys
-from minimax_jax import train_config
+from minimax_jax.training import run_config as train_config
 probe_s, n, left, lo, hi = (float(a) for a in sys.argv[1:6])
 cfg = train_config.load(sys.argv[6], [a for a in sys.argv[7:] if a != "--set"])
 rows = [json.loads(l) for l in open("/tmp/probe/metrics.jsonl") if "tokens_per_s" in l]
