@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("metrics")
     p.add_argument("out")
-    p.add_argument("--tokens_per_step", type=int, default=32 * 2048)
+    p.add_argument("--tokens_per_step", type=int, default=16 * 2048)  # demo_gpu.yaml: 16 x 2048
     p.add_argument("--title", default="demo model (configs/train/demo_gpu.yaml)")
     args = p.parse_args(argv)
     import matplotlib
