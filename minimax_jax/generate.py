@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 
 from minimax_jax import generation_config
+from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
 from minimax_jax.sharding import maybe_initialize_distributed
 
@@ -72,9 +73,10 @@ _RULES = flags.DEFINE_string(
 _ATTENTION = flags.DEFINE_enum(
     "attention_impl",
     "auto",
-    ["auto", "xla", "cudnn"],
-    "Softmax layers' prefill attention: cudnn = cuDNN flash attention (GPU, bfloat16; text "
-    "models), auto = xla for now.",
+    list(ATTENTION_IMPLS),
+    "Softmax layers' prefill attention (text models): blockwise = online softmax over key "
+    "blocks (memory linear in length), cudnn = cuDNN flash attention (GPU, bfloat16), xla = "
+    "materialised scores (the reference); auto = blockwise, or cudnn for a plain causal call.",
     flag_values=_FLAGS,
 )
 _IMAGE = flags.DEFINE_multi_string(

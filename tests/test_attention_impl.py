@@ -1,6 +1,8 @@
-"""Softmax-layer implementations (`RunOptions.attention_impl`): "xla" and cuDNN flash attention.
+"""Softmax-layer implementations (`RunOptions.attention_impl`): "xla" (the reference),
+"blockwise" (online softmax over key blocks) and cuDNN flash attention, and what "auto" picks.
 
-On CPU the cuDNN path's own arguments are checked by running them through
+"blockwise" must give the "xla" path's logits and gradients for plain, left-padded and packed
+rows, and chunked prefill over the cache. On CPU the cuDNN path's own arguments are checked by running them through
 `jax.nn.dot_product_attention(implementation="xla")` (the module's `_CUDNN` switch): the mask
 layout, the causal shortcut, the GQA head grouping and the cached-prefill mask over cache slots
 must give the "xla" path's logits and gradients. The GPU tests run real cuDNN against "xla".
@@ -106,21 +108,66 @@ def test_cudnn_cached_prefill_matches_xla(cudnn_args_on_xla):
         assert rel_err(got, want) <= 1e-5
 
 
-def test_cudnn_refused_where_it_cannot_run():
+def test_auto_and_refusals(monkeypatch):
     q = jnp.zeros((1, 8, 4, 32), jnp.bfloat16)
+    resolve = attn_mod.resolve_attention_impl
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match=r'attention_impl="cudnn" needs a CUDA GPU'):
-            attn_mod.resolve_attention_impl("cudnn", q)
-    assert attn_mod.resolve_attention_impl("auto", q) == "xla"
-    assert attn_mod.resolve_attention_impl("cudnn", q[:, :1]) == "xla"  # decode step
+            resolve("cudnn", q)
+        # no GPU: every multi-row call takes the linear-memory path
+        assert resolve("auto", q) == "blockwise"
+        assert resolve("auto", q, causal=True) == "blockwise"
+    assert resolve("auto", q[:, :1]) == "xla"  # decode step: [B,1,S] logits
+    assert resolve("cudnn", q[:, :1]) == "xla"
+    assert resolve("blockwise", q[:, :1]) == "blockwise"
+    assert resolve("xla", q) == "xla"
     with pytest.raises(ValueError, match="attention_impl must be one of"):
-        attn_mod.resolve_attention_impl("flash", q)
+        resolve("flash", q)
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         RunOptions(attention_impl="flash")
     cfg = TrainConfig()
     model = dataclasses.replace(cfg.model, preset="tiny-remote", attention_impl="flash")
-    with pytest.raises(ConfigError, match="model.attention_impl must be auto, xla or cudnn"):
+    with pytest.raises(ConfigError, match="model.attention_impl must be one of auto, xla, blockw"):
         validate(dataclasses.replace(cfg, model=model))
+    # where cuDNN can run: plain causal calls take it, masked ones (padding, packing, cache
+    # slots) keep the linear-memory path instead of cuDNN's [B,T,S] bias
+    monkeypatch.setattr(attn_mod, "cudnn_unsupported", lambda q: None)
+    assert resolve("auto", q, causal=True) == "cudnn"
+    assert resolve("auto", q) == "blockwise"
+
+
+@pytest.mark.parametrize("kind", ["plain", "left_padded", "packed"])
+def test_blockwise_matches_xla_logits_and_grads(kind):
+    want, g_want, real = _logits_and_grads(kind, "xla")
+    got, g_got, _ = _logits_and_grads(kind, "blockwise")
+    assert rel_err(got * real, want * real) <= 1e-5
+    for got_leaf, want_leaf in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_err(got_leaf, want_leaf) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "cudnn"])
+def test_chunked_prefill_equals_one_shot_forward(impl, monkeypatch):
+    """Nine prefill chunks (the last one short) over a left-padded batch, then decode steps,
+    equal one full forward: on every attention path ("cudnn" with its arguments on xla)."""
+    if impl == "cudnn":
+        monkeypatch.setattr(attn_mod, "_CUDNN", "xla")
+        monkeypatch.setattr(attn_mod, "cudnn_unsupported", lambda q: None)
+    params = random_model(CFG, seed=9).pure_params()
+    rng = np.random.RandomState(6)
+    ids = rng.randint(0, CFG.vocab_size, (2, 75)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :13] = 0
+    full, _ = forward(CFG, params, ids, mask)
+    opts = RunOptions(attention_impl=impl)
+    step = jax.jit(lambda p, i, m, c: forward_cached(CFG, p, i, m, c, opts))
+    cache = init_cache(CFG, 2, 96)
+    outs, bounds = [], [*range(0, 72, 8), 72, 73, 74, 75]  # 9 chunks, then 3 one-row steps
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        logits, cache = step(params, ids[:, lo:hi], mask[:, lo:hi], cache)
+        outs.append(np.asarray(logits))
+    got = np.concatenate(outs, axis=1)
+    real = mask[..., None].astype(np.float32)
+    assert rel_err(got * real, np.asarray(full) * real) <= 1e-5
 
 
 def test_cudnn_unsupported_reasons(monkeypatch):

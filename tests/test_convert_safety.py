@@ -187,9 +187,12 @@ def _start_slow(tool: str, ckpt: Path, out: Path) -> subprocess.Popen:
         "--out_dir",
         str(out),
     ]
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the tool the default disposition a terminal would.
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def _wait_for_partial(proc: subprocess.Popen, out: Path) -> list[Path]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import LINEAR, ModelConfig
+from minimax_jax.model.attention import BLOCK
 from minimax_jax.sharding import MESH_AXES, ShardingRules
 
 GiB = 2**30
@@ -105,30 +106,42 @@ def _split(n: int, axes: tuple[str, ...], mesh, rules) -> int:
     return _shard_elems((n,), axes, mesh, rules) if rules else n
 
 
-def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="xla", cb=2) -> int:
-    """The softmax layer's attention temporaries. "xla": fp32 scores and probabilities
-    [B,N,T,S] (this term dominates long prefills; the prefill chunk bounds T). "cudnn" (flash):
-    the mask as a bias [B,T,S] in the compute dtype (cb bytes) and fp32 row statistics [B,N,T]
-    (max and sum)."""
+def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="blockwise", cb=2) -> int:
+    """The softmax layer's attention temporaries for T queries over S keys.
+
+    "xla": fp32 scores and probabilities [B,N,T,S] (quadratic; the prefill chunk bounds T).
+    "cudnn" (flash): fp32 row statistics [B,N,T], plus the mask as a bias [B,T,S] in the compute
+    dtype (cb bytes) unless the call is plain causal (S == T without padding: training).
+    "blockwise": the fp32 output accumulator and its gradient [B,T,N,H] with the row statistics,
+    plus one query block's tile of fp32 logits, probabilities and their gradient
+    [B,N,C_q,C_k] (linear in T and independent of S).
+    """
+    if all(kind == LINEAR for kind in config.block_pattern):
+        return 0
     n = _split(config.num_heads, ("heads",), mesh, rules)
     if attention_impl == "cudnn":
-        return batch * t * s * cb + 2 * batch * n * t * 4
+        bias = 0 if t == s else batch * t * s * cb
+        return bias + 2 * batch * n * t * 4
+    if attention_impl == "blockwise":
+        cq, ck = min(BLOCK, t), min(BLOCK, s)
+        return batch * n * (t * (2 * config.head_dim + 2) * 4 + 3 * cq * ck * 4)
     return 2 * batch * n * t * s * 4
 
 
 def layer_activation_bytes(config, tokens, mesh, rules, compute_bytes) -> int:
     """Peak live bytes inside one layer for `tokens` tokens on this device.
 
-    Lightning: q, k, v [T,N,H] + output and gate [T,N*H] (compute dtype) + the fp32 intra-block
-    score tiles [T/C, N, C, C] and per-block states [T/C, N, H, H]. MoE: the sorted copies
-    [T*k, D], the fused gate/up product [T*k, 2F] and the fp32 expert output [T*k, D].
+    Lightning: q, k, v [T,N,H], output and gate [T,N*H] in the compute dtype, the recurrence's
+    fp32 copies of q, k, v and its fp32 output, the fp32 intra-block score tiles [T/C, N, C, C]
+    and per-block states [T/C, N, H, H]. MoE: the sorted copies [T*k, D], the fused gate/up
+    product [T*k, 2F] and the fp32 expert output [T*k, D].
     """
     n = _split(config.num_heads, ("heads",), mesh, rules)
     h, d, c = config.head_dim, config.hidden_size, config.block_size
     f = _split(config.intermediate_size, ("mlp",), mesh, rules)
     k = config.num_experts_per_tok
     blocks = -(-tokens // c)
-    lightning = tokens * n * h * 5 * compute_bytes + blocks * n * (c * c + h * h) * 4
+    lightning = tokens * n * h * (5 * compute_bytes + 4 * 4) + blocks * n * (c * c + h * h) * 4
     moe = tokens * k * (d * compute_bytes + 2 * f * compute_bytes + d * 4)
     return max(lightning, moe) + 4 * tokens * d * compute_bytes  # + residual stream copies
 
@@ -145,12 +158,14 @@ def plan_inference(
     kv_dtype=jnp.bfloat16,
     prefill_chunk=None,
     weights: int | None = None,
-    attention_impl: str = "xla",
+    attention_impl: str = "blockwise",
 ):
-    """Weights + caches + the peak of one prefill chunk (last-position logits only).
+    """Weights + caches + the peak of one prefill chunk (last-position logits only): the layer's
+    activations and the softmax temporaries beside them.
 
     weights: bytes already known (e.g. of loaded params) instead of computing them;
-    attention_impl: the softmax layers' implementation as resolved ("xla" or "cudnn").
+    attention_impl: the softmax layers' implementation as resolved ("blockwise", "xla" or
+    "cudnn"; see `softmax_score_bytes`).
     """
     mesh = _mesh_like(mesh_shape)
     local_batch = _split(batch, ("batch",), mesh, rules)
@@ -160,7 +175,8 @@ def plan_inference(
     scores = softmax_score_bytes(
         config, local_batch, chunk, max_len, mesh, rules, attention_impl, cb
     )
-    act = max(act, scores)
+    # the softmax layer's temporaries live beside its q, k, v and the residual stream
+    act += scores
     act += local_batch * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
     return MemoryPlan(
         weights=weight_bytes(config, mesh_shape, rules, param_dtype)
@@ -182,7 +198,7 @@ def plan_training(
     compute_dtype=jnp.bfloat16,
     optimizer_moments=2,
     remat="full",
-    attention_impl="xla",
+    attention_impl="blockwise",
 ):
     """fp32 params, grads and AdamW moments (sharded like the params), and activations.
 

@@ -1,21 +1,31 @@
-"""Softmax attention (GQA) for the full-attention layers, and the masks it uses.
+"""Softmax attention (GQA) for the full-attention layers, and which keys each query sees.
 
 Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query
 heads per kv head, H head dim, D model dim.
 
+Which keys a query sees is a `Visibility`: per-row query and key indices (positions or cache
+slots), key validity (left padding, unwritten cache slots) and optional segment ids (packed
+documents). Key s is visible to query t iff kv_index[s] <= q_index[t], kv_valid[s] and (with
+segments) q_segment[t] == kv_segment[s]. Only the "xla" reference builds the [B,T,S] mask.
+
 Implementations (``RunOptions.attention_impl``; all compute softmax(q k^T * scale) v with fp32
 logits, probabilities in v's dtype for the value product):
-- "xla": logits materialised as [B,K,G,T,S] fp32 (any backend, any dtype; tests' reference).
-- "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention`` (no [T,S] logits in
-  memory): CUDA GPUs, bfloat16/float16 activations, head dim a multiple of 8 and at most 128
-  (``pallas_kernels.attention.cudnn_unsupported``).
-  A plain causal call (no padding, no packed segments) uses cuDNN's causal mask, which skips the
-  masked half; otherwise the boolean mask goes in as an additive bias [B,1,T,S]. Odd lengths
-  are padded by one slot (JAX's cuDNN training kernels take even lengths only).
-- "auto": "xla" everywhere for now; "cudnn" is opt-in until it is measured on a GPU
-  (`resolve_attention_impl` is the one place that decides).
-Decode steps (one query row) always take "xla".
+- "xla": logits materialised as [B,K,G,T,S] fp32 (any backend, any dtype): the reference.
+- "blockwise": `pallas_kernels.attention.blockwise_attention`, an online softmax over key blocks
+  in plain XLA with a flash-style custom VJP: no array with both a T and an S axis beyond one
+  [B,K,G,C_q,C_k] tile, forward or backward; tiles no query can see are skipped. Any backend.
+- "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention``: CUDA GPUs,
+  bfloat16/float16 activations, head dim a multiple of 8 and at most 128
+  (``pallas_kernels.attention.cudnn_unsupported``). A plain causal call (no padding, no packed
+  segments) uses cuDNN's causal mask, which skips the masked half; otherwise the [B,T,S] mask
+  goes in as an additive bias (quadratic memory: kept for comparison, not chosen by "auto").
+  Odd lengths are padded by one slot (JAX's cuDNN training kernels take even lengths only).
+- "auto" (`resolve_attention_impl` is the one place that decides): one-row decode steps take
+  "xla" (their [B,1,S] logits are linear in S); a plain causal call on a GPU where cuDNN can run
+  takes "cudnn"; everything else takes "blockwise". So no default path holds a [T,S] array.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +33,35 @@ import jax.numpy as jnp
 from minimax_jax.model.proj import proj
 from minimax_jax.model.rope import apply_rope
 from pallas_kernels.attention import cudnn_unsupported
+from pallas_kernels.attention.blockwise import blockwise_attention
 
 # A finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax instead of
 # NaN; its output is never used.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Query and key tile of "blockwise": 512 x 512 fp32 logits per (batch, head) are 1 MiB.
+BLOCK = 512
+
+
+class Visibility(NamedTuple):
+    """Which keys each query sees (see the module doc), in O(T + S) memory.
+
+    q_index [B,T] int32, kv_index [B,S] int32, kv_valid [B,S] bool; q_segment [B,T] and
+    kv_segment [B,S] int32, both or neither.
+    """
+
+    q_index: jax.Array
+    kv_index: jax.Array
+    kv_valid: jax.Array
+    q_segment: jax.Array | None = None
+    kv_segment: jax.Array | None = None
+
+    def mask(self) -> jax.Array:
+        """The dense bool mask [B,T,S] (the "xla" reference and cuDNN's bias only)."""
+        mask = causal_padding_mask(self.q_index, self.kv_index, self.kv_valid)
+        if self.q_segment is not None:
+            mask &= self.q_segment[:, :, None] == self.kv_segment[:, None, :]
+        return mask
 
 
 def causal_padding_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array) -> jax.Array:
@@ -40,41 +75,53 @@ def causal_padding_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.A
     return (ki[:, None, :] <= qi[:, :, None]) & kv_valid[:, None, :]
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn")
 # What "cudnn" passes to jax.nn.dot_product_attention; CPU tests set it to "xla" to check the
 # arguments (mask layout, causal flag, GQA grouping) against `dot_product_attention` itself.
 _CUDNN = "cudnn"
 
 
-def resolve_attention_impl(impl: str, q: jax.Array) -> str:
-    """The implementation a softmax layer runs for ``impl`` on q [B,T,N,H] (see the module doc)."""
+def resolve_attention_impl(impl: str, q: jax.Array, causal: bool = False) -> str:
+    """The implementation a softmax layer runs for ``impl`` on q [B,T,N,H] (see the module doc);
+    ``causal``: the call's visibility is the plain causal mask over T == S positions."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "cudnn" and q.shape[1] > 1:
+    if q.shape[1] == 1 and impl in ("auto", "cudnn"):
+        return "xla"  # a decode step
+    if impl == "cudnn":
         why = cudnn_unsupported(q)
         if why is not None:
-            raise ValueError(f'attention_impl="cudnn" {why}; use "xla" or "auto"')
+            raise ValueError(f'attention_impl="cudnn" {why}; use "blockwise", "xla" or "auto"')
         return "cudnn"
-    return "xla"
+    if impl == "auto":
+        return "cudnn" if causal and cudnn_unsupported(q) is None else "blockwise"
+    return impl
 
 
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    vis: Visibility,
     scale: float,
     impl: str = "xla",
     causal: bool = False,
 ) -> jax.Array:
     """Softmax attention with the implementation ``impl`` resolves to (`resolve_attention_impl`).
 
-    q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H] in q's dtype. ``causal`` (static)
-    promises that mask is exactly the causal mask over T == S positions (no padding, one
-    segment); the cuDNN path then uses its built-in causal mask instead of a bias.
+    q [B,T,N,H], k/v [B,S,K,H], vis: which keys each query sees -> [B,T,N,H] in q's dtype.
+    ``causal`` (static) promises that vis is exactly the causal mask over T == S positions (no
+    padding, one segment); the cuDNN path then uses its built-in causal mask instead of a bias.
     """
-    if resolve_attention_impl(impl, q) == "xla":
-        return dot_product_attention(q, k, v, mask, scale)
+    resolved = resolve_attention_impl(impl, q, causal)
+    if resolved == "xla":
+        return dot_product_attention(q, k, v, vis.mask(), scale)
+    if resolved == "blockwise":
+        return blockwise_attention(
+            q, k, v, scale=scale, q_index=vis.q_index, kv_index=vis.kv_index,
+            kv_valid=vis.kv_valid, q_segment=vis.q_segment, kv_segment=vis.kv_segment,
+            block_q=BLOCK, block_k=BLOCK,
+        )  # fmt: skip
     t, s = q.shape[1], k.shape[1]
     # cuDNN's training kernels (JAX 0.11) take only even lengths: pad an odd T / S by one slot.
     # A padded key is masked out (after every real query when causal); a padded query is dropped.
@@ -86,7 +133,7 @@ def attention(
             q, k, v, scale=scale, is_causal=True, implementation=_CUDNN
         )
     else:
-        mask = jnp.pad(mask, ((0, 0), (0, pt), (0, ps)))  # padded slots: False
+        mask = jnp.pad(vis.mask(), ((0, 0), (0, pt), (0, ps)))  # padded slots: False
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation=_CUDNN
         )
@@ -115,14 +162,15 @@ def softmax_attention_layer(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    mask: jax.Array,
+    vis: Visibility,
     matvec: str = "xla",
     impl: str = "xla",
     causal: bool = False,
 ) -> jax.Array:
     """A full-attention layer without cache.
 
-    params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; mask [B,T,T].
+    params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; vis: over
+    the T positions.
     matvec: `proj`'s implementation for one-row (batch-1 decode) projections; impl, causal: see
     `attention`. Returns [B,T,D].
     """
@@ -130,7 +178,7 @@ def softmax_attention_layer(
     k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
     v = proj("btd,dkh->btkh", x, params["v"], matvec=matvec)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q, k, v, mask, q.shape[-1] ** -0.5, impl, causal)
+    out = attention(q, k, v, vis, q.shape[-1] ** -0.5, impl, causal)
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec)
 
 
@@ -139,7 +187,7 @@ def softmax_attention_cached(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    mask: jax.Array,
+    vis: Visibility,
     cache: dict,
     index: jax.Array,
     matvec: str = "xla",
@@ -147,8 +195,8 @@ def softmax_attention_cached(
 ) -> tuple[jax.Array, dict]:
     """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
 
-    x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; mask
-    [B,T,S] over cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla").
+    x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; vis
+    over the S cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla").
     Returns (y [B,T,D], updated cache).
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
@@ -158,6 +206,6 @@ def softmax_attention_cached(
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = attention(
-        q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, q.shape[-1] ** -0.5, impl
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), vis, q.shape[-1] ** -0.5, impl
     )
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}

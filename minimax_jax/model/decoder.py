@@ -17,7 +17,7 @@ import numpy as np
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.attention import (
     ATTENTION_IMPLS,
-    causal_padding_mask,
+    Visibility,
     softmax_attention_cached,
     softmax_attention_layer,
 )
@@ -64,7 +64,7 @@ class RunOptions:
     # (tests); "auto": `pallas_kernels.matvec.api.resolve_implementation` (gpu on a GPU without
     # a mesh, else xla).
     matvec_impl: str = "auto"
-    # Softmax layers: "auto" | "xla" | "cudnn" (`minimax_jax.model.attention`; auto = xla for now).
+    # Softmax layers: "auto" | "xla" | "blockwise" | "cudnn" (`minimax_jax.model.attention`).
     attention_impl: str = "auto"
 
     def __post_init__(self):
@@ -102,12 +102,12 @@ class _Context:
     """Per-call arrays shared by every layer."""
 
     token_mask: jax.Array | None  # [B,T] float, None when there is no padding
-    attn_mask: jax.Array | None  # [B,T,T] bool for softmax layers
+    vis: Visibility | None  # which keys each softmax query sees (no [T,S] array)
     cos: jax.Array | None  # [B,T,R]
     sin: jax.Array | None
     segment_ids: jax.Array | None = None  # [B,T] int32, packed sequences
     cache_index: jax.Array | None = None  # int32 slot of the first new token (cached calls)
-    causal_only: bool = False  # attn_mask is the plain causal mask (no padding, no segments)
+    causal_only: bool = False  # vis is the plain causal mask (no padding, no segments)
 
 
 def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
@@ -134,12 +134,12 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
         return y, None if cache is None else {"state": state}
     if cache is None:
         y = softmax_attention_layer(
-            params, u, ctx.cos, ctx.sin, ctx.attn_mask, opts.matvec, opts.attention_impl,
+            params, u, ctx.cos, ctx.sin, ctx.vis, opts.matvec, opts.attention_impl,
             ctx.causal_only,
         )  # fmt: skip
         return y, None
     return softmax_attention_cached(
-        params, u, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, opts.matvec,
+        params, u, ctx.cos, ctx.sin, ctx.vis, cache, ctx.cache_index, opts.matvec,
         opts.attention_impl,
     )  # fmt: skip
 
@@ -282,7 +282,7 @@ def make_context(
     t: int,
     segment_ids: jax.Array | None = None,
 ) -> _Context:
-    """Positions, RoPE tables and masks for a prefill over [B,T] tokens (no cache).
+    """Positions, RoPE tables and key visibility for a prefill over [B,T] tokens (no cache).
 
     Positions count real tokens only (left padding is skipped), so a padded row computes exactly
     what the same row computes alone. With segment_ids [B,T] (packed training sequences) positions
@@ -306,11 +306,10 @@ def make_context(
     if not has_softmax:
         return _Context(token_mask, None, None, None, segment_ids)
     cos, sin = rope_tables(positions, config.rotary_dim, config.rope_theta)
-    mask = causal_padding_mask(idx, idx, valid)
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    rows = jnp.broadcast_to(idx, (b, t))
+    vis = Visibility(rows, rows, valid, segment_ids, segment_ids)
     causal_only = attention_mask is None and segment_ids is None
-    return _Context(token_mask, mask, cos, sin, segment_ids, causal_only=causal_only)
+    return _Context(token_mask, vis, cos, sin, segment_ids, causal_only=causal_only)
 
 
 def forward(
@@ -384,10 +383,10 @@ def make_cached_context(
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_new, index, 1)
     count = jnp.cumsum(valid_new.astype(jnp.int32), axis=1)
     positions = jnp.maximum(cache["positions"][:, None] + count - 1, 0)
-    slots = index + jnp.arange(t, dtype=jnp.int32)
-    mask = causal_padding_mask(slots, jnp.arange(s, dtype=jnp.int32), valid)
+    slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    vis = Visibility(slots, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), valid)
     cos, sin = rope_tables(positions, config.rotary_dim, config.rope_theta)
-    ctx = _Context(valid_new.astype(jnp.float32), mask, cos, sin, None, index)
+    ctx = _Context(valid_new.astype(jnp.float32), vis, cos, sin, None, index)
     book = {"valid": valid, "index": index + t, "positions": cache["positions"] + count[:, -1]}
     return ctx, book
 

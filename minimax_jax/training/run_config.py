@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.training.data import SourceSpec
 
 
@@ -36,7 +37,7 @@ class ModelSection:
     remat: str | None = None  # None | "full" | "dots"
     moe_impl: str = "sorted"  # "sorted" | "dense"
     lightning_impl: str = "auto"
-    attention_impl: str = "auto"  # softmax layers: "auto" | "xla" | "cudnn" (RunOptions)
+    attention_impl: str = "auto"  # softmax layers: ATTENTION_IMPLS (RunOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +214,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set exactly one of model.preset, model.config (or model.init_from)")
     if m.remat not in (None, "full", "dots"):
         raise ConfigError(f"model.remat must be null, full or dots, got {m.remat!r}")
-    if m.attention_impl not in ("auto", "xla", "cudnn"):
+    if m.attention_impl not in ATTENTION_IMPLS:
         raise ConfigError(
-            f"model.attention_impl must be auto, xla or cudnn, got {m.attention_impl!r}"
+            f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+            f"got {m.attention_impl!r}"
         )
     if d.tokenizer is None and m.init_from is None:
         raise ConfigError(
