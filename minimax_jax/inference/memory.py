@@ -110,8 +110,8 @@ def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="blockw
     """The softmax layer's attention temporaries for T queries over S keys.
 
     "xla": fp32 scores and probabilities [B,N,T,S] (quadratic; the prefill chunk bounds T).
-    "cudnn" (flash): fp32 row statistics [B,N,T], plus the mask as a bias [B,T,S] in the compute
-    dtype (cb bytes) unless the call is plain causal (S == T without padding: training).
+    "cudnn" (flash): fp32 row statistics [B,N,T] and the mask as a bias [B,T,S] in the compute
+    dtype (cb bytes); the planner does not know whether a call is plain causal (no bias).
     "blockwise": the fp32 output accumulator and its gradient [B,T,N,H] with the row statistics,
     plus one query block's tile of fp32 logits, probabilities and their gradient
     [B,N,C_q,C_k] (linear in T and independent of S).
@@ -120,8 +120,7 @@ def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="blockw
         return 0
     n = _split(config.num_heads, ("heads",), mesh, rules)
     if attention_impl == "cudnn":
-        bias = 0 if t == s else batch * t * s * cb
-        return bias + 2 * batch * n * t * 4
+        return batch * t * s * cb + 2 * batch * n * t * 4
     if attention_impl == "blockwise":
         cq, ck = min(BLOCK, t), min(BLOCK, s)
         return batch * n * (t * (2 * config.head_dim + 2) * 4 + 3 * cq * ck * 4)
