@@ -141,7 +141,7 @@ class Engine:
         self._forward = step
 
     def _prefill_attention(self, chunk: int) -> str:
-        """What the softmax layers run for a prefill chunk ("xla" or "cudnn")."""
+        """What the softmax layers run for a prefill chunk ("xla", "blockwise" or "cudnn")."""
         dtype = self.compute_dtype or self.params["embed"].dtype
         h = self.config.head_dim
         q = jax.ShapeDtypeStruct((1, chunk, self.config.num_heads, h), dtype)

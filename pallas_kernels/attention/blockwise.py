@@ -211,12 +211,28 @@ def _uniform_prob(s: int, dtype) -> jax.Array:
     return (jnp.float32(1.0) / jnp.float32(s)).astype(dtype).astype(_F32)
 
 
+def _tied_to(x: jax.Array, arrays: tuple) -> tuple:
+    """`arrays`, made to depend on x for JAX's program transformations (no runtime cost).
+
+    Inside a `lax.scan` under `jax.grad` (a decoder's block scan), JAX hoists out of the loop
+    any value that depends only on loop invariants and keeps it for every iteration. The index
+    arrays are such invariants, so every tile's mask ([n_q, n_k, B, K, G, C_q, C_k], quadratic
+    in length) would be built up front and kept. Passing them through an optimization barrier
+    together with x (which varies per block) keeps the masks inside the loop, one tile at a time.
+    """
+    *arrays, _ = jax.lax.optimization_barrier((*arrays, x))
+    return tuple(arrays)
+
+
 def _forward(cfg: _Config, q, k, v, q_index, kv_index, kv_valid, q_segment, kv_segment):
     """-> out [B,T,N,H] in q's dtype, lse [B,T,N] fp32 (+inf where a query sees no key)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     cq, ck = cfg.block_q, cfg.block_k
+    q_index, kv_index, kv_valid, q_segment, kv_segment = _tied_to(
+        q, (q_index, kv_index, kv_valid, q_segment, kv_segment)
+    )
     qblocks = _q_blocks(q_index, q_segment, cq)
     kblocks = _k_blocks(kv_index, kv_valid, kv_segment, ck)
     qs = _blocks(_pad_axis1(q.reshape(b, t, kh, g, h), qblocks.index.shape[0] * cq, 0), cq)
@@ -281,6 +297,9 @@ def _attention_bwd(cfg, res, dout):
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     cq, ck = cfg.block_q, cfg.block_k
+    q_index, kv_index, kv_valid, q_segment, kv_segment = _tied_to(
+        dout, (q_index, kv_index, kv_valid, q_segment, kv_segment)
+    )
     qblocks = _q_blocks(q_index, q_segment, cq)
     kblocks = _k_blocks(kv_index, kv_valid, kv_segment, ck)
     nq, tp = qblocks.index.shape[0], qblocks.index.shape[0] * cq
