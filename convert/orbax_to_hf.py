@@ -47,6 +47,7 @@ from convert.common import (
     usage_error,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
+from minimax_jax import cli
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
@@ -60,6 +61,7 @@ _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
 )
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GB (1e9).")
+cli.finite(_MAX_SHARD_GB, minimum=1e-9)
 
 
 def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -> None:
