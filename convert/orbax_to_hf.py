@@ -24,6 +24,7 @@ are copied only if they are regular files inside IN (see ``convert.common``). Ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -47,7 +48,6 @@ from convert.common import (
     usage_error,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from minimax_jax import cli
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
@@ -61,7 +61,6 @@ _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
 )
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GB (1e9).")
-cli.finite(_MAX_SHARD_GB, minimum=1e-9)
 
 
 def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -> None:
@@ -191,6 +190,9 @@ def main(argv: list[str]) -> None:
     for holder in (_ORBAX_DIR, OUT_DIR):
         if not holder.value:
             usage_error(f"--{holder.name} is required (see --help)")
+
+    if not math.isfinite(_MAX_SHARD_GB.value) or _MAX_SHARD_GB.value <= 0:
+        usage_error(f"--max_shard_gb {_MAX_SHARD_GB.value}: must be a positive finite number")
 
     def work() -> None:
         s = export(
