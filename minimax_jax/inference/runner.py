@@ -84,7 +84,7 @@ def run_generate(
         what = "not a directory" if ckpt.exists() else "no such directory"
         raise files.InputFileError(f"--checkpoint {ckpt}: {what}; expected a checkpoint directory")
     if not (ckpt / "config.json").is_file():
-        raise files.InputFileError(
+        raise FileNotFoundError(
             f"--checkpoint {ckpt} is not a checkpoint directory (no config.json)"
         )
     tok = ChatTokenizer.from_dir(ckpt)
