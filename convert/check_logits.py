@@ -41,9 +41,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from convert.common import run_cli
+from minimax_jax import cli
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
 
@@ -60,9 +61,12 @@ _PROMPT = flags.DEFINE_string(
     "prompt", None, "Text to tokenize with the reference tokenizer.", flag_values=_FLAGS
 )
 _NUM_TOKENS = flags.DEFINE_integer(
-    "num_tokens", 64, "Random tokens when there is no prompt.", flag_values=_FLAGS
+    "num_tokens", 64, "Random tokens when there is no prompt.", lower_bound=1, flag_values=_FLAGS
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the random tokens.", lower_bound=0, upper_bound=cli.SEED_MAX,
+    flag_values=_FLAGS,
+)  # fmt: skip
 _RTOL = flags.DEFINE_float("rtol", 1e-3, "Largest allowed max|a-b| / max|ref|.", flag_values=_FLAGS)
 _MAX_KL = flags.DEFINE_float(
     "max_kl", 1e-4, "Largest allowed per-position KL (nats).", flag_values=_FLAGS
@@ -73,6 +77,12 @@ _MIN_TOP1 = flags.DEFINE_float(
 _PATCH_ROPE = flags.DEFINE_bool(
     "patch_rope", True, "Patch transformers for partial RoPE.", flag_values=_FLAGS
 )
+
+cli.finite(_RTOL, minimum=0)
+cli.finite(_MAX_KL, minimum=0)
+cli.finite(_MIN_TOP1, minimum=0, maximum=1)
+_HOLDERS = (_REFERENCE, _CANDIDATE, _PROMPT, _NUM_TOKENS, _SEED, _RTOL, _MAX_KL, _MIN_TOP1,
+            _PATCH_ROPE)  # fmt: skip
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
@@ -228,9 +238,15 @@ def check(
 def main(argv: list[str]) -> None:
     _FLAGS.mark_as_parsed()  # parsed through absl's FLAGS, which holds the same Flag objects
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.error_exit(f"unexpected arguments {argv[1:]}: every input is a flag (see --help)")
     if not _REFERENCE.value or not _CANDIDATE.value:
-        raise app.UsageError("--reference and --candidate are required")
+        cli.error_exit("--reference and --candidate are required (see --help)")
+    for holder in (_REFERENCE, _CANDIDATE):
+        if not (Path(holder.value) / "config.json").is_file():
+            what = "no config.json in it" if Path(holder.value).is_dir() else "not a directory"
+            cli.error_exit(
+                f"--{holder.name} {holder.value}: {what}; expected a checkpoint directory"
+            )
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -260,8 +276,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    flags.FLAGS.append_flag_values(_FLAGS)
-    app.run(main)
+    cli.run(main, __doc__, _HOLDERS, extra=_FLAGS)
 
 
 if __name__ == "__main__":

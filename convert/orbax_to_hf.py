@@ -24,6 +24,7 @@ are copied only if they are regular files inside IN (see ``convert.common``). Ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -189,6 +190,9 @@ def main(argv: list[str]) -> None:
     for holder in (_ORBAX_DIR, OUT_DIR):
         if not holder.value:
             usage_error(f"--{holder.name} is required (see --help)")
+
+    if not math.isfinite(_MAX_SHARD_GB.value) or _MAX_SHARD_GB.value <= 0:
+        usage_error(f"--max_shard_gb {_MAX_SHARD_GB.value}: must be a positive finite number")
 
     def work() -> None:
         s = export(

@@ -13,14 +13,13 @@ by that image's features (one placeholder per image is prepended when the prompt
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from minimax_jax import generation_config
-from minimax_jax.model.attention import ATTENTION_IMPLS
+from minimax_jax import cli, generation_config
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
+from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.sharding import maybe_initialize_distributed
 
 # Its own FlagValues (joined to absl's FLAGS in `run`): tests import this module together with
@@ -41,7 +40,7 @@ _TEMPLATE = flags.DEFINE_string(
     "chat_template", None, "Jinja chat template file.", flag_values=_FLAGS
 )
 _MAX_NEW = flags.DEFINE_integer(
-    "max_new_tokens", 64, "Tokens to generate per prompt.", flag_values=_FLAGS
+    "max_new_tokens", 64, "Tokens to generate per prompt.", lower_bound=1, flag_values=_FLAGS
 )
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 1.0, "Sampling temperature (0 = greedy).", flag_values=_FLAGS
@@ -49,17 +48,21 @@ _TEMPERATURE = flags.DEFINE_float(
 _TOP_P = flags.DEFINE_float(
     "top_p", 0.95, "Nucleus sampling threshold (1 = off).", flag_values=_FLAGS
 )
-_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.", flag_values=_FLAGS)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", None, "Keep the k most likely tokens.", lower_bound=0, flag_values=_FLAGS
+)
 _GREEDY = flags.DEFINE_boolean(
     "greedy", False, "Greedy decoding (overrides temperature).", flag_values=_FLAGS
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Sampling seed.", lower_bound=0, upper_bound=cli.SEED_MAX, flag_values=_FLAGS
+)
 _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.", flag_values=_FLAGS)
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Weights dtype.", flag_values=_FLAGS
 )
 _CHUNK = flags.DEFINE_integer(
-    "prefill_chunk", 256, "Prefill chunk length (tokens).", flag_values=_FLAGS
+    "prefill_chunk", 256, "Prefill chunk length (tokens).", lower_bound=1, flag_values=_FLAGS
 )
 _MESH = flags.DEFINE_string(
     "mesh",
@@ -83,56 +86,57 @@ _IMAGE = flags.DEFINE_multi_string(
     "image", [], "Image file for MiniMax-VL-01 (repeatable).", flag_values=_FLAGS
 )
 
+cli.finite(_TEMPERATURE, minimum=0)
+cli.finite(_TOP_P, minimum=1e-9, maximum=1)
+_HOLDERS = (_CHECKPOINT, _PROMPT, _PROMPTS_FILE, _CHAT, _SYSTEM, _TEMPLATE, _MAX_NEW, _TEMPERATURE,
+            _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _DTYPE, _CHUNK, _MESH, _RULES, _ATTENTION,
+            _IMAGE)  # fmt: skip
+
 
 def main(argv):
     _FLAGS.mark_as_parsed()  # parsed through absl's FLAGS, which holds the same Flag objects
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        # A multi-process launch (every host runs this command with --mesh over all devices):
-        # join it before JAX is used; process 0 prints, the others compute in step silently.
-        maybe_initialize_distributed()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.error_exit(f"unexpected arguments {argv[1:]}: every input is a flag (see --help)")
+    cli.guard(_generate)
+
+
+def _generate() -> None:
+    # A multi-process launch (every host runs this command with --mesh over all devices): join it
+    # before JAX is used; process 0 prints, the others compute in step silently.
+    maybe_initialize_distributed()
     quiet = jax.process_index() != 0
     sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - lives as long as the run
-    try:
-        # Sampling flags not given on the command line come from generation_config.json.
-        sampling_flags = (_MAX_NEW, _TEMPERATURE, _TOP_P, _TOP_K, _GREEDY)
-        sampling = generation_config.merge(
-            generation_config.sampling_defaults(_CHECKPOINT.value or DEMO_DIR),
-            {f.name: f.value for f in sampling_flags},
-            {f.name for f in sampling_flags if f.present},
-        )
-        run_generate(
-            checkpoint=_CHECKPOINT.value,
-            prompts=_PROMPT.value,
-            prompts_file=_PROMPTS_FILE.value,
-            chat=_CHAT.value,
-            system=_SYSTEM.value,
-            chat_template=_TEMPLATE.value,
-            **sampling,
-            seed=_SEED.value,
-            stream=_STREAM.value,
-            dtype=_DTYPE.value,
-            prefill_chunk=_CHUNK.value,
-            images=_IMAGE.value,
-            mesh=_MESH.value,
-            rules=_RULES.value,
-            attention_impl=_ATTENTION.value,
-            out=sink,
-            log=sink,
-        )
-    except (ValueError, FileNotFoundError, TypeError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Sampling flags not given on the command line come from generation_config.json.
+    sampling_flags = (_MAX_NEW, _TEMPERATURE, _TOP_P, _TOP_K, _GREEDY)
+    sampling = generation_config.merge(
+        generation_config.sampling_defaults(_CHECKPOINT.value or DEMO_DIR),
+        {f.name: f.value for f in sampling_flags},
+        {f.name for f in sampling_flags if f.present},
+    )
+    run_generate(
+        checkpoint=_CHECKPOINT.value,
+        prompts=_PROMPT.value,
+        prompts_file=_PROMPTS_FILE.value,
+        chat=_CHAT.value,
+        system=_SYSTEM.value,
+        chat_template=_TEMPLATE.value,
+        **sampling,
+        seed=_SEED.value,
+        stream=_STREAM.value,
+        dtype=_DTYPE.value,
+        prefill_chunk=_CHUNK.value,
+        images=_IMAGE.value,
+        mesh=_MESH.value,
+        rules=_RULES.value,
+        attention_impl=_ATTENTION.value,
+        out=sink,
+        log=sink,
+    )
 
 
 def run():
-    flags.FLAGS.append_flag_values(_FLAGS)
-    app.run(main)
+    """Console-script entry point (``minimax-jax-generate``)."""
+    cli.run(main, __doc__, _HOLDERS, extra=_FLAGS)
 
 
 if __name__ == "__main__":

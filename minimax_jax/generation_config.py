@@ -9,9 +9,10 @@ key read is validated: a bad value raises ``ValueError`` naming the file and the
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from minimax_jax import files
 
 FILE_NAME = "generation_config.json"
 
@@ -54,13 +55,7 @@ def sampling_defaults(checkpoint: str | Path) -> dict:
     path = Path(checkpoint) / FILE_NAME
     if not path.is_file():
         return {}
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return _check(d, path)
+    return _check(files.read_mapping(path, "a generation_config.json (a JSON object)"), path)
 
 
 def merge(defaults: dict, flags: dict, given: set[str]) -> dict:

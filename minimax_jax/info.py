@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from minimax_jax import cli
 from minimax_jax.config import FULL, ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", None, "Preset name from the configs package.")
@@ -69,21 +70,21 @@ def describe(*, preset: str | None = None, config: str | os.PathLike | None = No
 
 
 def main(argv: Sequence[str]) -> int:
-    """absl entry point: prints ``describe(...)``; errors -> one line on stderr, exit 1."""
+    """absl entry point: prints ``describe(...)``; returns the exit code (bad input -> one line
+    on stderr, 2)."""
     if len(argv) > 1:
         print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     try:
-        print(describe(preset=_PRESET.value, config=_CONFIG.value))
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        cli.guard(lambda: print(describe(preset=_PRESET.value, config=_CONFIG.value)))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return cli.EXIT_OK
 
 
 def run() -> None:
     """Console-script entry point (``minimax-jax-info``)."""
-    app.run(main)
+    cli.run(main, __doc__, (_PRESET, _CONFIG))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from minimax_jax import files
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 PARAM_AXES = (
     "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "qkv", "experts", "mlp",
@@ -240,15 +242,13 @@ def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConf
     Keys (strict): description, mesh {data, fsdp, expert, tensor}, rules {logical: axes},
     moe_impl (sorted | dense | ep).
     """
-    import yaml  # only needed for presets
-
     path = Path(name_or_path)
     if not path.suffix:
         path = _PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no mesh preset {str(name_or_path)!r}; presets: {names}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = files.read_mapping(path, "a sharding rules YAML file", kind="yaml")
     unknown = set(raw) - _PRESET_KEYS
     if unknown or "rules" not in raw:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)} or no 'rules'; "

@@ -11,11 +11,12 @@ MiniMax-M1 checkpoint, kept in ``CHAT_TEMPLATE_SOURCE``), loadable by
 
 from __future__ import annotations
 
-import sys
+import os
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from minimax_jax import cli
 from minimax_jax.training.tokenizer_train import CHAT_TEMPLATE_SOURCE, list_files, train_tokenizer
 
 _INPUT = flags.DEFINE_multi_string("input", None, "File or directory of training text.")
@@ -25,34 +26,42 @@ _EXCLUDE = flags.DEFINE_multi_string(
     ["test", "tests", "site-packages", "dist-packages", "__pycache__", "idlelib"],
     "Directory names skipped under --input.",
 )
-_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size including special tokens.")
+_VOCAB = flags.DEFINE_integer(
+    "vocab_size", 4096, "Vocabulary size including special tokens.", lower_bound=1
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
 _TEMPLATE = flags.DEFINE_string(
     "chat_template_from", CHAT_TEMPLATE_SOURCE, "tokenizer_config.json to copy the template from."
 )
+_HOLDERS = (_INPUT, _GLOB, _EXCLUDE, _VOCAB, _OUTPUT, _TEMPLATE)
 
 
 def main(argv: Sequence[str]) -> None:
-    del argv
-    try:
-        if not _INPUT.value or not _OUTPUT.value:
-            raise ValueError("--input and --output are required")
-        files = list_files(_INPUT.value, _GLOB.value, _EXCLUDE.value)
-        tok = train_tokenizer(
-            files=files,
-            vocab_size=_VOCAB.value,
-            output=_OUTPUT.value,
-            chat_template_from=_TEMPLATE.value or None,
-        )
-    except (ValueError, OSError) as e:
-        print(f"tokenizer_train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    del argv  # stray arguments are refused by cli.run
+    cli.guard(_work)
+
+
+def _work() -> None:
+    if not _INPUT.value or not _OUTPUT.value:
+        raise cli.UsageError("--input and --output are required (see --help)")
+    for path in _INPUT.value:
+        if not os.path.exists(path):
+            raise cli.UsageError(f"--input {path}: no such file or directory")
+    if os.path.exists(_OUTPUT.value) and not os.path.isdir(_OUTPUT.value):
+        raise cli.UsageError(f"--output {_OUTPUT.value}: not a directory; give a directory")
+    files = list_files(_INPUT.value, _GLOB.value, _EXCLUDE.value)
+    tok = train_tokenizer(
+        files=files,
+        vocab_size=_VOCAB.value,
+        output=_OUTPUT.value,
+        chat_template_from=_TEMPLATE.value or None,
+    )
     print(f"trained on {len(files)} files: vocab {tok.get_vocab_size()} -> {_OUTPUT.value}")
 
 
 def run() -> None:
     """Console-script entry point (``minimax-jax-train-tokenizer``)."""
-    app.run(main)
+    cli.run(main, __doc__, _HOLDERS)
 
 
 if __name__ == "__main__":

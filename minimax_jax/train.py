@@ -16,13 +16,13 @@ paths, empty data, tokenizer vs model vocabulary) is checked before anything is 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from minimax_jax import cli
 from minimax_jax.training import run_config as tc
-from minimax_jax.training.loop import TrainError, export, train
+from minimax_jax.training.loop import export, train
 
 _CONFIG = flags.DEFINE_string("config", None, "YAML run config (configs/train/*.yaml).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, events, checkpoints.")
@@ -31,35 +31,48 @@ _SET = flags.DEFINE_multi_string("set", [], "Override one key: section.key=value
 _EXPORT = flags.DEFINE_string(
     "export", None, "Write the newest checkpoint of --workdir as an HF directory and exit."
 )
-_EXPORT_DTYPE = flags.DEFINE_string("export_dtype", "float32", "Weight dtype of --export.")
+_EXPORT_DTYPE = flags.DEFINE_enum(
+    "export_dtype", "float32", ["float32", "bfloat16", "float16"], "Weight dtype of --export."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "With --export: replace DIR if it holds only an earlier export."
+)
+_HOLDERS = (_CONFIG, _WORKDIR, _STEPS, _SET, _EXPORT, _EXPORT_DTYPE, _OVERWRITE)
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        print(f"train: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    try:
-        if not _WORKDIR.value:
-            raise tc.ConfigError("--workdir is required")
-        if _EXPORT.value:
-            files = export(workdir=_WORKDIR.value, out_dir=_EXPORT.value, dtype=_EXPORT_DTYPE.value)
-            print(f"exported {', '.join(files)} to {_EXPORT.value}")
-            return
-        if not _CONFIG.value:
-            raise tc.ConfigError("--config is required")
-        config = tc.load(_CONFIG.value, _SET.value)
-        summary = train(config=config, workdir=_WORKDIR.value, steps=_STEPS.value)
-    except (ValueError, OSError, TrainError) as e:  # ConfigError and DataError are ValueErrors
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    del argv  # stray arguments are refused by cli.run
+    if not cli.DEBUG.value:
+        # Orbax logs a failed save's tracebacks from its threads; the error line says it all.
+        logging.set_verbosity(logging.FATAL)
+    cli.guard(_work, hard_exit=True)
+
+
+def _work() -> None:
+    if not _WORKDIR.value:
+        raise cli.UsageError("--workdir is required (see --help)")
+    if _EXPORT.value:
+        files = export(
+            workdir=_WORKDIR.value,
+            out_dir=_EXPORT.value,
+            dtype=_EXPORT_DTYPE.value,
+            overwrite=_OVERWRITE.value,
+        )
+        print(f"exported {', '.join(files)} to {_EXPORT.value}")
+        return
+    if not _CONFIG.value:
+        raise cli.UsageError("--config is required (see --help)")
+    if _STEPS.value is not None and _STEPS.value < 1:
+        raise cli.UsageError(f"--steps {_STEPS.value}: must be >= 1")
+    config = tc.load(_CONFIG.value, _SET.value)
+    summary = train(config=config, workdir=_WORKDIR.value, steps=_STEPS.value)
     summary.pop("state", None)
     print(json.dumps(summary))
 
 
 def run() -> None:
     """Console-script entry point (``minimax-jax-train``)."""
-    app.run(main)
+    cli.run(main, __doc__, _HOLDERS)
 
 
 if __name__ == "__main__":

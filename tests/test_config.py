@@ -487,7 +487,7 @@ def test_info_main_errors_are_one_line(capsys):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     with flagsaver.flagsaver(preset="nope"):
-        assert info.main(["minimax-jax-info"]) == 1
+        assert info.main(["minimax-jax-info"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown preset") and err.count("\n") == 1
     with flagsaver.flagsaver(preset="tiny-native"):

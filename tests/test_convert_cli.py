@@ -171,7 +171,7 @@ def test_cli_refuses_bad_checkpoint_with_one_line(native, tmp_path):
          "--out_dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a bad checkpoint is bad input (README: exit codes)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and drop in lines[0] and "missing tensors (1)" in lines[0]
     assert "Traceback" not in proc.stderr

@@ -305,7 +305,7 @@ def test_help_lists_every_flag_and_unknown_flags_exit_2(tool):
 
 
 def test_escaping_checkpoint_fails_with_one_line_and_no_secret(ckpt, tmp_path):
-    """A weight_map entry pointing outside IN (a valid shard there, or a secret file): exit 1, one
+    """A weight_map entry pointing outside IN (a valid shard there, or a secret file): exit 2, one
     line naming the index entry, nothing of the target's bytes, no output."""
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -321,7 +321,7 @@ def test_escaping_checkpoint_fails_with_one_line_and_no_secret(ckpt, tmp_path):
     index["weight_map"][name] = str(tmp_path / "shadow")
     (hf / INDEX_FILE).write_text(json.dumps(index))
     proc = _cli("hf_to_orbax", "--hf_dir", str(hf), "--out_dir", str(tmp_path / "o"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a bad file is bad input (README: exit codes)
     line = _one_line(proc.stderr, INDEX_FILE, name, "outside")
     assert "TOPSECRET" not in line and not (tmp_path / "o").exists()
 

@@ -129,7 +129,7 @@ def test_cli_bad_key_one_line_on_stderr(corpus, tmp_path):
     path = fx.write_yaml(str(tmp_path / "bad.yaml"), fx.raw_config(*corpus, train={"stpes": 3}))
     proc = fx.cli(["--config", path, "--workdir", str(tmp_path / "w")])
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input (README: exit codes)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown key train.stpes" in lines[0], err
 

@@ -78,13 +78,19 @@ def load_hf_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no HF config at {path!r}: pass a config.json or its directory")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    try:
+        with open(path, "rb") as f:
+            d = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 (byte {e.start}); expected an HF config.json"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path!r} must hold a JSON object")
+        raise ValueError(f"{path}: must hold a JSON object")
     return d
 
 

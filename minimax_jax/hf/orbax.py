@@ -38,7 +38,9 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from minimax_jax import files
 from minimax_jax.hf import mapping
+from minimax_jax.hf.safetensors import check_inside
 
 LeafPath = tuple[str | int, ...]
 METADATA_FILE = "_METADATA"
@@ -272,6 +274,17 @@ def _write_json(file: Path, data: Any) -> None:
     file.write_text(json.dumps(data))
 
 
+def check_tree_inside(root: Path, directory: Path) -> None:
+    """Every file and directory under ``directory`` (itself included) must resolve inside
+    ``root`` (the checkpoint directory): no symbolic link may lead out of it."""
+    check_inside(root, directory, "the Orbax params directory")
+    for top, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = Path(top) / name
+            if path.is_symlink():
+                check_inside(root, path, "a file of the Orbax checkpoint")
+
+
 class LeafReader:
     """Reads leaves (or slots of them) of an Orbax PyTree checkpoint saved with OCDBT.
 
@@ -286,7 +299,10 @@ class LeafReader:
                 f"{self.directory}: no {METADATA_FILE}; not an Orbax checkpoint (or an "
                 "unfinished conversion)"
             )
-        meta = json.loads((self.directory / METADATA_FILE).read_text())
+        check_tree_inside(self.directory.parent, self.directory)
+        meta = files.read_mapping(self.directory / METADATA_FILE, "Orbax metadata (a JSON object)")
+        if not isinstance(meta.get("tree_metadata"), dict):
+            raise OrbaxFormatError(f"{self.directory / METADATA_FILE}: no tree_metadata mapping")
         if not meta.get("use_ocdbt", False):
             raise OrbaxFormatError(f"{self.directory}: only OCDBT checkpoints are supported")
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"

@@ -3,7 +3,6 @@ images), generate, and print or stream the completions (`run_generate`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from minimax_jax import files
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained, sharding_from_rules
 from minimax_jax.inference import engine as sampling
@@ -28,15 +28,11 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | st
     out: list[dict | str] = list(prompts)
     if prompts_file:
         path = Path(prompts_file)
-        if not path.exists():
-            raise FileNotFoundError(f"--prompts_file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        text = files.read_text(path, "a --prompts_file (JSON lines)")
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            item = files.parse_json(line, f"--prompts_file {path}:{n}")
             if not isinstance(item, dict) or not ({"prompt", "messages"} & set(item)):
                 raise ValueError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": ...}}')
             out.append(item["prompt"] if "prompt" in item else {"messages": item["messages"]})
@@ -84,10 +80,15 @@ def run_generate(
     """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
     out, log = out or sys.stdout, log or sys.stderr
     ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
-    if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no config.json)")
+    if not ckpt.is_dir():
+        what = "not a directory" if ckpt.exists() else "no such directory"
+        raise files.InputFileError(f"--checkpoint {ckpt}: {what}; expected a checkpoint directory")
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {ckpt} is not a checkpoint directory (no config.json)"
+        )
     tok = ChatTokenizer.from_dir(ckpt)
-    template = Path(chat_template).read_text() if chat_template else None
+    template = files.read_text(chat_template, "a Jinja chat template") if chat_template else None
     chat = (template or tok.chat_template) is not None if chat is None else chat
     items = read_prompts(prompts, prompts_file)
     if images:

@@ -16,6 +16,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from minimax_jax import files
+
 EOS_TOKENS = ("<end_of_sentence>",)
 
 
@@ -34,9 +36,10 @@ class ChatTokenizer:
     def from_dir(cls, path: str | os.PathLike) -> ChatTokenizer:
         path = Path(path)
         cfg_file = path / "tokenizer_config.json"
-        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        what = "a tokenizer_config.json (a JSON object)"
+        config = files.read_mapping(cfg_file, what) if cfg_file.exists() else {}
         if (path / "tokenizer.json").exists():
-            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            tok = files.load_tokenizer(path / "tokenizer.json")
         elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
             bpe = models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))
             tok = Tokenizer(bpe)

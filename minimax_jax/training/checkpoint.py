@@ -9,11 +9,14 @@ A checkpoint ``WORKDIR/checkpoints/<step>/`` holds three items:
 
 Saves are asynchronous (the device-to-host copy happens before ``save`` returns, so the train
 state may be donated right after); only finished checkpoints are ever restored, so a run killed
-in the middle of a save restarts from the previous one.
+in the middle of a save restarts from the previous one. Steps in ``pinned`` (the newest checkpoint
+from before a run's first non-finite step) are never rotated out; they are recorded in
+``WORKDIR/pinned_checkpoints.json`` so a resumed run keeps them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,11 +26,41 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
 from minimax_jax.hf.pretrained import save_pretrained
 from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
 ITEMS = ("state", "data", "config")
+PINNED_FILE = "pinned_checkpoints.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (unwritable directory, full disk): the run must end."""
+
+
+@contextlib.contextmanager
+def _writing(directory: str):
+    """Any failure of a save (raised here or by Orbax's background threads) as one
+    ``CheckpointWriteError`` naming the directory."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax raises many kinds from its threads
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointWriteError(f"cannot write a checkpoint under {directory}: {detail}") from e
+
+
+class _Pinned(pp.PreservationPolicy):
+    """Preserves the steps in a set that may grow during the run."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        return [c.step in self.steps for c in checkpoints]
 
 
 class Checkpointer:
@@ -41,18 +74,42 @@ class Checkpointer:
     def __init__(
         self, directory: str, *, every: int, keep: int, async_save: bool = True, create=True
     ):
+        self.directory = os.path.abspath(directory)
+        self._pinned_file = os.path.join(os.path.dirname(self.directory), PINNED_FILE)
+        self.pinned: set[int] = set()
+        if os.path.isfile(self._pinned_file):
+            self.pinned = {int(s) for s in read_json(self._pinned_file).get("steps", [])}
+        policy = pp.AnyPreservationPolicy([pp.LatestN(keep), _Pinned(self.pinned)])
         options = ocp.CheckpointManagerOptions(
             should_save_fn=lambda step, _last: step % every == 0,
-            max_to_keep=keep,
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=create,
             read_only=not create,
         )
-        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def pin(self, step: int) -> None:
+        """Keeps checkpoint ``step`` whatever ``keep`` says (recorded for resumed runs too)."""
+        self.pinned.add(step)
+        tmp = self._pinned_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"steps": sorted(self.pinned)}, f)
+        os.replace(tmp, self._pinned_file)
+
+    def set_aside(self, step: int) -> str:
+        """Moves unreadable checkpoint ``step`` to ``WORKDIR/unreadable_checkpoints/<step>``
+        (kept for inspection, out of the way of a new save of that step); returns where."""
+        dest = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints", str(step))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        self.manager.reload()
+        return dest
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, *, force=False) -> bool:
         """Starts a save of ``step`` if it is due (or ``force``); returns whether it started."""
@@ -61,7 +118,8 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
-        return self.manager.save(step, args=args, force=force)
+        with _writing(self.directory):
+            return self.manager.save(step, args=args, force=force)
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """The train state, placed like ``abstract_state``'s shardings (the JSON items are read
@@ -81,11 +139,13 @@ class Checkpointer:
         return self.manager.restore(step, args=args)[item]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _writing(self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with _writing(self.directory):
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

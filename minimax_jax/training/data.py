@@ -30,6 +30,8 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
+from minimax_jax import files
+
 SOURCE_TYPES = ("text", "jsonl", "arrayrecord")
 
 
@@ -330,4 +332,4 @@ def load_tokenizer(path: str) -> Tokenizer:
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise DataError(f"tokenizer {path!r} not found: give a tokenizer.json or its directory")
-    return Tokenizer.from_file(file)
+    return files.load_tokenizer(file)

@@ -7,8 +7,10 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from minimax_jax import outputs
 from minimax_jax import sharding as shard_lib
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
@@ -230,20 +233,39 @@ def _run_config(setup: Setup) -> dict:
 
 
 def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, int]:
+    """The newest readable checkpoint's state and step (else a fresh state and 0); unreadable
+    newer ones are set aside with a warning."""
     state = init_state(setup, tx)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return state, 0
-    saved = checkpointer.restore_config(latest)
+    for step in sorted(checkpointer.manager.all_steps(), reverse=True):
+        try:
+            return _restore(setup, checkpointer, data_iter, state, step), step
+        except tc.ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any corruption: fall back to the previous one
+            moved = checkpointer.set_aside(step)
+            detail = " ".join(str(e).split())[:300] or type(e).__name__
+            print(
+                f"warning: checkpoint {step} is unreadable ({type(e).__name__}: {detail}); moved "
+                f"to {moved}, resuming from the previous one",
+                file=sys.stderr,
+                flush=True,
+            )
+    return state, 0
+
+
+def _restore(setup: Setup, checkpointer, data_iter, state: dict, step: int) -> dict:
+    saved = checkpointer.restore_config(step)
     if ModelConfig.from_hf(saved["model"]) != ModelConfig.from_hf(setup.model_config.to_hf()):
         raise tc.ConfigError(
             f"the checkpoint in {checkpointer.directory} is of a different model: use a new "
             "--workdir or the same model config"
         )
     # the data positions first: a different process count is refused before the weights are read
-    _set_data_state(data_iter, checkpointer.restore_data(latest))
-    state = checkpointer.restore_state(latest, ckpt.abstract_like(state))
-    return state, latest
+    _set_data_state(data_iter, checkpointer.restore_data(step))
+    restored = checkpointer.restore_state(step, ckpt.abstract_like(state))
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored["params"])):
+        raise ValueError("non-finite parameters")
+    return restored
 
 
 @dataclasses.dataclass
@@ -346,6 +368,7 @@ def _loop(run: _Run) -> dict:
     flops_tok = flops_per_token(setup.model_config, d.seq_len)
     run_cfg, summary = _run_config(setup), {"step": run.start, "preempted": False}
     bad_in_row, t_last = 0, time.perf_counter()
+    last_saved, pinned = ckpter.latest_step(), None
     with _Preemption() as signalled:
         for step in range(run.start + 1, setup.steps + 1):
             batch = _to_global(next(run.data_iter), sharding, d.grad_accum)
@@ -357,8 +380,13 @@ def _loop(run: _Run) -> dict:
                      mfu=tok_s * flops_tok / (peak * jax.device_count()))  # fmt: skip
             last = step == setup.steps
             stop = _preempted(run, signalled.flag, step)
+            if m["skipped"] and pinned is None and last_saved is not None:
+                # the first non-finite step: its predecessor checkpoint is never rotated out
+                pinned = last_saved
+                ckpter.pin(pinned)
             if last or stop or ckpter.manager.should_save(step):
                 ckpter.save(step, state, _data_state(run.data_iter), run_cfg, force=True)
+                last_saved = step
             bad_in_row = bad_in_row + 1 if m["skipped"] else 0
             run.log.step(m, force=last or bool(m["skipped"]))
             summary.update(step=step, loss=m["loss"])
@@ -367,9 +395,11 @@ def _loop(run: _Run) -> dict:
                 run.log.eval(step, ev)
                 summary.update(ev)
             if bad_in_row >= cfg.train.max_nonfinite:
+                kept = f"checkpoint {pinned}" if pinned is not None else "no checkpoint"
                 raise TrainError(
                     f"{bad_in_row} non-finite steps in a row (last at step {step}): lower "
-                    "optim.lr, enable clipping or check the data; the last checkpoint is kept"
+                    f"optim.lr, enable clipping or check the data; {kept} (the newest from before "
+                    "the first non-finite step) is kept"
                 )
             if stop:
                 ckpter.wait()
@@ -390,11 +420,20 @@ def _peak_flops(cfg: tc.TrainConfig, compute: Any) -> float:
     return measure_peak_flops(compute or _dtype(cfg.model.param_dtype, "model.param_dtype"))
 
 
-def export(*, workdir: str, out_dir: str, dtype: str = "float32") -> list[str]:
-    """Writes the newest checkpoint's params as an HF directory (+ the run's tokenizer files)."""
+def export(
+    *, workdir: str, out_dir: str, dtype: str = "float32", overwrite: bool = False
+) -> list[str]:
+    """Writes the newest checkpoint's params as an HF directory (+ the run's tokenizer files).
+
+    ``out_dir`` is built beside itself and renamed into place (``minimax_jax.outputs``); an
+    existing one is refused unless ``overwrite`` and it is empty or an earlier export / conversion.
+    """
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint under {directory} to export")
+    out = Path(out_dir)
+    in_dir, flag = Path(directory), "--workdir checkpoints"
+    outputs.prepare_output(in_dir, out, overwrite, flag, "--export")
     checkpointer = ckpt.Checkpointer(directory, every=1, keep=1, create=False)
     step = checkpointer.latest_step()
     if step is None:
@@ -409,9 +448,14 @@ def export(*, workdir: str, out_dir: str, dtype: str = "float32") -> list[str]:
     params["blocks"] = _as_list(params["blocks"])
     tok = config.data.tokenizer or config.model.init_from
     tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
-    return ckpt.export_pretrained(
-        params, model_config, out_dir, dtype=_dtype(dtype, "--export_dtype"), tokenizer_dir=tok_dir
-    )
+    jdtype = _dtype(dtype, "--export_dtype")
+
+    def build(tmp: Path) -> list[str]:
+        return ckpt.export_pretrained(params, model_config, str(tmp), dtype=jdtype,
+                                      tokenizer_dir=tok_dir)  # fmt: skip
+
+    return outputs.atomic_output(out, overwrite, build, in_dir=in_dir, in_flag=flag,
+                                 out_flag="--export", written_by="train --export")  # fmt: skip
 
 
 def _as_list(blocks: Any) -> list:

@@ -9,13 +9,13 @@ YAML, so ``--set optim.lr=1e-3`` and ``--set model.remat=full`` both work).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from typing import Any
 
-import yaml
-
+from minimax_jax import files
 from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.training.data import SourceSpec
 
@@ -194,16 +194,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: unknown section {section!r}")
         raw.setdefault(section, {})
         raw[section] = dict(raw[section] or {})
-        raw[section][name] = yaml.safe_load(value)
+        raw[section][name] = files.parse_yaml(value, f"--set {item!r}")
     return raw
 
 
 def load(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Reads a YAML run config and applies ``--set`` overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"run config {path!r} not found")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    if not os.path.exists(path):
+        raise ConfigError(f"--config {path}: no such file; expected a YAML run config")
+    raw = files.read_mapping(path, "a YAML run config", kind="yaml")
     return from_dict(apply_overrides(raw, list(overrides or [])))
 
 
@@ -233,3 +232,27 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("train.steps, train.log_every and train.max_nonfinite must be >= 1")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+    _check_floats(cfg)
+
+
+# Floats that must also be >= 0 (learning rates and the like); every float must be finite.
+_NON_NEGATIVE = ("optim.lr", "optim.end_lr_ratio", "optim.weight_decay", "optim.eps",
+                 "optim.clip_norm", "optim.load_balance_coef", "optim.z_loss_coef",
+                 "data.eval_fraction", "train.peak_tflops")  # fmt: skip
+
+
+def _check_floats(cfg: TrainConfig) -> None:
+    """Every float field finite; learning rates and coefficients >= 0; b1, b2 in [0, 1)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value, key = getattr(values, f.name), f"{section.name}.{f.name}"
+            if not isinstance(value, float):
+                continue
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            if key in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key in ("b1", "b2"):
+        if not 0 <= getattr(cfg.optim, key) < 1:
+            raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(cfg.optim, key)}")

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minimax_jax import files
+
 SPECIAL_TOKENS = (
     "<end_of_sentence>",
     "<beginning_of_sentence>",
@@ -87,6 +89,8 @@ def tokenizer_config(chat_template_from: str | None) -> dict:
         "unk_token": "<end_of_document>",
     }
     if chat_template_from:
-        with open(chat_template_from) as f:
-            cfg["chat_template"] = json.load(f)["chat_template"]
+        source = files.read_mapping(chat_template_from, "a tokenizer_config.json")
+        if not isinstance(source.get("chat_template"), str):
+            raise files.InputFileError(f"{chat_template_from}: no chat_template string in it")
+        cfg["chat_template"] = source["chat_template"]
     return cfg

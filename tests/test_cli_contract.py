@@ -1,0 +1,292 @@
+"""The CLI contract of every tool (README "Errors, exit codes and safety"): bad input is one
+``error:`` line naming the bad thing and exit 2, never a traceback; ``--help`` lists the flags and
+exits 0; and the training fault cases: a failing save exits 1 at once, a diverging run keeps its
+last finite checkpoint, resume skips an unreadable newest checkpoint, export never clobbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import train_fixtures as fx
+from test_orbax import config_of, write_checkpoint
+
+from convert import hf_to_orbax
+from minimax_jax import from_pretrained
+from minimax_jax.hf.safetensors import SafetensorsError
+from minimax_jax.outputs import OutputError
+from minimax_jax.training import loop as train_lib
+from minimax_jax.training.log import read_metrics
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints (HF, Orbax, a corrupt Orbax), a corpus, and bad files of every kind."""
+    root = tmp_path_factory.mktemp("contract")
+    write_checkpoint(root / "hf", config_of(num_blocks=1))
+    hf_to_orbax.convert(hf_dir=root / "hf", out_dir=root / "orbax", stream=None)
+    shutil.copytree(root / "orbax", root / "corrupt")
+    for p in (root / "corrupt" / "params").rglob("*"):
+        if p.is_file() and p.name != "_METADATA":
+            p.write_bytes(b"\0garbage")
+    shutil.copytree(root / "hf", root / "badtok")
+    (root / "badtok" / "tokenizer.json").write_text('{"model": ')
+    glob, tok = fx.make_corpus(str(root))
+    (root / "bad.yaml").write_text("model: [unclosed\n")
+    (root / "latin1.json").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    (root / "a_dir").mkdir()
+    (root / "a_file").write_text("x")
+    good = fx.write_yaml(str(root / "good.yaml"), fx.raw_config(glob, tok, model=fx.TWO_LAYERS))
+    return {"root": root, "good": Path(good), "tok": Path(tok), "glob": Path(glob)}
+
+
+def _run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and len(errors[0]) > len("error: "), proc.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...]]]:
+    """(module, args, exit code, words the error line must contain)."""
+    r, hf, orbax = f["root"], str(f["root"] / "hf"), str(f["root"] / "orbax")
+    gen, train = "minimax_jax.generate", "minimax_jax.train"
+    good, work = str(f["good"]), str(r / "work")
+    return [
+        # generate: flags, files, checkpoints
+        (gen, ["--prompt", "x", "--temperature", "nan"], 2, ("--temperature", "finite")),
+        (gen, ["--prompt", "x", "--top_p", "inf"], 2, ("--top_p",)),
+        (gen, ["--prompt", "x", "--seed", str(2**40)], 2, ("--seed",)),
+        (gen, ["--prompt", "x", "--seed", "-1"], 2, ("--seed",)),
+        (gen, ["--prompt", "x", "--nosuchflag"], 2, ("nosuchflag",)),
+        (gen, ["--checkpoint", str(r / "missing"), "--prompt", "x"], 2, ("missing",)),
+        (gen, ["--checkpoint", str(r / "a_file"), "--prompt", "x"], 2, ("a_file", "directory")),
+        (gen, ["--checkpoint", str(r / "badtok"), "--prompt", "x"], 2, ("tokenizer.json",)),
+        (gen, ["--prompts_file", str(r / "a_dir")], 2, ("a_dir", "directory")),
+        (gen, ["--prompts_file", str(r / "latin1.json")], 2, ("latin1.json", "UTF-8")),
+        (gen, ["--chat_template", str(r / "a_dir"), "--prompt", "x"], 2, ("a_dir",)),
+        (
+            gen,
+            ["--prompt", "x", "--mesh", "tensor=1", "--rules", str(r / "bad.yaml")],
+            2,
+            ("bad.yaml", "YAML"),
+        ),
+        (gen, ["--checkpoint", str(r / "corrupt"), "--prompt", "x"], 2, ()),
+        # train: config, --set, export
+        (train, ["--config", str(r / "bad.yaml"), "--workdir", work], 2, ("bad.yaml", "YAML")),
+        (train, ["--config", str(r / "a_dir"), "--workdir", work], 2, ("a_dir", "directory")),
+        (train, ["--config", str(r / "missing.yaml"), "--workdir", work], 2, ("missing.yaml",)),
+        (train, ["--config", good, "--workdir", work, "--set", "optim.lr=[1"], 2, ("--set",)),
+        (train, ["--config", good, "--workdir", work, "--set", "optim.lr=nan"], 2, ("optim.lr",)),
+        (train, ["--config", good, "--workdir", work, "--set", "optim.lr=-1"], 2, ("optim.lr",)),
+        (train, ["--config", good, "--workdir", work, "--set", "train.seed=x"], 2, ("seed",)),
+        (train, ["--config", good], 2, ("--workdir",)),
+        (train, ["--workdir", str(r / "nowork"), "--export", str(r / "e")], 2, ("checkpoint",)),
+        # tokenizer_train
+        (
+            "minimax_jax.tokenizer_train",
+            ["--input", str(r / "missing"), "--output", str(r / "t")],
+            2,
+            ("--input",),
+        ),  # fmt: skip
+        (
+            "minimax_jax.tokenizer_train",
+            ["--input", str(f["tok"]), "--output", str(r / "a_file")],
+            2,
+            ("--output",),
+        ),  # fmt: skip
+        (
+            "minimax_jax.tokenizer_train",
+            [
+                "--input",
+                str(f["tok"]),
+                "--output",
+                str(r / "t"),
+                "--chat_template_from",
+                str(r / "bad.yaml"),
+            ],
+            2,
+            ("bad.yaml",),
+        ),  # fmt: skip
+        # info
+        ("minimax_jax.info", ["--preset", "nope"], 2, ("nope",)),
+        ("minimax_jax.info", ["--hf_config", str(r / "latin1.json")], 2, ("latin1.json",)),
+        (
+            "minimax_jax.info",
+            ["--hf_config", str(r / "badtok" / "tokenizer.json")],
+            2,
+            ("tokenizer.json", "JSON"),
+        ),  # fmt: skip
+        # converters
+        (
+            "convert.hf_to_orbax",
+            ["--hf_dir", str(r / "a_file"), "--out_dir", str(r / "o")],
+            2,
+            ("--hf_dir",),
+        ),  # fmt: skip
+        (
+            "convert.orbax_to_hf",
+            ["--orbax_dir", orbax, "--out_dir", str(r / "o"), "--max_shard_gb", "nan"],
+            2,
+            ("--max_shard_gb",),
+        ),  # fmt: skip
+        ("convert.check_logits", ["--reference", hf], 2, ("--candidate",)),
+        (
+            "convert.check_logits",
+            ["--reference", hf, "--candidate", orbax, "--rtol", "nan"],
+            2,
+            ("--rtol",),
+        ),  # fmt: skip
+        (
+            "convert.check_logits",
+            ["--reference", str(r / "missing"), "--candidate", orbax],
+            2,
+            ("--reference",),
+        ),  # fmt: skip
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback(files):
+    cases = _cases(files)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        procs = list(pool.map(lambda c: _run(c[0], *c[1]), cases))
+    failures = []
+    for (module, args, code, words), proc in zip(cases, procs, strict=True):
+        try:
+            assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+            _one_error_line(proc, *words)
+        except AssertionError as e:
+            failures.append(f"{module} {args}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+# Flags the README documents per CLI (its "Errors, exit codes and safety" section and usage).
+HELP = {
+    "minimax_jax.generate": ["--checkpoint", "--prompt", "--prompts_file", "--temperature",
+                             "--top_p", "--top_k", "--seed", "--max_new_tokens", "--mesh",
+                             "--rules", "--attention_impl", "--image", "--[no]debug"],
+    "minimax_jax.train": ["--config", "--workdir", "--steps", "--set", "--export",
+                          "--export_dtype", "--[no]overwrite", "--[no]debug"],
+    "minimax_jax.tokenizer_train": ["--input", "--glob", "--vocab_size", "--output"],
+    "minimax_jax.info": ["--preset", "--hf_config"],
+    "convert.hf_to_orbax": ["--hf_dir", "--out_dir", "--dtype", "--mesh", "--[no]overwrite"],
+    "convert.orbax_to_hf": ["--orbax_dir", "--out_dir", "--schema", "--max_shard_gb"],
+    "convert.check_logits": ["--reference", "--candidate", "--prompt", "--rtol", "--max_kl",
+                             "--min_top1"],
+}  # fmt: skip
+
+
+def test_help_lists_the_flags_and_exits_0():
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        procs = dict(zip(HELP, pool.map(lambda m: _run(m, "--help"), HELP), strict=True))
+    for module, proc in procs.items():
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (module, proc.stderr)
+        for flag in HELP[module]:
+            assert f"  {flag}:" in proc.stdout, (module, flag)
+        assert "(default: " in proc.stdout, module
+
+
+def test_unwritable_checkpoint_dir_exits_1_within_30s(files, tmp_path):
+    (tmp_path / "checkpoints").write_text("not a directory")  # root may write anywhere else
+    start = time.monotonic()
+    proc = _run("minimax_jax.train", "--config", str(files["good"]), "--workdir", str(tmp_path),
+                "--set", "checkpoint.every=1", "--steps", "3", timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    _one_error_line(proc, "cannot write a checkpoint", str(tmp_path / "checkpoints"))
+    assert time.monotonic() - start < 60  # 30 s of the run itself + interpreter start
+
+
+def test_diverging_run_keeps_its_last_finite_checkpoint(files, tmp_path):
+    cfg = fx.config(
+        str(files["glob"]), str(files["tok"]), model=fx.TWO_LAYERS,
+        optim={"lr": 1e30, "warmup_steps": 3, "clip_norm": None},
+        train={"steps": 20, "max_nonfinite": 3}, checkpoint={"every": 1, "keep": 2},
+    )  # fmt: skip
+    with pytest.raises(train_lib.TrainError, match="checkpoint \\d+ \\(the newest") as info:
+        train_lib.train(config=cfg, workdir=str(tmp_path))
+    rows = read_metrics(str(tmp_path))
+    first_bad = min(r["step"] for r in rows if r.get("skipped"))
+    kept = int(str(info.value).split("checkpoint ")[1].split()[0])
+    assert kept == first_bad - 1
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept in steps and len(steps) == 3, steps  # keep 2 newest + the pinned one
+    assert json.loads((tmp_path / "pinned_checkpoints.json").read_text())["steps"] == [kept]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
+
+
+def test_resume_skips_unreadable_newest_and_export_never_clobbers(files, tmp_path, capsys):
+    sections = dict(model=fx.TWO_LAYERS, optim={"decay_steps": 12, "warmup_steps": 2},
+                    checkpoint={"every": 4, "keep": 3, "async_save": False})  # fmt: skip
+    cfg = fx.config(str(files["glob"]), str(files["tok"]), train={"steps": 8}, **sections)
+    train_lib.train(config=cfg, workdir=str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "8")  # b: resumes from 4, as a reference
+    for p in (tmp_path / "a" / "checkpoints" / "8" / "state").rglob("*"):
+        if p.is_file() and p.stat().st_size > 64:
+            p.write_bytes(p.read_bytes()[:16])  # truncated
+    longer = fx.config(str(files["glob"]), str(files["tok"]), train={"steps": 12}, **sections)
+    train_lib.train(config=longer, workdir=str(tmp_path / "a"))
+    warning = capsys.readouterr().err
+    assert "warning: checkpoint 8 is unreadable" in warning and "previous one" in warning
+    assert (tmp_path / "a" / "unreadable_checkpoints" / "8").is_dir()
+    train_lib.train(config=longer, workdir=str(tmp_path / "b"))
+    got, want = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [got[s] for s in range(5, 13)] == [want[s] for s in range(5, 13)]
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputError, match="exists; remove it or pass --overwrite"):
+        train_lib.export(workdir=str(tmp_path / "a"), out_dir=str(out))
+    with pytest.raises(OutputError, match="not written by a converter or train --export"):
+        train_lib.export(workdir=str(tmp_path / "a"), out_dir=str(out), overwrite=True)
+    assert (out / "thesis.tex").read_text() == "mine"
+    (out / "thesis.tex").unlink()
+    files_written = train_lib.export(workdir=str(tmp_path / "a"), out_dir=str(out), overwrite=True)
+    assert "model.safetensors" in files_written
+    train_lib.export(workdir=str(tmp_path / "a"), out_dir=str(out), overwrite=True)  # its own
+    assert not list(tmp_path.glob(".hf.*"))
+
+
+def test_orbax_params_linking_outside_the_checkpoint_are_refused(files, tmp_path):
+    """A ``params/`` (or a file under it) that is a symbolic link leading out of the checkpoint
+    directory is refused before anything is read."""
+    outside = tmp_path / "outside"
+    shutil.copytree(files["root"] / "orbax" / "params", outside)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(files["root"] / "orbax", ckpt)
+    shutil.rmtree(ckpt / "params")
+    (ckpt / "params").symlink_to(outside)
+    with pytest.raises(SafetensorsError, match="outside"):
+        from_pretrained(ckpt)
+    (ckpt / "params").unlink()
+    shutil.copytree(outside, ckpt / "params")
+    meta = ckpt / "params" / "_METADATA"
+    meta.unlink()
+    meta.symlink_to(outside / "_METADATA")
+    with pytest.raises(SafetensorsError, match="outside"):
+        from_pretrained(ckpt)
