@@ -144,6 +144,16 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
         gpu_tests("tests/test_attention_impl.py", cap=90),
         bench("bench_attention", cap=450, name="core"),
     ]),
+    "long-context": ("1 GPU", "1.55B prefill 32K, 128K on the default path beside lightning-only "
+                              "and the cuDNN causal rate; the attention GPU tests", [
+        gpu_tests("tests/test_attention_impl.py", cap=90),
+        bench("bench_long_context", "--lengths", "32768,131072", "--budget_s", "{budget}",
+              cap=420, name="short"),
+    ]),
+    "long-context-1m": ("1 GPU", "the same at 512K and 1M tokens (one timed call each)", [
+        bench("bench_long_context", "--lengths", "524288,1048576", "--reps", "1",
+              "--no_check", "--budget_s", "{budget}", cap=560, name="long"),
+    ]),
     "train": ("1 GPU", "training-step throughput and MFU, unpacked then packed rows", [
         bench("bench_train", "--tokens", "16384", "--breakdown", "4096", cap=330, name="step"),
         bench("bench_train", "--seq", "4096", "--tokens", "16384", "--packed", "--breakdown",

@@ -3,7 +3,8 @@
     python -m minimax_jax.tokenizer_train --input /usr/lib/python3.11 --glob '**/*.py' \
         --vocab_size 4096 --output DIR
 
-writes ``DIR/tokenizer.json`` and ``DIR/tokenizer_config.json`` (eos ``<end_of_sentence>``, bos
+writes ``DIR/tokenizer.json`` and ``DIR/tokenizer_config.json`` (each to a temporary file, then
+renamed; existing ones are replaced only with ``--overwrite``) (eos ``<end_of_sentence>``, bos
 ``<beginning_of_sentence>``, unk ``<end_of_document>`` and the chat template of the released
 MiniMax-M1 checkpoint, kept in ``CHAT_TEMPLATE_SOURCE``), loadable by
 ``minimax_jax.inference.tokenizer.ChatTokenizer.from_dir``. Special tokens take the first ids.
@@ -29,11 +30,16 @@ _EXCLUDE = flags.DEFINE_multi_string(
 _VOCAB = flags.DEFINE_integer(
     "vocab_size", 4096, "Vocabulary size including special tokens.", lower_bound=1
 )
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Output directory (created if missing; other files in it are left alone)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace tokenizer.json / tokenizer_config.json already in --output."
+)
 _TEMPLATE = flags.DEFINE_string(
     "chat_template_from", CHAT_TEMPLATE_SOURCE, "tokenizer_config.json to copy the template from."
 )
-_HOLDERS = (_INPUT, _GLOB, _EXCLUDE, _VOCAB, _OUTPUT, _TEMPLATE)
+_HOLDERS = (_INPUT, _GLOB, _EXCLUDE, _VOCAB, _OUTPUT, _OVERWRITE, _TEMPLATE)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -49,6 +55,16 @@ def _work() -> None:
             raise cli.UsageError(f"--input {path}: no such file or directory")
     if os.path.exists(_OUTPUT.value) and not os.path.isdir(_OUTPUT.value):
         raise cli.UsageError(f"--output {_OUTPUT.value}: not a directory; give a directory")
+    existing = [
+        name
+        for name in ("tokenizer.json", "tokenizer_config.json")
+        if os.path.exists(os.path.join(_OUTPUT.value, name))
+    ]
+    if existing and not _OVERWRITE.value:
+        raise cli.UsageError(
+            f"--output {_OUTPUT.value} already holds {' and '.join(existing)}; pass --overwrite "
+            "to replace them or choose another directory"
+        )
     files = list_files(_INPUT.value, _GLOB.value, _EXCLUDE.value)
     tok = train_tokenizer(
         files=files,

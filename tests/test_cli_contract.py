@@ -188,7 +188,8 @@ HELP = {
                              "--rules", "--attention_impl", "--image", "--[no]debug"],
     "minimax_jax.train": ["--config", "--workdir", "--steps", "--set", "--export",
                           "--export_dtype", "--[no]overwrite", "--[no]debug"],
-    "minimax_jax.tokenizer_train": ["--input", "--glob", "--vocab_size", "--output"],
+    "minimax_jax.tokenizer_train": ["--input", "--glob", "--vocab_size", "--output",
+                                    "--[no]overwrite"],
     "minimax_jax.info": ["--preset", "--hf_config"],
     "convert.hf_to_orbax": ["--hf_dir", "--out_dir", "--dtype", "--mesh", "--[no]overwrite"],
     "convert.orbax_to_hf": ["--orbax_dir", "--out_dir", "--schema", "--max_shard_gb"],
@@ -290,3 +291,28 @@ def test_orbax_params_linking_outside_the_checkpoint_are_refused(files, tmp_path
     meta.symlink_to(outside / "_METADATA")
     with pytest.raises(SafetensorsError, match="outside"):
         from_pretrained(ckpt)
+
+
+def test_tokenizer_train_replaces_files_only_when_asked(files, tmp_path):
+    """An output directory that already holds a tokenizer is refused (exit 2, files untouched)
+    unless --overwrite; with it the files are replaced whole and no temporary is left behind;
+    other files in the directory are never touched."""
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    args = ["--input", str(files["tok"]), "--vocab_size", "300", "--output", str(out)]
+    refused = _run("minimax_jax.tokenizer_train", *args)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--overwrite" in lines[0]
+    assert (out / "tokenizer.json").read_text() == "old"
+    assert not (out / "tokenizer_config.json").exists()
+    done = _run("minimax_jax.tokenizer_train", *args, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "notes.txt", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"

@@ -174,3 +174,19 @@ def test_default_paths_memory_grows_linearly():
         assert mid <= 2.05 * small and big <= 4.1 * small, (step.__name__, small, mid, big)
         dense = [step(n, "xla") for n in (t, 4 * t)]
         assert dense[1] > 5 * dense[0], (step.__name__, dense)
+
+
+def test_engine_accepts_prompts_up_to_max_positions():
+    """A prompt of exactly max_position_embeddings tokens with one new token is planned (the
+    sampled token is never fed back, so it needs no position); one more token is refused."""
+    from minimax_jax.inference import engine as sampling
+
+    cfg = CFG.replace(max_position_embeddings=4096)
+    params = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16).pure_params()
+    eng = sampling.Engine(cfg, params, prefill_chunk=1024)
+    plan = eng.plan(1, 4096, 1)
+    assert plan["padded_prompt"] == 4096 and plan["max_len"] >= 4096
+    assert eng.plan(1, 4000, 97)["padded_prompt"] == 4096
+    for prompt, new in ((4096, 2), (4097, 1), (4000, 98)):
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            eng.plan(1, prompt, new)

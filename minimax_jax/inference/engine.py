@@ -150,10 +150,12 @@ class Engine:
     def plan(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
         """Bucketed shapes and the memory estimate for a request."""
         limit = self.config.max_position_embeddings
-        if prompt_len + max_new_tokens > limit:
+        # The last new token is sampled, never fed back: it takes no position.
+        if prompt_len + max(max_new_tokens - 1, 0) > limit:
             raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's max_position_embeddings ({limit}): shorten the prompt or generate less"
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
+                f"the model's max_position_embeddings ({limit}): shorten the prompt or generate "
+                "less"
             )
         padded, chunk = _bucket_prompt(prompt_len, self.prefill_chunk)
         max_len = -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET

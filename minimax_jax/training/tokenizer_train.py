@@ -70,11 +70,25 @@ def train_tokenizer(
     )
     tok.train_from_iterator(_texts(files), trainer=trainer, length=len(files))
     os.makedirs(output, exist_ok=True)
-    tok.save(os.path.join(output, "tokenizer.json"))
-    with open(os.path.join(output, "tokenizer_config.json"), "w") as f:
-        json.dump(tokenizer_config(chat_template_from), f, indent=2, sort_keys=True)
-        f.write("\n")
+    config_text = json.dumps(tokenizer_config(chat_template_from), indent=2, sort_keys=True)
+    # Each file goes to a hidden temporary beside it, then is renamed over: a reader never sees a
+    # half-written tokenizer, and an interrupted run leaves the old files as they were.
+    _write_atomic(os.path.join(output, "tokenizer.json"), tok.to_str())
+    _write_atomic(os.path.join(output, "tokenizer_config.json"), config_text + "\n")
     return tok
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def tokenizer_config(chat_template_from: str | None) -> dict:
