@@ -144,7 +144,12 @@ def main() -> None:
     for t in map(int, filter(None, args.lengths.split(","))):
         spent = time.perf_counter() - start
         if last is not None:
-            estimate = (1 + args.reps) * last[1] * (t / last[0]) ** 2
+            # the lightning part scales linearly, the softmax part quadratically
+            r = t / last[0]
+            lin_s = last[2] if last[2] is not None else 0.0
+            one = lin_s * r + (last[1] - lin_s) * r * r
+            estimate = one * (1 + (1 if one > args.slow_s else args.reps))
+            estimate += 2 * lin_s * r * (1 + (1 if lin_s * r > args.slow_s else args.reps))
             if spent + estimate > args.budget_s:
                 rows.emit({"kind": "skipped", "tokens": t, "estimate_s": estimate,
                            "spent_s": spent, "budget_s": args.budget_s})  # fmt: skip
@@ -172,7 +177,9 @@ def main() -> None:
             rows.emit(row)
             result[label] = row
             if label == "hybrid":
-                last = (t, timing.median)
+                last = (t, timing.median, None)
+            else:
+                last = (t, last[1], timing.median)
         if "lightning_only" in result and rates:
             share = result["hybrid"]["us_per_token"] - result["lightning_only"]["us_per_token"]
             layers = sum(1 for x in cfg.layer_types if x != LIN)
