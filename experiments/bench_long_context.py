@@ -149,7 +149,7 @@ def main() -> None:
             lin_s = last[2] if last[2] is not None else 0.0
             one = lin_s * r + (last[1] - lin_s) * r * r
             estimate = one * (1 + (1 if one > args.slow_s else args.reps))
-            estimate += 2 * lin_s * r * (1 + (1 if lin_s * r > args.slow_s else args.reps))
+            estimate += lin_s * r * (1 + (1 if lin_s * r > args.slow_s else args.reps))
             if spent + estimate > args.budget_s:
                 rows.emit({"kind": "skipped", "tokens": t, "estimate_s": estimate,
                            "spent_s": spent, "budget_s": args.budget_s})  # fmt: skip
