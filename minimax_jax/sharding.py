@@ -1,11 +1,14 @@
 """Device mesh, logical-axis rules, and the shardings they give parameters and activations.
 
-The mesh has four named axes, always in this order (a size-1 axis costs nothing):
+The mesh has five named axes, always in this order (a size-1 axis costs nothing):
 
-    data    pure data parallelism (parameters replicated)
-    fsdp    data parallelism with parameters (and optimizer state) sharded over it
-    expert  expert parallelism: MoE experts split over it; tokens are also batch-sharded over it
-    tensor  tensor parallelism: attention heads, expert FFN width and vocab split over it
+    data      pure data parallelism (parameters replicated)
+    fsdp      data parallelism with parameters (and optimizer state) sharded over it
+    expert    expert parallelism: MoE experts split over it; tokens are also batch-sharded over it
+    tensor    tensor parallelism: attention heads, expert FFN width and vocab split over it
+    sequence  sequence (context) parallelism: one long sequence's tokens split over it in
+              contiguous shards (the `length` logical axis); lightning layers exchange their
+              fp32 states, softmax layers all-gather K/V (`minimax_jax.model.sequence`)
 
 Parameters carry logical axis names (`minimax_jax.model.layers`: layers, vocab, embed, heads,
 kv_heads, head_dim, qkv, experts, mlp, gate_up); activations use batch, length, act_embed,
@@ -31,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minimax_jax import files
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 PARAM_AXES = (
     "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "qkv", "experts", "mlp",
     "gate_up",
@@ -53,6 +56,7 @@ class MeshConfig:
     fsdp: int = -1
     expert: int = 1
     tensor: int = 1
+    sequence: int = 1
 
     def __post_init__(self):
         sizes = self.sizes()
@@ -134,7 +138,7 @@ def maybe_initialize_distributed() -> bool:
 
 
 def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A Mesh over all (or the given) devices with axes (data, fsdp, expert, tensor).
+    """A Mesh over all (or the given) devices with axes (data, fsdp, expert, tensor, sequence).
 
     Axis types are Auto (GSPMD propagation + explicit constraints), whatever the JAX default.
     """
@@ -153,7 +157,7 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices=None
 
 
 def single_device_mesh() -> Mesh:
-    """The four named axes, all of size 1, on the first device."""
+    """The five named axes, all of size 1, on the first device."""
     return make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
 
 
@@ -239,7 +243,7 @@ _PRESET_KEYS = {"description", "mesh", "rules", "moe_impl"}
 def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConfig]:
     """Rules and default mesh sizes from a preset name (`configs/mesh/<name>.yaml`) or a path.
 
-    Keys (strict): description, mesh {data, fsdp, expert, tensor}, rules {logical: axes},
+    Keys (strict): description, mesh {data, fsdp, expert, tensor, sequence}, rules {logical: axes},
     moe_impl (sorted | dense | ep).
     """
     path = Path(name_or_path)

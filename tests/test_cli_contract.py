@@ -93,6 +93,8 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
             ("bad.yaml", "YAML"),
         ),
         (gen, ["--checkpoint", str(r / "corrupt"), "--prompt", "x"], 2, ()),
+        (gen, ["--prompt", "x", "--mesh", "sequence=2"], 2, ("sequence=2",)),
+        (gen, ["--prompt", "x", "--mesh", "tensor=64"], 2, ("64 devices",)),
         # train: config, --set, export
         (train, ["--config", str(r / "bad.yaml"), "--workdir", work], 2, ("bad.yaml", "YAML")),
         (train, ["--config", str(r / "a_dir"), "--workdir", work], 2, ("a_dir", "directory")),

@@ -163,8 +163,8 @@ def run_generate(
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """ "expert=2,tensor=4" -> {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4}."""
-    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    """ "expert=2,tensor=4" -> {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4, "sequence": 1}."""
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, "sequence": 1}
     for item in filter(None, text.replace(" ", "").split(",")):
         name, _, value = item.partition("=")
         if name not in sizes or not value.lstrip("-").isdigit():
@@ -179,7 +179,14 @@ def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_i
     if not mesh:
         return from_pretrained(ckpt, dtype=jdtype), RunOptions(attention_impl=attention_impl)
     rules, _ = load_rules(rules_name)
-    device_mesh = make_mesh(parse_mesh(mesh))
+    sizes = parse_mesh(mesh)
+    if sizes["sequence"] > 1:
+        raise ValueError(
+            f"--mesh sequence={sizes['sequence']}: generation does not split a prompt over "
+            "devices yet (training and one-shot forwards do); use sequence=1 and a longer "
+            "prefill in chunks"
+        )
+    device_mesh = make_mesh(sizes)
     sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules)
     options = RunOptions(
         moe_impl=rules.moe_impl, mesh=device_mesh, rules=rules, attention_impl=attention_impl

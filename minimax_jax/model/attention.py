@@ -166,19 +166,24 @@ def softmax_attention_layer(
     matvec: str = "xla",
     impl: str = "xla",
     causal: bool = False,
+    core=None,
 ) -> jax.Array:
     """A full-attention layer without cache.
 
     params: q [D,N,H], k [D,K,H], v [D,K,H], o [N,H,D]; x [B,T,D]; cos/sin [B,T,R]; vis: over
     the T positions.
     matvec: `proj`'s implementation for one-row (batch-1 decode) projections; impl, causal: see
-    `attention`. Returns [B,T,D].
+    `attention`; core: replaces `attention` as core(q, k, v, vis, scale) (sequence parallelism,
+    `minimax_jax.model.sequence`). Returns [B,T,D].
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
     k = proj("btd,dkh->btkh", x, params["k"], matvec=matvec)
     v = proj("btd,dkh->btkh", x, params["v"], matvec=matvec)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q, k, v, vis, q.shape[-1] ** -0.5, impl, causal)
+    if core is not None:
+        out = core(q, k, v, vis, q.shape[-1] ** -0.5)
+    else:
+        out = attention(q, k, v, vis, q.shape[-1] ** -0.5, impl, causal)
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec)
 
 

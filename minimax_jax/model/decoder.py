@@ -8,6 +8,7 @@ index) are scanned inputs.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import ModelConfig
+from minimax_jax.model import sequence
 from minimax_jax.model.attention import (
     ATTENTION_IMPLS,
+    BLOCK,
     Visibility,
     softmax_attention_cached,
     softmax_attention_layer,
@@ -118,7 +121,14 @@ def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
 
 def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
     """Attention of one layer -> (y [B,T,D], updated layer cache or None)."""
+    seq = cache is None and sequence.is_sequence_sharded(opts.mesh, opts.rules, u)
     if kind == LIGHTNING:
+        core = None
+        if seq:
+            core = functools.partial(
+                _seq_lightning, mesh=opts.mesh, rules=opts.rules,
+                implementation=opts.lightning_impl, block_size=config.block_size,
+            )  # fmt: skip
         y, state = lightning_attention_layer(
             params,
             u,
@@ -130,18 +140,29 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
             initial_state=None if cache is None else cache["state"],
             implementation=opts.lightning_impl,
             matvec=opts.matvec,
+            core=core,
         )
         return y, None if cache is None else {"state": state}
     if cache is None:
+        core = None
+        if seq:
+            core = functools.partial(
+                sequence.softmax_core, impl=opts.attention_impl, mesh=opts.mesh,
+                rules=opts.rules, block=BLOCK,
+            )  # fmt: skip
         y = softmax_attention_layer(
             params, u, ctx.cos, ctx.sin, ctx.vis, opts.matvec, opts.attention_impl,
-            ctx.causal_only,
+            ctx.causal_only, core=core,
         )  # fmt: skip
         return y, None
     return softmax_attention_cached(
         params, u, ctx.cos, ctx.sin, ctx.vis, cache, ctx.cache_index, opts.matvec,
         opts.attention_impl,
     )  # fmt: skip
+
+
+def _seq_lightning(q, k, v, slopes, segment_ids, **kw):
+    return sequence.lightning_core(q, k, v, slopes, segment_ids, **kw)
 
 
 def _gather_rows(config: ModelConfig, opts: RunOptions) -> int:
@@ -347,6 +368,7 @@ def forward_embedded(
         params = cast_params(params, compute_dtype)
         x = x.astype(compute_dtype)
     b, t = x.shape[:2]
+    sequence.check_length(opts.mesh, opts.rules, t)
     ctx = make_context(config, attention_mask, b, t, segment_ids)
     x, router_logits, _ = decoder_stack(config, params["blocks"], x, ctx, opts)
     return _logits(config, params, x), router_logits

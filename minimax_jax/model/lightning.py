@@ -24,11 +24,14 @@ def lightning_attention_layer(
     segment_ids: jax.Array | None = None,
     implementation: str = "auto",
     matvec: str = "xla",
-) -> tuple[jax.Array, jax.Array]:
+    core=None,
+) -> tuple[jax.Array, jax.Array | None]:
     """params: qkv [D,N,3,H], gate [D,N,H], norm [N,H], out [N,H,D]; x [B,T,D]; slopes [N] fp32.
 
     token_mask [B,T] (1 = token, 0 = padding) zeroes q, k, v at padded positions, so left-padded
-    rows leave the state untouched until their first token. Returns (y [B,T,D], state [B,N,H,H]).
+    rows leave the state untouched until their first token. core: replaces the recurrence as
+    core(q, k, v, slopes, segment_ids) -> o (sequence parallelism, `minimax_jax.model.sequence`;
+    no state is returned then). Returns (y [B,T,D], state [B,N,H,H] or None).
     """
     b, t, _ = x.shape
     n, h = params["norm"].shape
@@ -42,6 +45,8 @@ def lightning_attention_layer(
             q[:, 0], k[:, 0], v[:, 0], slopes, initial_state, implementation=implementation
         )
         o = o[:, None]
+    elif core is not None:
+        o, state = core(q, k, v, slopes, segment_ids), None
     else:
         o, state = lightning_attention(
             q,

@@ -104,6 +104,7 @@ class MeshSection:
     fsdp: int | None = None
     expert: int | None = None
     tensor: int | None = None
+    sequence: int | None = None  # splits each row's tokens (data.seq_len must be a multiple)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.platform import match_vma
+
 __all__ = ["blockwise_attention"]
 
 # The dense reference's finite "minus infinity" (see the module doc).
@@ -266,6 +268,8 @@ def _forward(cfg: _Config, q, k, v, q_index, kv_index, kv_valid, q_segment, kv_s
             jnp.zeros((b, kh, g, cq), _F32),
             jnp.zeros((b, kh, g, cq, h), _F32),
         )
+        # inside shard_map (sequence parallelism) the carries vary like every operand
+        init = tuple(match_vma(x, qt, *jax.tree.leaves(qb), ks, vs, *kblocks) for x in init)
         (m, l, acc), _ = jax.lax.scan(key_step, init, (ks, vs, kblocks))
         empty = l == 0.0
         safe_l = jnp.where(empty, 1.0, l)
@@ -350,15 +354,17 @@ def _attention_bwd(cfg, res, dout):
                 return (dk, dv), dq
 
             def skip(carry):
-                return carry, jnp.zeros((b, cq, kh, g, h), _F32)
+                zeros = jnp.zeros((b, cq, kh, g, h), _F32)
+                return carry, match_vma(zeros, qt, dot, lset, deltat, *qb, kt, vt, *kb)
 
             return jax.lax.cond(_tile_visible(qb, kb), tile, skip, carry)
 
-        zeros = jnp.zeros((b, ck, kh, h), _F32)
+        zeros = match_vma(jnp.zeros((b, ck, kh, h), _F32), kt, vt, *kb, *jax.tree.leaves(q_side))
         (dk, dv), dq = jax.lax.scan(query_step, (zeros, zeros), q_side)
         return dq_acc + dq, (dk, dv)
 
-    dq0 = jnp.zeros((nq, b, cq, kh, g, h), _F32)
+    dq0 = match_vma(jnp.zeros((nq, b, cq, kh, g, h), _F32), *jax.tree.leaves(q_side), ks, vs,
+                    *kblocks)  # fmt: skip
     dq, (dk, dv) = jax.lax.scan(key_block, dq0, (ks, vs, kblocks))
     dq = _unblock(dq)[:, :t].reshape(b, t, n, h)
     dk, dv = _unblock(dk)[:, :s], _unblock(dv)[:, :s]
