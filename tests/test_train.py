@@ -113,6 +113,9 @@ def test_bad_input_fails_before_compiling(corpus, tmp_path, monkeypatch):
          DataError, "matches no files"),
         ({"model": {"overrides": {"vocab_size": 100}}}, DataError, "vocab_size is 100"),
         ({"data": {"eos_token": "<eos>"}}, DataError, "no eos token"),
+        ({"mesh": {"rules": "fsdp_ep", "num_devices": None, "fsdp": 1, "expert": 1,
+                   "sequence": 8}, "data": {"seq_len": 36}},
+         tc.ConfigError, r"seq_len = 36 does not split over mesh.sequence = 8"),
     ]  # fmt: skip
     for sections, err, match in cases:
         with pytest.raises(err, match=match):
@@ -153,14 +156,17 @@ def test_memorises_tiny_dataset(corpus, tmp_path):
 
 
 def test_sharded_accumulated_matches_single_device(corpus, tmp_path):
-    """8 devices with FSDP rules and 2 microbatches, and 8 devices with FSDP + expert parallelism
-    (fsdp_ep rules, 4 experts over `expert`, all-to-all dispatch) == 1 device, fp32, 6 steps."""
+    """8 devices with FSDP rules and 2 microbatches, 8 devices with FSDP + expert parallelism
+    (fsdp_ep rules, 4 experts over `expert`, all-to-all dispatch), and 8 devices with each row's
+    32 tokens split over sequence=4 (expert=2) == 1 device, fp32, 6 steps."""
     common = {"optim": {"lr": 3e-3, "warmup_steps": 2}, "train": {"steps": 6}}
     ep = {"rules": "fsdp_ep", "expert": 4, "fsdp": 2}
+    seq = {"rules": "fsdp_ep", "expert": 2, "fsdp": 1, "sequence": 4}
     runs = (
         ("one", {"num_devices": 1}, 1, "sorted"),
         ("eight", {"num_devices": None}, 2, "sorted"),
         ("ep", {"num_devices": None, **ep}, 1, "ep"),
+        ("seq", {"num_devices": None, **seq}, 1, "ep"),
     )
     curves = []
     for name, mesh, accum, moe in runs:
@@ -171,11 +177,14 @@ def test_sharded_accumulated_matches_single_device(corpus, tmp_path):
         assert setup.mesh.devices.size == (mesh["num_devices"] or 8)
         if name == "ep":
             assert setup.mesh.shape["expert"] == 4 and setup.rules.name == "fsdp_ep"
+        if name == "seq":
+            assert setup.mesh.shape["sequence"] == 4
         train_lib.train(config=cfg, workdir=str(tmp_path / name), setup=setup)
         curves.append([r["loss"] for r in read_metrics(str(tmp_path / name)) if "loss" in r])
     assert len(curves[0]) == 6
     np.testing.assert_allclose(curves[1], curves[0], rtol=2e-5)
     np.testing.assert_allclose(curves[2], curves[0], rtol=2e-5)
+    np.testing.assert_allclose(curves[3], curves[0], rtol=2e-5)
 
 
 def test_nonfinite_steps_skipped_then_stop(corpus, tmp_path):

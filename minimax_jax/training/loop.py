@@ -113,6 +113,11 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
         )
     mesh = shard_lib.make_mesh(mesh_cfg, None if n is None else jax.devices()[:n])
     run_options(config, mesh, rules)  # validates the model's kernel / MoE / remat choices
+    if d.seq_len % mesh.shape["sequence"]:
+        raise tc.ConfigError(
+            f"data.seq_len = {d.seq_len} does not split over mesh.sequence = "
+            f"{mesh.shape['sequence']}: make seq_len a multiple of it"
+        )
     if d.batch_size % (pcount * d.grad_accum):
         raise tc.ConfigError(
             f"data.batch_size = {d.batch_size} must split into {pcount} process(es) x "
