@@ -190,3 +190,35 @@ def test_engine_accepts_prompts_up_to_max_positions():
     for prompt, new in ((4096, 2), (4097, 1), (4000, 98)):
         with pytest.raises(ValueError, match="max_position_embeddings"):
             eng.plan(1, prompt, new)
+
+
+def test_long_context_plans_in_the_readme():
+    """The README's long-context figures (hand-checked terms; H200: 141 GB per device):
+    MiniMax-Text-01 in bf16 on 8 GPUs (tp_ep, tensor 8) prefilling a 4M-token prompt in chunks
+    of 8192, and 1M-token training rows on 512 GPUs (fsdp_ep, expert 8 x sequence 64)."""
+    from minimax_jax.sharding import load_rules
+
+    cfg = ModelConfig.preset("minimax-text-01")
+    tp_ep, _ = load_rules("tp_ep")
+    four_m = 4 * 2**20
+    infer = memory.plan_inference(
+        cfg, batch=1, prompt_len=four_m, max_len=four_m + 256, prefill_chunk=8192,
+        mesh_shape=dict(tensor=8), rules=tp_ep,
+    )  # fmt: skip
+    # softmax K/V cache: 10 softmax layers x (4M + 256) slots x 1 kv head per device x 128 x K,V
+    kv = 10 * (four_m + 256) * 1 * 128 * 2 * 2
+    # lightning states: 70 layers x 8 heads per device x 128 x 128 fp32
+    states = 70 * 8 * 128 * 128 * 4
+    book = (four_m + 256) + 4 + 4  # slot validity [B,S] bool, the index, positions [B]
+    assert infer.cache == kv + states + book
+    assert infer.total < 141e9 and infer.total / 2**30 > 120  # 127.4 GiB
+    fsdp_ep, _ = load_rules("fsdp_ep")
+    train = memory.plan_training(
+        cfg, batch=8, seq_len=2**20, mesh_shape=dict(fsdp=1, expert=8, sequence=64),
+        rules=fsdp_ep,
+    )  # fmt: skip
+    assert train.total < 141e9
+    # fp32 weights, gradients and two moments; experts split over all 512 devices, the other
+    # weights over fsdp x sequence = 64 (their model dim), so at least 4 bytes / 512 per param
+    assert train.gradients == train.weights and train.optimizer == 2 * train.weights
+    assert 4 * cfg.param_count() / 512 <= train.weights < 4 * cfg.param_count() / 64

@@ -38,8 +38,9 @@ def _rel(a, b) -> float:
 
 
 def test_mesh_config_resolves_minus_one():
-    assert sharding.MeshConfig(data=2, fsdp=-1).shape(8) == (2, 4, 1, 1)
-    assert sharding.MeshConfig(fsdp=1, expert=-1, tensor=2).shape(8) == (1, 1, 4, 2)
+    assert sharding.MeshConfig(data=2, fsdp=-1).shape(8) == (2, 4, 1, 1, 1)
+    assert sharding.MeshConfig(fsdp=1, expert=-1, tensor=2).shape(8) == (1, 1, 4, 2, 1)
+    assert sharding.MeshConfig(fsdp=-1, sequence=4).shape(8) == (1, 2, 1, 1, 4)
     with pytest.raises(ValueError, match="at most one -1"):
         sharding.MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="needs 6 devices"):
@@ -47,7 +48,7 @@ def test_mesh_config_resolves_minus_one():
     with pytest.raises(ValueError, match="unknown mesh axes"):
         sharding.make_mesh({"model": 8})
     mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2, "fsdp": 1})
-    assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.shape == (2, 1, 2, 2)
+    assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.shape == (2, 1, 2, 2, 1)
 
 
 def test_rules_spec_drops_axes_that_do_not_divide_or_repeat():

@@ -201,24 +201,31 @@ def plan_training(
 ):
     """fp32 params, grads and AdamW moments (sharded like the params), and activations.
 
+    With a `sequence` mesh axis (rules map `length` to it) each device holds T / P tokens of a
+    row; its softmax layers also hold the all-gathered K, V of the whole row.
     With remat="full" (per block) the saved activations are one [T,D] residual per block plus
-    one block recomputed in the backward (its 8 layers' intermediates); without remat every
-    layer's intermediates are kept. Logits and their gradient are [T,V] fp32.
+    one block recomputed in the backward (its 8 layers' intermediates, and the softmax layer's
+    attention temporaries beside them); without remat every layer's intermediates are kept.
+    Logits and their gradient are [T,V] fp32.
     """
     mesh = _mesh_like(mesh_shape)
-    tokens = _split(batch, ("batch",), mesh, rules) * seq_len
+    local_batch = _split(batch, ("batch",), mesh, rules)
+    local_len = _split(seq_len, ("length",), mesh, rules)  # the sequence axis splits tokens
+    tokens = local_batch * local_len
     cb = np.dtype(compute_dtype).itemsize
     w = weight_bytes(config, mesh_shape, rules, param_dtype)
     layer = layer_activation_bytes(config, tokens, mesh, rules, cb)
     residual = tokens * config.hidden_size * cb
-    local_batch = _split(batch, ("batch",), mesh, rules)
     scores = softmax_score_bytes(
-        config, local_batch, seq_len, seq_len, mesh, rules, attention_impl, cb
+        config, local_batch, local_len, seq_len, mesh, rules, attention_impl, cb
     )
-    layer = max(layer, scores)
-    if remat == "full":
-        act = config.num_blocks * residual + config.period * layer
+    if local_len < seq_len:  # all-gathered K, V [B,S,K,H] and their fp32 gradients
+        kv = _split(config.num_kv_heads, ("heads",), mesh, rules)
+        scores += 2 * local_batch * seq_len * kv * config.head_dim * (cb + 4)
+    soft = sum(kind != LINEAR for kind in config.block_pattern)  # softmax layers per block
+    if remat == "full":  # one block recomputed in the backward: its layers' intermediates
+        act = config.num_blocks * residual + config.period * layer + soft * scores
     else:
-        act = config.num_layers * (layer + residual)
+        act = config.num_layers * (layer + residual) + config.num_blocks * soft * scores
     act += 2 * tokens * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
     return MemoryPlan(weights=w, activations=int(act), gradients=w, optimizer=optimizer_moments * w)
