@@ -126,7 +126,7 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
         core = None
         if seq:
             core = functools.partial(
-                _seq_lightning, mesh=opts.mesh, rules=opts.rules,
+                sequence.lightning_core, mesh=opts.mesh, rules=opts.rules,
                 implementation=opts.lightning_impl, block_size=config.block_size,
             )  # fmt: skip
         y, state = lightning_attention_layer(
@@ -159,10 +159,6 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
         params, u, ctx.cos, ctx.sin, ctx.vis, cache, ctx.cache_index, opts.matvec,
         opts.attention_impl,
     )  # fmt: skip
-
-
-def _seq_lightning(q, k, v, slopes, segment_ids, **kw):
-    return sequence.lightning_core(q, k, v, slopes, segment_ids, **kw)
 
 
 def _gather_rows(config: ModelConfig, opts: RunOptions) -> int:

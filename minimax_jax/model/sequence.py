@@ -13,9 +13,10 @@ only the two attention cores need the other shards, and they run here inside `ja
   the axis and each shard's queries attend over all keys with the blockwise online softmax (or
   the dense "xla" reference); the gradient of the gather is a reduce-scatter of dK, dV. Sent per
   device and layer: (P - 1) / P x B x T x K x H x 2 x 2 bytes in bf16 (K and V), e.g. 3.5 GiB
-  for MiniMax-Text-01 (K = 8, H = 128) at 1M tokens over P = 8; the queries never move. An all-gather,
-  not a ring: with 8 kv heads against 64 query heads the gathered K/V are an eighth of the
-  query shards' size, and one collective per layer is simpler to overlap than P ring steps.
+  for MiniMax-Text-01 (K = 8, H = 128) at 1M tokens over P = 8; the queries never move. An
+  all-gather, not a ring: with 8 kv heads against 64 query heads the gathered K/V are an
+  eighth of the query shards' size, and one collective per layer is simpler to overlap than
+  P ring steps.
 
 Causal load balance: contiguous shards leave the last shard the most visible key tiles (the
 blockwise kernel skips invisible tiles, so shard p does ~(2p + 1) / P^2 of the work). Zig-zag
@@ -71,19 +72,10 @@ def is_sequence_sharded(mesh, rules, x: jax.Array) -> bool:
     return _length_entry(mesh, rules, x.shape) is not None
 
 
-def _specs(mesh, rules, q, k):
-    """Specs of q [B,T,N,H], of k/v [B,T,K,H] and of per-token arrays [B,T]; kv heads must split
-    like the query heads (each device's query heads read its own kv heads)."""
-    qs = rules.spec(_QKV, mesh, q.shape)
-    ks = rules.spec(_QKV, mesh, k.shape)
-    return qs, ks, P(qs[0], qs[1])
-
-
 def lightning_core(q, k, v, slopes, segment_ids, *, mesh, rules, implementation, block_size):
     """q, k, v [B,T,N,H] (global, token axis split over sequence) -> o [B,T,N,H]."""
-    qs, _, tok = _specs(mesh, rules, q, k)
-    axis = qs[1]
-    heads = P(qs[2])
+    qs = rules.spec(_QKV, mesh, q.shape)
+    axis, heads, tok = qs[1], P(qs[2]), P(qs[0], qs[1])
 
     def body(q, k, v, slopes, *seg):
         o, _ = lightning_attention_seq_sharded(
@@ -100,7 +92,9 @@ def lightning_core(q, k, v, slopes, segment_ids, *, mesh, rules, implementation,
 def softmax_core(q, k, v, vis: Visibility, scale: float, impl: str, *, mesh, rules, block):
     """q [B,T,N,H], k/v [B,T,K,H] (token axis split over sequence), vis over the T positions
     -> [B,T,N,H]. impl "xla": the dense reference per shard; anything else: blockwise."""
-    qs, ks, tok = _specs(mesh, rules, q, k)
+    qs, ks = rules.spec(_QKV, mesh, q.shape), rules.spec(_QKV, mesh, k.shape)
+    tok = P(qs[0], qs[1])
+    # each device's query heads must read its own kv heads
     if ks[2] != qs[2]:  # kv heads cannot split like the query heads: give each query its own
         g = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
