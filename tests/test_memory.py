@@ -130,11 +130,19 @@ def test_flash_attention_plans_without_the_scores(monkeypatch):
     plans = {impl: e.plan(1, 2048, 16) for impl, e in engines.items()}
     t, s = plans["xla"]["chunk"], plans["xla"]["max_len"]
     act = {impl: p["activations"] for impl, p in plans.items()}
-    # fp32 scores and probabilities [B,N,T,S] vs cuDNN's bf16 bias [B,T,S] and row statistics
-    assert act["xla"] - act["cudnn"] == 2 * 8 * t * s * 4 - (t * s * 2 + 2 * 8 * t * 4)
-    # vs blockwise (what "auto" runs for a cached prefill chunk): accumulators and three tiles
+    # a cached prefill chunk on cuDNN ("cudnn", and what "auto" runs there) splits into the
+    # chunk (causal) and the cached prefix (no mask): fp32 merged output, the part being merged
+    # and their log-sum-exps, the rotated bf16 q [B,T,N,H] and one piece of rotated K and V
+    # [B,min(32768,S),K,H]; never below the blockwise fallback (accumulators and three tiles)
+    assert act["cudnn"] == act["auto"]
+    kv = CFG.num_kv_heads
+    split = 8 * t * (2 * 64 * 4 + 2 * 4 + 64 * 2) + 2 * min(32768, s) * kv * 64 * 2
     tiles = 3 * min(512, t) * min(512, s) * 4
-    assert act["xla"] - act["auto"] == 2 * 8 * t * s * 4 - 8 * (t * (2 * 64 + 2) * 4 + tiles)
+    blockwise = 8 * (t * (2 * 64 + 2) * 4 + tiles)
+    assert act["xla"] - act["auto"] == 2 * 8 * t * s * 4 - max(split, blockwise)
+    # the bias path is still planned for callers that name it (masked training rows)
+    bias = memory.softmax_score_bytes(CFG, 1, t, s, None, None, "cudnn", 2)
+    assert bias == t * s * 2 + 2 * 8 * t * 4
 
 
 def _temp_bytes(fn, *args) -> int:

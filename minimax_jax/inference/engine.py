@@ -22,7 +22,7 @@ import numpy as np
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.inference import memory
-from minimax_jax.model.attention import resolve_attention_impl
+from minimax_jax.model.attention import cudnn_lse_unsupported, resolve_attention_impl
 from minimax_jax.model.cache import init_cache
 from minimax_jax.model.decoder import RunOptions, forward_cached
 
@@ -140,12 +140,17 @@ class Engine:
         self._loop = jax.jit(self._decode_loop, static_argnums=(4, 5), donate_argnums=1)
         self._forward = step
 
-    def _prefill_attention(self, chunk: int) -> str:
-        """What the softmax layers run for a prefill chunk ("xla", "blockwise" or "cudnn")."""
+    def _prefill_attention(self, chunk: int, max_len: int) -> str:
+        """What the softmax layers run for a prefill chunk against a cache of max_len slots, as
+        the memory planner names it ("xla", "blockwise", "cudnn" or "cudnn_chunk")."""
         dtype = self.compute_dtype or self.params["embed"].dtype
-        h = self.config.head_dim
-        q = jax.ShapeDtypeStruct((1, chunk, self.config.num_heads, h), dtype)
-        return resolve_attention_impl(self.attention_impl, q)
+        c = self.config
+        q = jax.ShapeDtypeStruct((1, chunk, c.num_heads, c.head_dim), dtype)
+        cache = jax.ShapeDtypeStruct((1, max_len, c.num_kv_heads, c.head_dim), dtype)
+        impl = resolve_attention_impl(self.attention_impl, q, chunk=cache)
+        if impl == "cudnn" and cudnn_lse_unsupported(q, cache) is None:
+            return "cudnn_chunk"
+        return impl
 
     def plan(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
         """Bucketed shapes and the memory estimate for a request."""
@@ -177,7 +182,7 @@ class Engine:
             param_dtype=self.params["embed"].dtype,
             kv_dtype=self.kv_dtype,
             prefill_chunk=chunk,
-            attention_impl=self._prefill_attention(chunk),
+            attention_impl=self._prefill_attention(chunk, max_len),
         )
         return {
             "padded_prompt": padded,

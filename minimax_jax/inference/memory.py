@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import LINEAR, ModelConfig
-from minimax_jax.model.attention import BLOCK
+from minimax_jax.model.attention import BLOCK, PIECE
 from minimax_jax.sharding import MESH_AXES, ShardingRules
 
 GiB = 2**30
@@ -112,6 +112,11 @@ def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="blockw
     "xla": fp32 scores and probabilities [B,N,T,S] (quadratic; the prefill chunk bounds T).
     "cudnn" (flash): fp32 row statistics [B,N,T] and the mask as a bias [B,T,S] in the compute
     dtype (cb bytes); the planner does not know whether a call is plain causal (no bias).
+    "cudnn_chunk" (a prefill chunk against the cache through cuDNN without a mask, the model's
+    `attention._cudnn_chunk`): the fp32 merged output and the part being merged [B,T,N,H], their
+    fp32 log-sum-exps [B,T,N], the rotated q [B,T,N,H] and one piece of rotated K and V
+    [B,min(PIECE,S),K,H] in the compute dtype; at least the "blockwise" figure (its fallback
+    branch is compiled beside it).
     "blockwise": the fp32 output accumulator and its gradient [B,T,N,H] with the row statistics,
     plus one query block's tile of fp32 logits, probabilities and their gradient
     [B,N,C_q,C_k] (linear in T and independent of S).
@@ -121,6 +126,12 @@ def softmax_score_bytes(config, batch, t, s, mesh, rules, attention_impl="blockw
     n = _split(config.num_heads, ("heads",), mesh, rules)
     if attention_impl == "cudnn":
         return batch * t * s * cb + 2 * batch * n * t * 4
+    if attention_impl == "cudnn_chunk":
+        kv = _split(config.num_kv_heads, ("kv_heads",), mesh, rules)
+        h = config.head_dim
+        piece = 2 * batch * min(PIECE, s) * kv * h * cb
+        split = batch * n * t * (2 * h * 4 + 2 * 4 + h * cb) + piece
+        return max(split, softmax_score_bytes(config, batch, t, s, mesh, rules, "blockwise", cb))
     if attention_impl == "blockwise":
         cq, ck = min(BLOCK, t), min(BLOCK, s)
         return batch * n * (t * (2 * config.head_dim + 2) * 4 + 3 * cq * ck * 4)

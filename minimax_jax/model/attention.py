@@ -17,12 +17,16 @@ logits, probabilities in v's dtype for the value product):
 - "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention``: CUDA GPUs,
   bfloat16/float16 activations, head dim a multiple of 8 and at most 128
   (``pallas_kernels.attention.cudnn_unsupported``). A plain causal call (no padding, no packed
-  segments) uses cuDNN's causal mask, which skips the masked half; otherwise the [B,T,S] mask
-  goes in as an additive bias (quadratic memory: kept for comparison, not chosen by "auto").
-  Odd lengths are padded by one slot (JAX's cuDNN training kernels take even lengths only).
+  segments) uses cuDNN's causal mask, which skips the masked half. A prefill chunk against the
+  cache (even lengths) runs `_cudnn_chunk`: the cached prefix without a mask plus the chunk
+  itself causal, cuDNN's padding mask for left padding, merged exactly through fp32
+  log-sum-exps. Otherwise (padded or packed training rows) the [B,T,S] mask goes in as an
+  additive bias (quadratic memory: kept for comparison, not chosen by "auto"). Odd lengths are
+  padded by one slot (JAX's cuDNN training kernels take even lengths only).
 - "auto" (`resolve_attention_impl` is the one place that decides): one-row decode steps take
-  "xla" (their [B,1,S] logits are linear in S); a plain causal call on a GPU where cuDNN can run
-  takes "cudnn"; everything else takes "blockwise". So no default path holds a [T,S] array.
+  "xla" (their [B,1,S] logits are linear in S); on a GPU where cuDNN can run, a plain causal
+  call and a prefill chunk against the cache take "cudnn"; everything else takes "blockwise".
+  So no default path holds a [T,S] array.
 """
 
 from typing import NamedTuple
@@ -34,6 +38,7 @@ from minimax_jax.model.proj import proj
 from minimax_jax.model.rope import apply_rope
 from pallas_kernels.attention import cudnn_unsupported
 from pallas_kernels.attention.blockwise import blockwise_attention
+from pallas_kernels.attention.cudnn import cudnn_attention_lse, cudnn_lse_unsupported
 
 # A finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax instead of
 # NaN; its output is never used.
@@ -41,6 +46,8 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # Query and key tile of "blockwise": 512 x 512 fp32 logits per (batch, head) are 1 MiB.
 BLOCK = 512
+# Cache slots per cuDNN call of a prefill chunk against its cached prefix (`_cudnn_chunk`).
+PIECE = 32768
 
 
 class Visibility(NamedTuple):
@@ -81,9 +88,12 @@ ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn")
 _CUDNN = "cudnn"
 
 
-def resolve_attention_impl(impl: str, q: jax.Array, causal: bool = False) -> str:
+def resolve_attention_impl(
+    impl: str, q: jax.Array, causal: bool = False, chunk: jax.ShapeDtypeStruct | None = None
+) -> str:
     """The implementation a softmax layer runs for ``impl`` on q [B,T,N,H] (see the module doc);
-    ``causal``: the call's visibility is the plain causal mask over T == S positions."""
+    ``causal``: the call's visibility is the plain causal mask over T == S positions; ``chunk``:
+    the call is a prefill chunk against a cache of this shape [B,S,K,H] (`_cudnn_chunk`)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if q.shape[1] == 1 and impl in ("auto", "cudnn"):
@@ -94,7 +104,11 @@ def resolve_attention_impl(impl: str, q: jax.Array, causal: bool = False) -> str
             raise ValueError(f'attention_impl="cudnn" {why}; use "blockwise", "xla" or "auto"')
         return "cudnn"
     if impl == "auto":
-        return "cudnn" if causal and cudnn_unsupported(q) is None else "blockwise"
+        if causal and cudnn_unsupported(q) is None:
+            return "cudnn"
+        if chunk is not None and cudnn_lse_unsupported(q, chunk) is None:
+            return "cudnn"
+        return "blockwise"
     return impl
 
 
@@ -106,14 +120,26 @@ def attention(
     scale: float,
     impl: str = "xla",
     causal: bool = False,
+    chunk_start: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention with the implementation ``impl`` resolves to (`resolve_attention_impl`).
 
     q [B,T,N,H], k/v [B,S,K,H], vis: which keys each query sees -> [B,T,N,H] in q's dtype.
     ``causal`` (static) promises that vis is exactly the causal mask over T == S positions (no
     padding, one segment); the cuDNN path then uses its built-in causal mask instead of a bias.
+    ``chunk_start`` (int32 scalar): the call is a prefill chunk whose queries sit in cache slots
+    chunk_start..chunk_start+T-1 of k/v (vis.kv_index the slot numbers, no segments); the cuDNN
+    path then runs `_cudnn_chunk` instead of a bias.
     """
-    resolved = resolve_attention_impl(impl, q, causal)
+    shape = None if chunk_start is None else jax.ShapeDtypeStruct(k.shape, k.dtype)
+    resolved = resolve_attention_impl(impl, q, causal, shape)
+    if (
+        resolved == "cudnn"
+        and chunk_start is not None
+        and vis.q_segment is None
+        and cudnn_lse_unsupported(q, k) is None
+    ):
+        return _cudnn_chunk(q, k, v, vis, scale, chunk_start)
     if resolved == "xla":
         return dot_product_attention(q, k, v, vis.mask(), scale)
     if resolved == "blockwise":
@@ -138,6 +164,89 @@ def attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation=_CUDNN
         )
     return out[:, :t]
+
+
+def _roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """x [B,L,...] with row b rotated left by shift[b]: out[b, i] = x[b, (i + shift[b]) % L]."""
+    n = x.shape[1]
+    idx = (jnp.arange(n, dtype=jnp.int32)[None] + shift[:, None]) % n
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _merge(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.Array]):
+    """Two partial attentions (out fp32 [B,T,N,H], lse [B,T,N]) over disjoint key sets -> one."""
+    (o1, l1), (o2, l2) = acc, part
+    lse = jnp.logaddexp(l1, l2)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1, w2 = jnp.exp(l1 - safe)[..., None], jnp.exp(l2 - safe)[..., None]
+    return o1 * w1 + o2.astype(jnp.float32) * w2, lse
+
+
+def _cudnn_chunk(
+    q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, scale: float, start: jax.Array
+) -> jax.Array:
+    """A prefill chunk q [B,T,N,H] (cache slots start..start+T-1) against the cache k/v
+    [B,S,K,H] with cuDNN flash attention, never building a [T,S] array.
+
+    When each row's valid slots are one run [first_b, start + T) (left padding, then tokens:
+    what the engine writes), the keys split into the cached prefix [first_b, start), seen by
+    every query without a mask, and the chunk itself, causal. Both go to cuDNN with its padding
+    mask (valid tokens first) after rotating each row so its run starts at 0: the prefix in
+    pieces of `PIECE` slots (a while loop over the pieces that hold written slots), the chunk in
+    one causal call. The parts merge exactly through their fp32 log-sum-exps. Rows of any other
+    shape (valid slots with holes) take "blockwise" instead (a `lax.cond`, so both compile).
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    slots = jnp.arange(s, dtype=jnp.int32)
+    end = start + t
+    first = jnp.where(vis.kv_valid.any(axis=1), jnp.argmax(vis.kv_valid, axis=1), end)
+    first = first.astype(jnp.int32)
+    run = (slots[None] >= first[:, None]) & (slots[None] < end)
+    expected_q = start + jnp.arange(t, dtype=jnp.int32)
+    simple = (
+        jnp.all(run == vis.kv_valid)
+        & jnp.all(vis.kv_index == slots[None])
+        & jnp.all(vis.q_index == expected_q[None])
+    )
+
+    def split(q, k, v):
+        # the chunk against itself, causal: rows rotated so their first valid token is at 0
+        lo = jnp.clip(first - start, 0, t)
+        kc = jax.lax.dynamic_slice_in_dim(k, start, t, 1)
+        vc = jax.lax.dynamic_slice_in_dim(v, start, t, 1)
+        o, lse = cudnn_attention_lse(
+            _roll_rows(q, lo), _roll_rows(kc, lo), _roll_rows(vc, lo), scale=scale,
+            q_len=t - lo, kv_len=t - lo, causal=True, emulate=_CUDNN != "cudnn",
+        )  # fmt: skip
+        acc = (_roll_rows(o, -lo).astype(jnp.float32), _roll_rows(lse, -lo))
+        # the cached prefix [first, start), PIECE slots at a time (the last piece clamped to S)
+        p = min(PIECE, s - s % 2)
+
+        def piece(j, acc):
+            lo_slot = jnp.minimum(j * p, s - p)
+            kp = jax.lax.dynamic_slice_in_dim(k, lo_slot, p, 1)
+            vp = jax.lax.dynamic_slice_in_dim(v, lo_slot, p, 1)
+            a = jnp.maximum(first, j * p) - lo_slot  # valid slots of the piece: [a, z)
+            z = jnp.minimum(start, (j + 1) * p) - lo_slot
+            shift = jnp.clip(a, 0, p)
+            o, lse = cudnn_attention_lse(
+                q, _roll_rows(kp, shift), _roll_rows(vp, shift), scale=scale,
+                q_len=jnp.full((b,), t, jnp.int32), kv_len=jnp.maximum(z - a, 0),
+                emulate=_CUDNN != "cudnn",
+            )  # fmt: skip
+            return _merge(acc, (o, lse))
+
+        out, _ = jax.lax.fori_loop(0, (start + p - 1) // p, piece, acc)
+        return out.astype(q.dtype)
+
+    def fallback(q, k, v):
+        return blockwise_attention(
+            q, k, v, scale=scale, q_index=vis.q_index, kv_index=vis.kv_index,
+            kv_valid=vis.kv_valid, block_q=BLOCK, block_k=BLOCK,
+        )  # fmt: skip
+
+    return jax.lax.cond(simple, split, fallback, q, k.astype(q.dtype), v.astype(q.dtype))
 
 
 def dot_product_attention(
@@ -211,6 +320,7 @@ def softmax_attention_cached(
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = attention(
-        q, k_all.astype(q.dtype), v_all.astype(q.dtype), vis, q.shape[-1] ** -0.5, impl
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), vis, q.shape[-1] ** -0.5, impl,
+        chunk_start=index,
     )
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}
