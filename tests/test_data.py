@@ -95,7 +95,7 @@ def test_iterator_state_restores_exactly_and_shuffles_per_epoch(corpus):
     for w in want:
         got = next(other)
         assert all(np.array_equal(w[k], got[k]) for k in w)
-    order = [int(it.docs[i]["tokens"][0]) for i in range(4 * len(docs))]  # 4 epochs
+    order = [it.docs[i] for i in range(4 * len(docs))]  # 4 epochs of document texts
     epochs = [sorted(order[e * len(docs) : (e + 1) * len(docs)]) for e in range(4)]
     assert all(e == epochs[0] for e in epochs)  # every epoch is a permutation of all documents
     assert len({tuple(order[e * 4 : e * 4 + 4]) for e in range(4)}) > 1  # reshuffled per epoch
@@ -112,3 +112,66 @@ def test_process_shards_are_disjoint(corpus):
         assert first["tokens"].shape == (1, 64)
         seen.append({int(t) for t in first["tokens"][0][:5]})
     assert not seen[0] & seen[1]  # different documents start each process's stream
+
+
+class _Failing:
+    """Two batches, then a DataError (a bad document met by the producer thread)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __next__(self):
+        self.n += 1
+        if self.n > 2:
+            raise data.DataError("bad document 3")
+        return {"tokens": np.full((1, 4), self.n)}
+
+    def get_state(self):
+        return {"index": self.n, "offset": 0}
+
+
+def test_prefetch_gives_the_same_batches_and_the_consumed_state(corpus):
+    """The background producer changes nothing a run sees: the same batches in order, the state
+    after the batches returned (not the producer's, which runs ahead), exact restore mid-stream,
+    and the producer's errors raised by the next() that reaches them."""
+    docs, tok = _docs_and_tok(corpus)
+    idx = np.arange(len(docs))
+
+    def make():
+        return data.train_dataset(docs, idx, tok, 0, seq_len=16, batch_size=4, seed=7)
+
+    plain, ahead = make(), data.Prefetch(make(), depth=3)
+    for _ in range(6):
+        want, got = next(plain), next(ahead)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+        assert ahead.get_state() == plain.get_state()
+    state = ahead.get_state()
+    assert ahead.it.get_state() != state  # the producer is ahead of what was consumed
+    want = [next(plain) for _ in range(3)]
+    resumed = data.Prefetch(make(), depth=2)
+    resumed.set_state(state)
+    for w in want:
+        got = next(resumed)
+        assert all(np.array_equal(w[k], got[k]) for k in w)
+    ahead.set_state(state)  # also on a running producer
+    assert np.array_equal(next(ahead)["tokens"], want[0]["tokens"])
+    for p in (ahead, resumed):
+        p.close()
+
+    failing = data.Prefetch(_Failing(), depth=4)
+    assert [int(next(failing)["tokens"][0, 0]) for _ in range(2)] == [1, 2]
+    with pytest.raises(data.DataError, match="bad document 3"):
+        next(failing)
+    assert failing.get_state() == {"index": 2, "offset": 0}
+
+
+def test_prefetch_ends_with_the_inner_iterator(corpus):
+    docs, tok = _docs_and_tok(corpus)
+    idx = np.arange(len(docs))
+    finite = data.PackedBatches(
+        data.grain.MapDataset.source(data._Subset(docs, idx)), data._Tokenize(tok, 0), 8, 2
+    )
+    n = sum(1 for _ in data.PackedBatches(
+        data.grain.MapDataset.source(data._Subset(docs, idx)), data._Tokenize(tok, 0), 8, 2
+    ))  # fmt: skip
+    assert n >= 2 and len(list(data.Prefetch(finite, depth=2))) == n

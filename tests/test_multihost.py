@@ -127,8 +127,8 @@ class _ProcessRows:
         got = [next(p) for p in self.parts]
         return {k: np.concatenate([g[k] for g in got]) for k in got[0]}
 
-    index = property(lambda self: self.parts[0].index)
-    offset = property(lambda self: self.parts[0].offset)
+    def get_state(self):
+        return self.parts[0].get_state()
 
 
 def _one_process_reference(cfg, workdir: str, monkeypatch) -> dict[int, dict]:

@@ -23,6 +23,8 @@ import dataclasses
 import glob
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -179,42 +181,59 @@ def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-class _Tokenize(grain.transforms.Map):
-    """document string -> {"tokens": int32 [len+1]} (ids followed by eos)."""
+class _Tokenize:
+    """document strings -> int32 token arrays (ids followed by eos), many documents per call.
+
+    ``encode_batch`` runs the tokenizer's Rust threads over the documents (``encode`` holds the
+    GIL and uses one core): the same ids as one call per document.
+    """
 
     def __init__(self, tokenizer: Tokenizer, eos_id: int):
         self.tokenizer = tokenizer
         self.eos_id = eos_id
 
-    def map(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return {"tokens": np.asarray([*ids, self.eos_id], np.int32)}
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        out = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray([*e.ids, self.eos_id], np.int32) for e in out]
 
 
 class PackedBatches:
-    """Concat-then-split packing over a random-access dataset of token arrays, as an iterator.
+    """Concat-then-split packing over a random-access dataset of documents, as an iterator.
 
     Rows of ``seq_len`` tokens are filled from consecutive documents; a document that does not
     fit continues as a new segment in the next row. Segment ids count the pieces in a row from
-    1; 0 marks padding (only after the last document of a finite dataset). The state is just
-    (next document index, token offset inside it), so restoring it is exact.
+    1; 0 marks padding (only after the last document of a finite dataset). Documents are
+    tokenised ``lookahead`` at a time (one parallel tokenizer call). The state is just (next
+    document index, token offset inside it), so restoring it is exact.
     """
 
-    def __init__(self, docs: grain.MapDataset, seq_len: int, rows: int):
+    def __init__(
+        self,
+        docs: grain.MapDataset,
+        tokenize: _Tokenize,
+        seq_len: int,
+        rows: int,
+        lookahead: int = 64,
+    ):
         self.docs = docs
+        self.tokenize = tokenize
         self.seq_len = seq_len
         self.rows = rows
+        self.lookahead = max(1, lookahead)
         self.index = 0
         self.offset = 0
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: dict[int, np.ndarray] = {}
 
     def __iter__(self) -> PackedBatches:
         return self
 
     def _tokens(self, i: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != i:
-            self._cache = (i, self.docs[i]["tokens"])
-        return self._cache[1]
+        if i not in self._cache:
+            stop = min(i + self.lookahead, len(self.docs))
+            self._cache = dict(
+                zip(range(i, stop), self.tokenize([self.docs[j] for j in range(i, stop)]))
+            )
+        return self._cache[i]
 
     def _row(self) -> tuple[np.ndarray, np.ndarray] | None:
         tokens = np.zeros(self.seq_len, np.int32)
@@ -250,6 +269,81 @@ class PackedBatches:
         self.index, self.offset = int(state["index"]), int(state["offset"])
 
 
+class Prefetch:
+    """An iterator with ``get_state`` / ``set_state`` (``PackedBatches``) run ``depth`` batches
+    ahead by a background thread, so tokenising and packing overlap the device step.
+
+    ``get_state()`` is the state after the last batch *returned* (what a checkpoint must hold),
+    not the producer's; ``set_state`` stops the thread, sets the inner iterator and restarts on
+    the next ``next``. An exception in the producer (``StopIteration`` included) is raised by
+    the ``next`` call that reaches it. ``depth == 0`` runs the inner iterator in the caller's
+    thread.
+    """
+
+    def __init__(self, it, depth: int = 2):
+        self.it = it
+        self.depth = depth
+        self._state = it.get_state()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def _start(self) -> None:
+        q: queue.Queue = queue.Queue(self.depth)
+        stop = threading.Event()
+
+        def work():
+            while not stop.is_set():
+                try:
+                    item = (next(self.it), self.it.get_state(), None)
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    item = (None, None, e)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if item[2] is not None:
+                    return
+
+        self._queue, self._stop = q, stop
+        self._thread = threading.Thread(target=work, name="data-prefetch", daemon=True)
+        self._thread.start()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.depth <= 0:
+            batch = next(self.it)
+            self._state = self.it.get_state()
+            return batch
+        if self._thread is None:
+            self._start()
+        batch, state, err = self._queue.get()
+        if err is not None:
+            self.close()
+            raise err
+        self._state = state
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.close()
+        self.it.set_state(state)
+        self._state = self.it.get_state()
+
+    def close(self) -> None:
+        """Stop the producer (the inner iterator is then ahead of ``get_state()``)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
 def train_dataset(
     docs: Documents,
     indices: np.ndarray,
@@ -269,8 +363,8 @@ def train_dataset(
     if batch_size % process_count:
         raise DataError(f"batch size {batch_size} must divide over {process_count} processes")
     ds = grain.MapDataset.source(_Subset(docs, indices)).seed(seed).shuffle()
-    ds = ds[process_index::process_count].repeat(None).map(_Tokenize(tokenizer, eos_id))
-    return PackedBatches(ds, seq_len, batch_size // process_count)
+    ds = ds[process_index::process_count].repeat(None)
+    return PackedBatches(ds, _Tokenize(tokenizer, eos_id), seq_len, batch_size // process_count)
 
 
 def eval_batches(
@@ -292,7 +386,7 @@ def eval_batches(
     """
     ds = grain.MapDataset.source(_Subset(docs, indices))[process_index::process_count]
     rows = batch_size // process_count
-    packed = PackedBatches(ds.map(_Tokenize(tokenizer, eos_id)), seq_len, rows)
+    packed = PackedBatches(ds, _Tokenize(tokenizer, eos_id), seq_len, rows)
     out = [b for _, b in zip(range(max_batches), packed, strict=False)]
     if process_count > 1:  # every process must run the same number of (collective) eval steps
         empty = np.zeros((rows, seq_len), np.int32)

@@ -280,7 +280,7 @@ class _Run:
     setup: Setup
     state: dict
     start: int
-    data_iter: data_lib.PackedBatches
+    data_iter: data_lib.Prefetch
     checkpointer: ckpt.Checkpointer
     log: MetricsLog
     step_fn: Any
@@ -305,10 +305,10 @@ def train(
     opts = run_options(cfg, setup.mesh, setup.rules)
     compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
     pid, pcount = jax.process_index(), jax.process_count()
-    data_iter = data_lib.train_dataset(
+    data_iter = data_lib.Prefetch(data_lib.train_dataset(
         setup.docs, setup.train_idx, setup.tokenizer, setup.eos_id, seq_len=d.seq_len,
         batch_size=d.batch_size, seed=d.seed, process_index=pid, process_count=pcount,
-    )  # fmt: skip
+    ), d.prefetch)  # fmt: skip
     checkpointer = ckpt.Checkpointer(
         os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -332,13 +332,16 @@ def train(
         try:
             return _loop(run)
         finally:
+            data_iter.close()
             log.close()
             checkpointer.close()
 
 
-def _data_state(it: data_lib.PackedBatches) -> dict:
-    """Every process's iterator position (gathered: Orbax writes JSON from process 0 only)."""
-    local = np.asarray([it.index, it.offset], np.int64)
+def _data_state(it: data_lib.Prefetch) -> dict:
+    """Every process's iterator position after the batches it returned (gathered: Orbax writes
+    JSON from process 0 only)."""
+    state = it.get_state()
+    local = np.asarray([state["index"], state["offset"]], np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -346,7 +349,7 @@ def _data_state(it: data_lib.PackedBatches) -> dict:
     return {"processes": np.asarray(local).reshape(-1, 2).tolist()}
 
 
-def _set_data_state(it: data_lib.PackedBatches, state: dict) -> None:
+def _set_data_state(it: data_lib.Prefetch, state: dict) -> None:
     rows = state["processes"]
     if len(rows) != jax.process_count():
         raise tc.ConfigError(

@@ -53,6 +53,7 @@ class DataSection:
     eval_fraction: float = 0.01  # share of documents held out
     eval_batches: int = 8
     seed: int = 0
+    prefetch: int = 2  # batches a background thread prepares ahead (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.{name} must be >= 1")
     if d.batch_size % d.grad_accum:
         raise ConfigError(f"data.batch_size {d.batch_size} must divide by grad_accum")
+    if not isinstance(d.prefetch, int) or d.prefetch < 0:
+        raise ConfigError(f"data.prefetch must be an integer >= 0 (got {d.prefetch!r})")
     if t.steps < 1 or t.log_every < 1 or t.max_nonfinite < 1:
         raise ConfigError("train.steps, train.log_every and train.max_nonfinite must be >= 1")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
