@@ -69,9 +69,8 @@ __all__ = [
     "tgmm",
 ]
 
-IMPLEMENTATIONS = (
-    "auto", "xla", "gpu", "tpu", "tpu_interpret", "reference", "padded", "gpu_interpret"
-)
+IMPLEMENTATIONS = ("auto", "xla", "gpu", "tpu", "tpu_interpret", "reference", "padded",
+                   "gpu_interpret")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +175,10 @@ def _gmm_int8(x, q, scale, group_sizes, impl: str, transpose_rhs: bool):
 
 def _float_only(impl: str) -> None:
     if impl == "gpu_interpret":
-        raise ValueError("implementation 'gpu_interpret' runs the int8 Triton kernel only "
-                         "(int8 weights with scale=); float weights take 'gpu' on a GPU")  # fmt: skip
+        raise ValueError(
+            "implementation 'gpu_interpret' runs the int8 Triton kernel only "
+            "(int8 weights with scale=); float weights take 'gpu' on a GPU"
+        )
 
 
 def _gmm_impl(x, w, group_sizes, impl: str, transpose_rhs: bool):

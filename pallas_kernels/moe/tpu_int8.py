@@ -1,4 +1,4 @@
-"""Int8-weight grouped matmul for TPU (Pallas Mosaic TPU, megablox-style), runnable in interpret mode.
+"""Int8-weight grouped matmul for TPU (Pallas Mosaic TPU, megablox-style; interpret mode on CPU).
 
     gmm(x [M,K], q [E,K,N] int8, scale [E,N], group_sizes [E]) -> [M,N] in x's dtype
     gmm(x [M,K], q [E,N,K] int8, scale [E,K], group_sizes, transpose_rhs=True) -> [M,N]
