@@ -10,9 +10,20 @@ channel that is all zero gets scale 1 and q 0 (no division by zero). Round-trip 
 element is at most scale / 2 (half a quantisation step), before the scale's own rounding.
 
 Because each scale multiplies one output column, x @ dequantize(q, scale) equals
-(x @ q.astype(compute)) * scale: the kernels (`pallas_kernels.moe`, `pallas_kernels.matvec`)
-take q and scale as they are, convert int8 tiles to the compute dtype inside the kernel, and
-scale the fp32 accumulator before the output cast.
+(x @ q.astype(compute)) * scale: the kernels take q and scale as they are, convert int8 tiles
+to the compute dtype inside the kernel, and scale the fp32 accumulator before the output cast.
+
+The int8 argument contract of the ops (scale fp32 or bf16; a float weight takes no scale):
+
+    pallas_kernels.moe.grouped_matmul(x [M,K], q [E,K,N] int8, group_sizes [E], scale=[E,N])
+        -> [M,N] in x's dtype (the compute dtype); differentiable in x only (frozen weights)
+    pallas_kernels.moe.api.grouped_matmul_vjp(x, q, group_sizes, dy, scale=[E,N]) -> (dx, None)
+    pallas_kernels.matvec.gathered_matvec(x [A,K], q [E,K,N] int8, index [A], scale=[E,N])
+        -> [A,N] fp32 (a plain [K,N] projection is E = 1: q[None], scale[None])
+
+i.e. q, scale = quantize_int8(w, axis=1) for a stacked [E,K,N] weight. Backends: grouped
+matmul "tpu"/"tpu_interpret" (`moe/tpu_int8.py`), "gpu"/"gpu_interpret" (`moe/gpu_int8.py`,
+Triton), "xla", "padded", "reference"; matvec "gpu"/"gpu_interpret" (Triton) and "xla".
 """
 
 from __future__ import annotations

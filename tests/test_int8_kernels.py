@@ -3,6 +3,7 @@ grouped matmul on every backend (forward, ragged and empty groups, the input gra
 int8 gathered matvec, each against its reference on the same int8 weights and scales."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -213,7 +214,7 @@ def _float_arrays_shaped(jaxpr, shape) -> list:
             aval = v.aval
             if getattr(aval, "shape", None) == shape and jnp.issubdtype(aval.dtype, jnp.floating):
                 found.append((eqn.primitive.name, aval))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _float_arrays_shaped(sub, shape)
     return found
 
