@@ -185,6 +185,19 @@ class TestGpuInterpret(Int8GroupedMatmulTest):
     impl = "gpu_interpret"
 
 
+@pytest.mark.parametrize("impl", ["xla", "tpu_interpret", "gpu_interpret"])
+def test_all_groups_empty_and_no_rows(impl):
+    """Every group empty: the output is all zeros; M = 0 gives an empty result."""
+    q = jnp.ones((3, 16, 32), jnp.int8)
+    s = jnp.ones((3, 32))
+    y = grouped_matmul(jnp.ones((20, 16)), q, jnp.zeros((3,), jnp.int32), scale=s,
+                       implementation=impl)  # fmt: skip
+    assert y.shape == (20, 32) and not np.any(np.asarray(y))
+    y = grouped_matmul(jnp.ones((0, 16)), q, jnp.zeros((3,), jnp.int32), scale=s,
+                       implementation=impl)  # fmt: skip
+    assert y.shape == (0, 32)
+
+
 def test_padded_branch():
     """Balanced groups (one empty) take a padded capacity: forward and dx equal the reference."""
     m, k, n, e = 96, 16, 32, 4

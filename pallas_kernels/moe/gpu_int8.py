@@ -134,6 +134,8 @@ def gmm(
     n = q.shape[1] if transpose_rhs else q.shape[2]
     if not supported(k, n):
         raise ValueError(f"the int8 grouped-matmul kernel needs K, N multiples of 16: {k}, {n}")
+    if m == 0:
+        return jnp.zeros((0, n), x.dtype)
     bm, bn, bk = blocks.block_m, _fit(n, blocks.block_n), _fit(k, blocks.block_k)
     xp = pad_to(x, 0, bm)
     tiles = xp.shape[0] // bm

@@ -82,6 +82,8 @@ def gmm(x, q, scale, group_sizes, *, transpose_rhs: bool = False, interpret: boo
     m, k = x.shape
     e = q.shape[0]
     n = q.shape[1] if transpose_rhs else q.shape[2]
+    if m == 0:
+        return jnp.zeros((0, n), x.dtype)
     tm = TM if m >= TM else -(-m // 16) * 16
     tk, tn = pick_tile(k, TILE_CHOICES), pick_tile(n, TILE_CHOICES)
     xp = pad_to(x, 0, tm)
