@@ -10,6 +10,13 @@ CPU path and fallback), "gpu" (Pallas Triton kernel, `gpu.py`: reads each select
 when the shape is supported (K, N multiples of 16) and the call is not partitioned over a
 device mesh (XLA's SPMD partitioner does not split a Pallas call), else xla. Not differentiable
 (inference).
+
+Int8 weights (`pallas_kernels.quant`): gathered_matvec(x, q [E,K,N] int8, index, scale=s [E,N])
+equals gathered_matvec(x, dequantize(q, s, axis=1), index), s fp32 or bf16 (one scale per
+expert and output column). The kernel converts each int8 [BK,BN] tile to fp32 in registers and
+multiplies its fp32 partial row by the expert's [BN] scale before writing it (the weight stays
+int8 in HBM: a quarter of the fp32 bytes, half of bf16); xla converts only the A gathered
+weights.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import jax
 from pallas_kernels import platform
 from pallas_kernels.matvec import gpu as _gpu
 from pallas_kernels.matvec.reference import gathered_matvec_reference
+from pallas_kernels.quant import check_scale
 
 IMPLEMENTATIONS = ("auto", "xla", "gpu", "gpu_interpret")
 
@@ -50,13 +58,17 @@ def resolve_implementation(
 
 
 def gathered_matvec(
-    x: jax.Array, w: jax.Array, index: jax.Array, *, implementation: str = "auto"
-) -> jax.Array:
-    """x [A,K], w [E,K,N], index [A] int32 -> [A,N] fp32; row a = x[a] @ w[index[a]]."""
+    x: jax.Array, w: jax.Array, index: jax.Array, *, scale: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:  # fmt: skip
+    """x [A,K], w [E,K,N], index [A] int32 -> [A,N] fp32; row a = x[a] @ w[index[a]].
+
+    scale: for int8 w only (required then), [E,N] fp32 or bf16 (see the module docstring)."""
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or index.shape != x.shape[:1]:
         raise ValueError(f"gathered_matvec needs x [A,K], w [E,K,N], index [A]; got "
                          f"{x.shape}, {w.shape}, {index.shape}")  # fmt: skip
+    check_scale(w, scale, axis=1)
     impl = resolve_implementation(implementation, w.shape[1], w.shape[2])
     if impl == "xla":
-        return gathered_matvec_reference(x, w, index)
-    return _gpu.gathered_matvec_gpu(x, w, index, interpret=impl == "gpu_interpret")
+        return gathered_matvec_reference(x, w, index, scale)
+    return _gpu.gathered_matvec_gpu(x, w, index, scale, interpret=impl == "gpu_interpret")

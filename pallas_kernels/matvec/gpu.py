@@ -13,8 +13,10 @@ This kernel streams `w[index[a]]` from HBM exactly once:
   projection has only N / BN = 8-24 column tiles, far too few to keep HBM busy;
 * the S partial rows [S, A, N] fp32 are summed by XLA (a few KB).
 
-Shapes: x [A,K] (any float dtype), w [E,K,N] (any float dtype), index [A] int32 in [0, E);
-returns [A,N] fp32. N must be a multiple of 16 and K of 16 (`supported`); callers fall back to
+Shapes: x [A,K] (any float dtype), w [E,K,N] (any float dtype, or int8 with scale [E,N]: each
+int8 tile is converted to fp32 in registers and each program's fp32 partial row is multiplied
+by the expert's [BN] scale before its store), index [A] int32 in [0, E); returns [A,N] fp32.
+N must be a multiple of 16 and K of 16 (`supported`); callers fall back to
 `reference.gathered_matvec_reference` otherwise.
 """
 
@@ -90,7 +92,8 @@ def pick_blocks(
     return BlockSizes(block_k, block_n, splits, num_warps, num_stages)
 
 
-def _kernel(index_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, steps: int):
+def _kernel(index_ref, x_ref, w_ref, *refs, block_k: int, block_n: int, steps: int):
+    s_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     a, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = index_ref[a]
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
@@ -101,7 +104,10 @@ def _kernel(index_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, steps
         wv = w_ref[e, pl.ds(k0, block_k), cols].astype(jnp.float32)
         return acc + jnp.sum(xv[:, None] * wv, axis=0)
 
-    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((block_n,), jnp.float32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_n,), jnp.float32))
+    if s_ref is not None:  # int8 weights: the per-column scale of expert e
+        acc = acc * s_ref[e, cols].astype(jnp.float32)
+    o_ref[...] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -109,11 +115,14 @@ def gathered_matvec_gpu(
     x: jax.Array,
     w: jax.Array,
     index: jax.Array,
+    scale: jax.Array | None = None,
     *,
     blocks: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """x [A,K], w [E,K,N], index [A] int32 -> [A,N] fp32 (see the module docstring)."""
+    """x [A,K], w [E,K,N], index [A] int32 -> [A,N] fp32 (see the module docstring).
+
+    scale: [E,N] for int8 w (the result rows are scaled per expert and column), else None."""
     a, k = x.shape
     e, k2, n = w.shape
     if k2 != k or index.shape != (a,):
@@ -128,10 +137,11 @@ def gathered_matvec_gpu(
         steps=steps_total // blocks.splits,
     )  # fmt: skip
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
+    args = (index.astype(jnp.int32), x, w) + (() if scale is None else (scale,))
     parts = pl.pallas_call(
         kern,
         grid=(a, n // blocks.block_n, blocks.splits),
-        in_specs=[whole((a,)), whole((a, k)), whole((e, k, n))],
+        in_specs=[whole(arg.shape) for arg in args],
         out_specs=pl.BlockSpec((None, None, blocks.block_n), lambda ai, j, s: (s, ai, j)),
         out_shape=jax.ShapeDtypeStruct((blocks.splits, a, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(
@@ -139,5 +149,5 @@ def gathered_matvec_gpu(
         ),
         interpret=interpret,
         name="gathered_matvec",
-    )(index.astype(jnp.int32), x, w)
+    )(*args)
     return jnp.sum(parts, axis=0)

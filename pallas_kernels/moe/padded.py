@@ -82,14 +82,27 @@ def from_padded(y: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
 
 
 def gmm(
-    x: jax.Array, w: jax.Array, group_sizes: jax.Array, c: int, *, transpose_rhs: bool = False
-) -> jax.Array:
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, c: int, *, transpose_rhs: bool = False,
+    scale: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
     """x [M,K], w [E,K,N] (or [E,N,K] with transpose_rhs) -> [M,N] in x's dtype, with every group
-    padded to C rows (C >= the largest group)."""
+    padded to C rows (C >= the largest group).
+
+    scale: for int8 w, [E, w.shape[2]] (w's last axis). The int8 -> x dtype convert sits in the
+    einsum's operand for XLA to fuse into the batched GEMM; the scale multiplies the fp32
+    [E,C,N] result (forward) or, with transpose_rhs (scale along the contraction), the padded
+    rows of x."""
     spec = "eck,enk->ecn" if transpose_rhs else "eck,ekn->ecn"
     xp = to_padded(x, group_sizes, c)
-    # In x's dtype: XLA's 16-bit GEMMs accumulate in fp32 and round once on store.
-    y = jnp.einsum(spec, xp, w.astype(x.dtype))
+    if scale is None:
+        # In x's dtype: XLA's 16-bit GEMMs accumulate in fp32 and round once on store.
+        y = jnp.einsum(spec, xp, w.astype(x.dtype))
+    elif transpose_rhs:
+        xs = (xp.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, :]).astype(x.dtype)
+        y = jnp.einsum(spec, xs, w.astype(x.dtype))
+    else:
+        y = jnp.einsum(spec, xp, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = (y * scale.astype(jnp.float32)[:, None, :]).astype(x.dtype)
     return from_padded(y, group_sizes, x.shape[0])
 
 

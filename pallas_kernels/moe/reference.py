@@ -7,6 +7,8 @@ E experts (groups). Rows past sum(group_sizes) belong to no group: output zero.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.quant import dequantize
+
 
 def group_ids(group_sizes: jax.Array, m: int) -> jax.Array:
     """group_sizes [E] int32 -> group id of every row [M] int32 (E for rows past the last group)."""
@@ -14,8 +16,14 @@ def group_ids(group_sizes: jax.Array, m: int) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right").astype(jnp.int32)
 
 
-def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M,K], w [E,K,N], group_sizes [E] -> [M,N]: rows of group e times w[e] (fp32 math)."""
+def grouped_matmul_reference(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, scale: jax.Array | None = None
+) -> jax.Array:
+    """x [M,K], w [E,K,N], group_sizes [E] -> [M,N]: rows of group e times w[e] (fp32 math).
+
+    With scale [E,N]: w is int8 and is dequantised first (w * scale in fp32, `quant.py`)."""
+    if scale is not None:
+        w = dequantize(w, scale, axis=1)
     ids = group_ids(group_sizes, x.shape[0])
     out = jnp.zeros((x.shape[0], w.shape[2]), jnp.float32)
     for e in range(w.shape[0]):
