@@ -63,7 +63,9 @@ def quantize(w, contract: tuple[int, ...]):
     numpy out (the loaders quantise on the host, one tensor at a time)."""
     xp = np if isinstance(w, np.ndarray) else jnp
     w = xp.asarray(w, dtype=xp.float32)
-    scale = xp.max(xp.abs(w), axis=tuple(contract), keepdims=True) / QMAX
+    # times fp32(1/127), not / 127: XLA turns a division by a constant into that product, and
+    # host (numpy) and device quantisation must give the same bits
+    scale = xp.max(xp.abs(w), axis=tuple(contract), keepdims=True) * xp.float32(1 / QMAX)
     safe = xp.where(scale > 0, scale, 1.0)
     q = xp.clip(xp.round(w / safe), -QMAX, QMAX).astype(xp.int8)
     return q, scale.astype(xp.float32)
