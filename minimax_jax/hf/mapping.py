@@ -216,6 +216,13 @@ def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32, quantize=None) 
     return unflatten(flat)
 
 
+def slot_axes(slot: tuple, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Axes of a leaf numbered in ``leaf[slot]`` (the axes a slot indexes with an int drop out;
+    ``axes`` must not be among them)."""
+    dropped = [i for i, s in enumerate(slot) if isinstance(s, int)]
+    return tuple(a - sum(d < a for d in dropped) for a in axes)
+
+
 def int8_leaves(config: ModelConfig, quantize: str | None) -> dict[LeafPath, tuple[int, ...]]:
     """{float leaf path: its contracted axes (stacked numbering)} of the weights ``quantize``
     stores as int8 pairs (``leaf + ("q",)``, ``leaf + ("scale",)``); empty for None."""

@@ -143,12 +143,6 @@ def _fill_leaf(
     return out
 
 
-def _slot_axes(slot: tuple, contract: tuple[int, ...]) -> tuple[int, ...]:
-    """The contracted axes of a leaf, numbered in the slot (axes indexed by an int drop out)."""
-    dropped = [i for i, s in enumerate(slot) if isinstance(s, int)]
-    return tuple(c - sum(d < c for d in dropped) for c in contract)
-
-
 def _int8_leaf(
     reader: SafetensorsReader,
     shape: tuple[int, ...],
@@ -161,7 +155,7 @@ def _int8_leaf(
     scale = np.empty([1 if a in contract else n for a, n in enumerate(shape)], np.float32)
     for a in assignments:
         value = a.layout.to_ours(reader.read(a.name), a.slot_shape)
-        q[a.slot], scale[a.slot] = quant.quantize(value, _slot_axes(a.slot, contract))
+        q[a.slot], scale[a.slot] = quant.quantize(value, mapping.slot_axes(a.slot, contract))
     return q, scale
 
 
