@@ -304,21 +304,26 @@ def load_orbax_state(
     int8 = {} if stored else mapping.int8_leaves(config, quantize)
 
     def place(p):
-        return (
-            jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding(p)
-        )
+        if sharding is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return sharding(p)
 
-    target = {
-        p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(p))
-        for p, s in expected.items()
-        if p not in int8
-    }
-    state = orbax_io.restore(path, target)
-    for leaf, contract in int8.items():  # a float checkpoint quantised on load
-        q, scale = quant.quantize(reader.read(leaf), contract)
-        state[leaf + ("q",)] = jax.device_put(q, place(leaf + ("q",)))
-        state[leaf + ("scale",)] = jax.device_put(scale, place(leaf + ("scale",)))
-        del q, scale
+    if not int8:
+        target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(p))
+                  for p, s in expected.items()}  # fmt: skip
+        return orbax_io.restore(path, target)
+    # A float checkpoint quantised on load: leaf by leaf through TensorStore (host memory: one
+    # leaf), int8 leaves quantised on the host before they are placed.
+    state = {}
+    for leaf, spec in expected.items():
+        value = reader.read(leaf)
+        if leaf in int8:
+            q, scale = quant.quantize(value, int8[leaf])
+            state[leaf + ("q",)] = jax.device_put(q, place(leaf + ("q",)))
+            state[leaf + ("scale",)] = jax.device_put(scale, place(leaf + ("scale",)))
+        else:
+            state[leaf] = jax.device_put(value.astype(spec.dtype), place(leaf))
+        del value
     return state
 
 
