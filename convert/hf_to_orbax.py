@@ -1,7 +1,7 @@
 r"""Convert a Hugging Face MiniMax-Text-01 / MiniMax-M1 checkpoint into an Orbax checkpoint.
 
     python -m convert.hf_to_orbax --hf_dir IN --out_dir OUT [--dtype bfloat16|float32]
-        [--mesh embed=8,experts=4] [--overwrite]
+        [--quantize experts_int8|int8] [--mesh embed=8,experts=4] [--overwrite]
 
 IN is a HF directory (``config.json`` in the remote-code or transformers-native schema,
 ``model.safetensors`` or ``model.safetensors.index.json`` + shards). OUT gets::
@@ -24,6 +24,13 @@ directory or a FIFO is not copied (one warning line). OUT may not be IN, contain
 it, and ``--overwrite`` replaces only an empty directory or an earlier converter output.
 Exit codes: 0 done, 2 wrong command line, 1 failure while converting (bad checkpoint contents,
 I/O), 128 + N on signal N.
+
+``--quantize`` stores int8 weights (symmetric, one fp32 scale per output channel; see
+``minimax_jax.model.quant``): ``experts_int8`` the expert FFN weights, ``int8`` every matmul
+weight of the decoder layers; each HF tensor is quantised from its own values as it is read, and
+the weight becomes two leaves (``.../q`` int8, ``.../scale`` fp32). The scheme is recorded in
+the Orbax metadata and ``conversion.json``; ``from_pretrained`` restores such a checkpoint
+without requantising, and ``convert.orbax_to_hf`` refuses it.
 
 ``--mesh`` names how the logical axes will be sharded when the checkpoint is restored
 (``logical_axis=ways``, axes: layers, vocab, embed, heads, kv_heads, head_dim, qkv, experts,
@@ -57,15 +64,22 @@ from convert.common import (
     usage_error,
 )
 from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from minimax_jax.config import ModelConfig
+from minimax_jax.config import QUANTIZE_SCHEMES, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
 from minimax_jax.hf.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, check_inside
+from minimax_jax.model import quant
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype (the MoE router stays fp32)."
+)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    list(QUANTIZE_SCHEMES),
+    "Store int8 weights: experts_int8 (expert FFN) or int8 (every matmul weight of the layers).",
 )
 _MESH = flags.DEFINE_string(
     "mesh", None, "Restore-time sharding, 'logical_axis=ways,...', to align chunks with shards."
@@ -117,11 +131,21 @@ def _write_tensor(
     a: mapping.Assignment,
     dtype: np.dtype,
     progress: Progress,
+    contract: tuple[int, ...] | None = None,
 ) -> None:
     """Reads one HF tensor into its slot. A tensor over ``writer.max_piece_bytes`` whose HF rows
     are one axis of the slot (embed, lm_head) is read and written in pieces of whole rows aligned
-    to the chunks, so the host never holds it whole."""
+    to the chunks, so the host never holds it whole. With ``contract`` (the leaf's contracted
+    axes) the tensor is quantised whole (scales need whole input rows) and its ``q`` / ``scale``
+    go to the same slot of ``leaf/q`` and ``leaf/scale``."""
     nbytes = reader.info(a.name).nbytes
+    if contract is not None:
+        value = a.layout.to_ours(reader.read(a.name), a.slot_shape)
+        q, scale = quant.quantize(value, mapping.slot_axes(a.slot, contract))
+        writer.write(leaf + ("q",), a.slot, q)
+        writer.write(leaf + ("scale",), a.slot, scale)
+        progress.update(nbytes, orbax_io.leaf_key(leaf))
+        return
     if nbytes <= writer.max_piece_bytes or a.layout.groups[0] != 1:
         tensor = reader.read(a.name)
         writer.write(leaf, a.slot, a.layout.to_ours(tensor, a.slot_shape).astype(dtype, copy=False))
@@ -150,29 +174,36 @@ def write_params(
     target_chunk_bytes: int,
     max_inflight_bytes: int,
     progress: Progress,
+    quantize: str | None = None,
 ) -> dict[str, int]:
     """Streams every HF tensor into its slot of the Orbax leaves; returns byte counts.
 
-    ``splits[leaf]`` = {axis: ways} cuts chunks so each shard is a whole number of chunks."""
-    expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype))
+    ``splits[leaf]`` = {axis: ways} cuts chunks so each shard is a whole number of chunks;
+    ``quantize``: the weights of that scheme are written as int8 ``q`` + fp32 ``scale`` leaves."""
+    expected = mapping.flatten(mapping.expected_leaf_shapes(config, dtype, quantize))
+    int8 = mapping.int8_leaves(config, quantize)
     writer = orbax_io.LeafWriter(directory, max_inflight_bytes)
     largest = 0
     try:
         for leaf, assignments in plan.by_leaf.items():
-            spec = expected[leaf]
-            np_dtype = np.dtype(spec.dtype)
-            chunks = orbax_io.chunk_shape(
-                spec.shape,
-                np_dtype.itemsize,
-                unit_axes=_unit_axes(assignments),
-                splits=splits.get(leaf),
-                target_bytes=target_chunk_bytes,
-            )
-            writer.create(leaf, spec.shape, np_dtype, chunks)
-            largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
+            stored = [leaf + ("q",), leaf + ("scale",)] if leaf in int8 else [leaf]
+            for path in stored:
+                spec = expected[path]
+                np_dtype = np.dtype(spec.dtype)
+                chunks = orbax_io.chunk_shape(
+                    spec.shape,
+                    np_dtype.itemsize,
+                    unit_axes=_unit_axes(assignments),
+                    splits=splits.get(path),
+                    target_bytes=target_chunk_bytes,
+                )
+                writer.create(path, spec.shape, np_dtype, chunks)
+                largest = max(largest, int(np.prod(spec.shape)) * np_dtype.itemsize)
+            np_dtype = np.dtype(expected[stored[0]].dtype)
             for a in assignments:
-                _write_tensor(reader, writer, leaf, a, np_dtype, progress)
-        writer.finish(custom_metadata={"minimax_jax": {"layout_version": 1}})
+                _write_tensor(reader, writer, leaf, a, np_dtype, progress, int8.get(leaf))
+        ours = {"layout_version": 1, "quantize": quantize}
+        writer.finish(custom_metadata={orbax_io.METADATA_KEY: ours})
     except BaseException:
         writer.abort()  # no write may land after the caller removes the directory
         raise
@@ -184,6 +215,7 @@ def convert(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     dtype: str = "bfloat16",
+    quantize: str | None = None,
     mesh: str | None = None,
     overwrite: bool = False,
     target_chunk_bytes: int = orbax_io.DEFAULT_CHUNK_BYTES,
@@ -202,6 +234,10 @@ def convert(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ArgumentError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ArgumentError(
+            f"--quantize must be one of {', '.join(QUANTIZE_SCHEMES)}, got {quantize!r}"
+        )
     if target_chunk_bytes < 1:
         raise ArgumentError("--chunk_mb must be at least 1")
     expected = (
@@ -210,7 +246,7 @@ def convert(
     check_input_dir(hf_dir, "--hf_dir", expected, any_of=(SINGLE_FILE, INDEX_FILE))
     prepare_output(hf_dir, out_dir, overwrite, "--hf_dir")
     config = ModelConfig.from_hf(check_inside(hf_dir, hf_dir / CONFIG_FILE, CONFIG_FILE))
-    axes = logical_axes(config) if mesh else {}
+    axes = logical_axes(config, quantize) if mesh else {}
     mesh_ways = parse_mesh(mesh, {name for names in axes.values() for name in names})
     reader = SafetensorsReader(hf_dir)
     plan = validate(reader, config, str(hf_dir))
@@ -228,11 +264,13 @@ def convert(
             target_chunk_bytes=target_chunk_bytes,
             max_inflight_bytes=max_inflight_bytes,
             progress=progress,
+            quantize=quantize,
         )
         progress.close()
         config.save_hf(tmp / CONFIG_FILE)
         copied, skipped = copy_side_files(hf_dir, tmp, stream)
         summary = _summary(hf_dir, out_dir, dtype, plan, total, progress.elapsed, tmp, sizes)
+        summary |= {"quantize": quantize}
         summary |= {"copied_files": copied, "peak_rss_bytes": peak_rss_bytes()}
         if skipped:
             summary["skipped_files"] = skipped
@@ -288,6 +326,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{human_bytes(summary['bytes_written'])} to {summary['output']}\n"
         f"largest stacked leaf {human_bytes(summary['largest_leaf_bytes'])}; "
         f"peak RSS {human_bytes(summary['peak_rss_bytes'])}"
+        + (f"\nint8 weights: {summary['quantize']}" if summary.get("quantize") else "")
     )
 
 
@@ -303,6 +342,7 @@ def main(argv: list[str]) -> None:
             hf_dir=_HF_DIR.value,
             out_dir=OUT_DIR.value,
             dtype=_DTYPE.value,
+            quantize=_QUANTIZE.value,
             mesh=_MESH.value,
             overwrite=OVERWRITE.value,
             target_chunk_bytes=_CHUNK_MB.value * 2**20,
@@ -314,7 +354,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    run_app(main, __doc__, (_HF_DIR, OUT_DIR, _DTYPE, _MESH, _CHUNK_MB, OVERWRITE))
+    run_app(main, __doc__, (_HF_DIR, OUT_DIR, _DTYPE, _QUANTIZE, _MESH, _CHUNK_MB, OVERWRITE))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ the schema of IN's config) and the tokenizer files copied from IN. Tensors use t
 per-expert names (``block_sparse_moe.experts.{e}.w1/w2/w3``), which both the MiniMax remote code
 and transformers read; the native schema also gets the derived lightning buffers transformers
 keeps. Tensors keep the stored dtype (bf16, router fp32): HF -> Orbax -> HF is bit-identical.
+A checkpoint converted with ``--quantize`` (int8 weights) is refused (exit 2): its weights are
+not the original ones.
 
 Streaming: shards are planned from the leaf metadata, then each HF tensor is read from its slot
 of the stored leaf (TensorStore reads only the chunks of that slot) and appended to its shard
@@ -67,6 +69,21 @@ def check_leaves(reader: orbax_io.LeafReader, config: ModelConfig, where: str) -
     """Stored leaves must be exactly our layout for ``config`` (shapes; float dtypes)."""
     expected = mapping.flatten(mapping.expected_leaf_shapes(config))
     orbax_io.check_stored_leaves(reader, expected, where, float_dtypes=True)
+
+
+def refuse_quantized(orbax_dir: Path) -> None:
+    """An ``hf_to_orbax --quantize`` output holds int8 weights, not the original ones: refuse it
+    (ArgumentError, exit 2) before anything is written."""
+    params = orbax_dir / ORBAX_PARAMS_DIR
+    if not orbax_io.is_orbax_checkpoint(params):
+        return  # the usual checks below say what is wrong
+    scheme = orbax_io.stored_quantize(orbax_io.LeafReader(params))
+    if scheme is not None:
+        raise ArgumentError(
+            f"--orbax_dir {orbax_dir} holds int8 weights (quantize={scheme}): they are not the "
+            "original weights, so no HF checkpoint is written from them; convert the original "
+            "HF checkpoint instead"
+        )
 
 
 def hf_tensors(
@@ -136,8 +153,9 @@ def export(
     Raises:
       OrbaxFormatError: ``orbax_dir`` has no finished checkpoint.
       CheckpointMismatchError: its leaves do not match its config.
-      ArgumentError: ``orbax_dir`` is not a hf_to_orbax output, ``out_dir`` exists (without
-        ``overwrite``), overlaps ``orbax_dir`` or is not replaceable; bad schema or shard size.
+      ArgumentError: ``orbax_dir`` is not a hf_to_orbax output or holds int8 weights
+        (``--quantize``), ``out_dir`` exists (without ``overwrite``), overlaps ``orbax_dir`` or
+        is not replaceable; bad schema or shard size.
     """
     orbax_dir, out_dir = Path(orbax_dir), Path(out_dir)
     if schema is not None and schema not in SCHEMAS:
@@ -146,6 +164,7 @@ def export(
         raise ArgumentError("--max_shard_gb must be positive")
     expected = f"a directory written by convert.hf_to_orbax ({CONFIG_FILE} + {ORBAX_PARAMS_DIR}/)"
     check_input_dir(orbax_dir, "--orbax_dir", expected, any_of=(ORBAX_PARAMS_DIR,))
+    refuse_quantized(orbax_dir)
     prepare_output(orbax_dir, out_dir, overwrite, "--orbax_dir")
     config = ModelConfig.from_hf(check_inside(orbax_dir, orbax_dir / CONFIG_FILE, CONFIG_FILE))
     schema = config.schema if schema is None else schema

@@ -27,21 +27,67 @@ from minimax_jax.hf import hf_config
 from minimax_jax.hf.hf_config import FULL, LAYER_TYPES, LINEAR, SCHEMAS
 from minimax_jax.model import slopes as slopes_lib
 
+# Int8 weight-only quantisation schemes (symmetric, one fp32 scale per output channel):
+# "experts_int8" stores the expert FFN weights (moe.wi, moe.wo) as int8, "int8" every matmul
+# weight of the decoder layers (attention / lightning projections too). Norms, the router,
+# embeddings and lm_head stay in floating point under both.
+QUANTIZE_SCHEMES = ("experts_int8", "int8")
+INT8_LEAVES = ("q", "scale")  # the two leaves a quantised weight is stored as
+
+
+def check_quantize(scheme: str | None) -> str | None:
+    """``scheme`` itself if None or one of ``QUANTIZE_SCHEMES``; else a ValueError naming them."""
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise ValueError(
+            f"quantize must be one of {', '.join(QUANTIZE_SCHEMES)} (or none), got {scheme!r}"
+        )
+    return scheme
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One parameter of the layout: shape, logical axis names (mapped to mesh axes by the rules
-    in ``minimax_jax.sharding``), initialiser ("normal": N(0, initializer_range); "ones": norm
-    weights) and whether it stays float32 whatever the parameter dtype (the MoE router)."""
+    in ``minimax_jax.sharding``; None: never split), initialiser ("normal": N(0,
+    initializer_range); "ones": norm weights), whether it stays float32 whatever the parameter
+    dtype (the MoE router and quantisation scales), whether it is stored as int8, and
+    ``contract``: the axes a matmul sums this weight over (its input axes; empty for weights
+    that are not quantisable matmul weights)."""
 
     shape: tuple[int, ...]
-    axes: tuple[str, ...]
+    axes: tuple[str | None, ...]
     init: str = "normal"
     float32: bool = False
+    contract: tuple[int, ...] = ()
+    int8: bool = False
 
     def stacked(self, n: int) -> ParamSpec:
         """The same parameter with a leading ``layers`` axis of size n (a scanned block stack)."""
-        return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes))
+        return dataclasses.replace(
+            self,
+            shape=(n, *self.shape),
+            axes=("layers", *self.axes),
+            contract=tuple(a + 1 for a in self.contract),
+        )
+
+    def quantized_by(self, scheme: str | None) -> bool:
+        """Whether ``scheme`` (``QUANTIZE_SCHEMES`` or None) stores this weight as int8."""
+        if scheme is None or not self.contract:
+            return False
+        return scheme == "int8" or "experts" in self.axes
+
+    def int8_pair(self) -> dict[str, ParamSpec]:
+        """The two leaves of this weight quantised (``INT8_LEAVES``): ``q`` int8 in the weight's
+        shape and axes, and ``scale`` float32 with the contracted axes kept as size 1 (logical
+        axis None), so the scale is sharded like the weight's output channels and
+        ``q * scale`` is the dequantised weight."""
+        keep = [a not in self.contract for a in range(len(self.shape))]
+        scale = ParamSpec(
+            tuple(n if k else 1 for n, k in zip(self.shape, keep, strict=True)),
+            tuple(x if k else None for x, k in zip(self.axes, keep, strict=True)),
+            init="ones",
+            float32=True,
+        )
+        return dict(zip(INT8_LEAVES, (dataclasses.replace(self, int8=True), scale), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,13 +303,28 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- parameter counting
 
-    def layer_param_layout(self, kind: str) -> dict[str, ParamSpec]:
+    def layer_param_layout(self, kind: str, quantize: str | None = None) -> dict[str, ParamSpec]:
         """THE parameter layout of one decoder layer of type ``kind`` (unstacked shapes).
 
         Keys are dotted module paths (``attn.qkv``); the model creates them in this order with a
         leading ``layers`` axis of size ``num_blocks``; the HF mapping, the parameter counts and
-        the memory planner read the same table.
+        the memory planner read the same table. With ``quantize`` (``QUANTIZE_SCHEMES``) every
+        weight the scheme quantises becomes its ``ParamSpec.int8_pair`` (``moe.wi.q`` int8 and
+        ``moe.wi.scale`` float32) in its place.
         """
+        check_quantize(quantize)
+        out = self._float_layer_layout(kind)
+        if quantize is None:
+            return out
+        quantized = {}
+        for name, spec in out.items():
+            if spec.quantized_by(quantize):
+                quantized.update({f"{name}.{k}": s for k, s in spec.int8_pair().items()})
+            else:
+                quantized[name] = spec
+        return quantized
+
+    def _float_layer_layout(self, kind: str) -> dict[str, ParamSpec]:
         D, N, H, K = self.hidden_size, self.num_heads, self.head_dim, self.num_kv_heads
         E, F = self.num_experts, self.intermediate_size
         out = {
@@ -273,19 +334,29 @@ class ModelConfig:
         if kind == LINEAR:
             out.update(
                 {
-                    "attn.qkv": ParamSpec((D, N, 3, H), ("embed", "heads", "qkv", "head_dim")),
-                    "attn.gate": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+                    "attn.qkv": ParamSpec(
+                        (D, N, 3, H), ("embed", "heads", "qkv", "head_dim"), contract=(0,)
+                    ),
+                    "attn.gate": ParamSpec(
+                        (D, N, H), ("embed", "heads", "head_dim"), contract=(0,)
+                    ),
                     "attn.norm": ParamSpec((N, H), ("heads", "head_dim"), "ones"),
-                    "attn.out": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+                    "attn.out": ParamSpec(
+                        (N, H, D), ("heads", "head_dim", "embed"), contract=(0, 1)
+                    ),
                 }
             )
         elif kind == FULL:
             out.update(
                 {
-                    "attn.q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
-                    "attn.k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-                    "attn.v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-                    "attn.o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+                    "attn.q": ParamSpec((D, N, H), ("embed", "heads", "head_dim"), contract=(0,)),
+                    "attn.k": ParamSpec(
+                        (D, K, H), ("embed", "kv_heads", "head_dim"), contract=(0,)
+                    ),
+                    "attn.v": ParamSpec(
+                        (D, K, H), ("embed", "kv_heads", "head_dim"), contract=(0,)
+                    ),
+                    "attn.o": ParamSpec((N, H, D), ("heads", "head_dim", "embed"), contract=(0, 1)),
                 }
             )
         else:
@@ -293,8 +364,10 @@ class ModelConfig:
         out.update(
             {
                 "moe.router": ParamSpec((D, E), ("embed", "experts"), float32=True),
-                "moe.wi": ParamSpec((E, D, 2, F), ("experts", "embed", "gate_up", "mlp")),
-                "moe.wo": ParamSpec((E, F, D), ("experts", "mlp", "embed")),
+                "moe.wi": ParamSpec(
+                    (E, D, 2, F), ("experts", "embed", "gate_up", "mlp"), contract=(1,)
+                ),
+                "moe.wo": ParamSpec((E, F, D), ("experts", "mlp", "embed"), contract=(1,)),
             }
         )
         return out

@@ -2,6 +2,7 @@
 
     python -m minimax_jax.generate --prompt "def fibonacci(n):" --max_new_tokens 64
     python -m minimax_jax.generate --checkpoint DIR --system "Be brief." --prompt "Hi" --stream
+    python -m minimax_jax.generate --checkpoint DIR --quantize experts_int8 --prompt "Hi"
 
 With no --checkpoint it runs the small demo model shipped in the package (CPU, seconds).
 Prompts: --prompt (repeatable) or --prompts_file FILE.jsonl with one {"prompt": str} or
@@ -18,6 +19,7 @@ import jax
 from absl import flags
 
 from minimax_jax import cli, generation_config
+from minimax_jax.config import QUANTIZE_SCHEMES
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
 from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.sharding import maybe_initialize_distributed
@@ -61,6 +63,16 @@ _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.", 
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Weights dtype.", flag_values=_FLAGS
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    list(QUANTIZE_SCHEMES),
+    "Int8 weight-only quantisation (text models): experts_int8 = expert FFN weights, int8 = "
+    "every matmul weight of the layers; per-output-channel fp32 scales; norms, router, "
+    "embeddings and lm_head stay in --dtype. Default: none (or the scheme a checkpoint "
+    "converted with hf_to_orbax --quantize was stored with).",
+    flag_values=_FLAGS,
+)
 _CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 256, "Prefill chunk length (tokens).", lower_bound=1, flag_values=_FLAGS
 )
@@ -89,8 +101,8 @@ _IMAGE = flags.DEFINE_multi_string(
 cli.finite(_TEMPERATURE, minimum=0)
 cli.finite(_TOP_P, minimum=1e-9, maximum=1)
 _HOLDERS = (_CHECKPOINT, _PROMPT, _PROMPTS_FILE, _CHAT, _SYSTEM, _TEMPLATE, _MAX_NEW, _TEMPERATURE,
-            _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _DTYPE, _CHUNK, _MESH, _RULES, _ATTENTION,
-            _IMAGE)  # fmt: skip
+            _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _DTYPE, _QUANTIZE, _CHUNK, _MESH, _RULES,
+            _ATTENTION, _IMAGE)  # fmt: skip
 
 
 def main(argv):
@@ -124,6 +136,7 @@ def _generate() -> None:
         seed=_SEED.value,
         stream=_STREAM.value,
         dtype=_DTYPE.value,
+        quantize=_QUANTIZE.value,
         prefill_chunk=_CHUNK.value,
         images=_IMAGE.value,
         mesh=_MESH.value,

@@ -197,21 +197,41 @@ def _regex(template: str, prefix: str) -> re.Pattern:
 # ----------------------------------------------------------------------------- our leaves
 
 
-def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
+def expected_leaf_shapes(config: ModelConfig, dtype=jnp.float32, quantize=None) -> dict:
     """Nested dict (block positions as int keys) of ``jax.ShapeDtypeStruct`` for every parameter
-    leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype)`` (from the config's parameter
-    layout); the router is always float32."""
+    leaf of ``MiniMaxForCausalLM(config, param_dtype=dtype, quantize=quantize)`` (from the
+    config's parameter layout); the router is always float32; a weight the ``quantize`` scheme
+    covers is two leaves, ``.../q`` int8 and ``.../scale`` float32."""
 
     def leaf(spec):
-        return jax.ShapeDtypeStruct(spec.shape, jnp.float32 if spec.float32 else dtype)
+        kind = jnp.int8 if spec.int8 else jnp.float32 if spec.float32 else dtype
+        return jax.ShapeDtypeStruct(spec.shape, kind)
 
     flat: dict[LeafPath, object] = {
         (name,): leaf(spec) for name, spec in config.outer_param_layout().items()
     }
     for p, kind in enumerate(config.block_pattern):
-        for name, spec in config.layer_param_layout(kind).items():
+        for name, spec in config.layer_param_layout(kind, quantize).items():
             flat[("blocks", p, *name.split("."))] = leaf(spec.stacked(config.num_blocks))
     return unflatten(flat)
+
+
+def slot_axes(slot: tuple, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Axes of a leaf numbered in ``leaf[slot]`` (the axes a slot indexes with an int drop out;
+    ``axes`` must not be among them)."""
+    dropped = [i for i, s in enumerate(slot) if isinstance(s, int)]
+    return tuple(a - sum(d < a for d in dropped) for a in axes)
+
+
+def int8_leaves(config: ModelConfig, quantize: str | None) -> dict[LeafPath, tuple[int, ...]]:
+    """{float leaf path: its contracted axes (stacked numbering)} of the weights ``quantize``
+    stores as int8 pairs (``leaf + ("q",)``, ``leaf + ("scale",)``); empty for None."""
+    out = {}
+    for p, kind in enumerate(config.block_pattern):
+        for name, spec in config.layer_param_layout(kind).items():
+            if spec.quantized_by(quantize):
+                out[("blocks", p, *name.split("."))] = spec.stacked(config.num_blocks).contract
+    return out
 
 
 def num_params(config: ModelConfig) -> int:

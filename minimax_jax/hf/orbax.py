@@ -39,6 +39,7 @@ import numpy as np
 import tensorstore as ts
 
 from minimax_jax import files
+from minimax_jax.config import QUANTIZE_SCHEMES
 from minimax_jax.hf import mapping
 from minimax_jax.hf.safetensors import check_inside
 
@@ -53,7 +54,9 @@ _ZARR_DTYPES = {
     np.dtype(np.float32): "<f4",
     np.dtype(np.float16): "<f2",
     np.dtype(np.float64): "<f8",
+    np.dtype(np.int8): "|i1",  # int8 weights (``q`` leaves of a quantised checkpoint)
 }
+METADATA_KEY = "minimax_jax"  # our entry in the Orbax custom metadata
 
 
 class OrbaxFormatError(ValueError):
@@ -306,6 +309,8 @@ class LeafReader:
         if not meta.get("use_ocdbt", False):
             raise OrbaxFormatError(f"{self.directory}: only OCDBT checkpoints are supported")
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        custom = meta.get("custom_metadata")
+        self.custom_metadata: dict = custom if isinstance(custom, dict) else {}
         self._context = ts.Context()
         self._stores: dict[LeafPath, ts.TensorStore] = {}
         self.paths: list[LeafPath] = []
@@ -336,6 +341,20 @@ class LeafReader:
     def read(self, path: LeafPath, slot: tuple = ()) -> np.ndarray:
         """Reads ``leaf[slot]`` into a numpy array."""
         return np.asarray(self.store(path)[slot].read().result())
+
+
+def stored_quantize(reader: LeafReader) -> str | None:
+    """The int8 scheme a checkpoint was written with (``hf_to_orbax --quantize``), or None.
+
+    Raises OrbaxFormatError for a recorded value that is not a known scheme name."""
+    ours = reader.custom_metadata.get(METADATA_KEY)
+    scheme = ours.get("quantize") if isinstance(ours, dict) else None
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise OrbaxFormatError(
+            f"{reader.directory}: unknown quantisation {scheme!r} in its metadata; "
+            f"known: {', '.join(QUANTIZE_SCHEMES)}"
+        )
+    return scheme
 
 
 def restore(

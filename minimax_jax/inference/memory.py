@@ -67,21 +67,31 @@ def _shard_elems(shape, axes, mesh, rules: ShardingRules | None) -> int:
     return math.prod(shape) // div
 
 
-def param_leaves(config: ModelConfig, param_dtype: Any = jnp.bfloat16) -> list[tuple]:
-    """[(shape, dtype, logical_axes)] of every parameter, from the config's parameter layout."""
+def param_leaves(
+    config: ModelConfig, param_dtype: Any = jnp.bfloat16, quantize: str | None = None
+) -> list[tuple]:
+    """[(shape, dtype, logical_axes)] of every parameter, from the config's parameter layout;
+    with ``quantize`` (``QUANTIZE_SCHEMES``) the weights it covers are int8 ``q`` leaves plus
+    fp32 ``scale`` leaves (one per output channel)."""
+
+    def dtype(s):
+        return np.dtype(np.int8 if s.int8 else jnp.float32 if s.float32 else param_dtype)
 
     specs = list(config.outer_param_layout().values())
     for kind in config.block_pattern:
-        specs += [s.stacked(config.num_blocks) for s in config.layer_param_layout(kind).values()]
-    return [(s.shape, np.dtype(jnp.float32 if s.float32 else param_dtype), s.axes) for s in specs]
+        layout = config.layer_param_layout(kind, quantize)
+        specs += [s.stacked(config.num_blocks) for s in layout.values()]
+    return [(s.shape, dtype(s), s.axes) for s in specs]
 
 
-def weight_bytes(config, mesh_shape=None, rules=None, param_dtype=jnp.bfloat16) -> int:
-    """Parameter bytes on one device."""
+def weight_bytes(
+    config, mesh_shape=None, rules=None, param_dtype=jnp.bfloat16, quantize=None
+) -> int:
+    """Parameter bytes on one device (``quantize``: int8 weights and their scales)."""
     mesh = _mesh_like(mesh_shape)
     return sum(
         _shard_elems(s, a, mesh, rules) * np.dtype(d).itemsize
-        for s, d, a in param_leaves(config, param_dtype)
+        for s, d, a in param_leaves(config, param_dtype, quantize)
     )
 
 
@@ -169,10 +179,14 @@ def plan_inference(
     prefill_chunk=None,
     weights: int | None = None,
     attention_impl: str = "blockwise",
+    quantize: str | None = None,
 ):
     """Weights + caches + the peak of one prefill chunk (last-position logits only): the layer's
     activations and the softmax temporaries beside them.
 
+    quantize: an int8 weight-only scheme (``minimax_jax.config.QUANTIZE_SCHEMES``): its weights
+    count 1 byte per element plus 4 per output-channel scale (activations and caches are
+    unchanged: the matmuls run in param_dtype);
     weights: bytes already known (e.g. of loaded params) instead of computing them;
     attention_impl: the softmax layers' implementation as resolved ("blockwise", "xla" or
     "cudnn"; see `softmax_score_bytes`).
@@ -189,7 +203,7 @@ def plan_inference(
     act += scores
     act += local_batch * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
     return MemoryPlan(
-        weights=weight_bytes(config, mesh_shape, rules, param_dtype)
+        weights=weight_bytes(config, mesh_shape, rules, param_dtype, quantize)
         if weights is None
         else weights,
         cache=cache_bytes(config, batch, max_len, mesh_shape, rules, kv_dtype),
@@ -209,8 +223,13 @@ def plan_training(
     optimizer_moments=2,
     remat="full",
     attention_impl="blockwise",
+    quantize=None,
 ):
     """fp32 params, grads and AdamW moments (sharded like the params), and activations.
+
+    quantize: the weights of that int8 scheme count as frozen int8 + fp32 scales, with no
+    gradient or moments (only the floating-point parameters have those). A planning figure:
+    the training loop itself does not train quantised models.
 
     With a `sequence` mesh axis (rules map `length` to it) each device holds T / P tokens of a
     row; its softmax layers also hold the all-gathered K, V of the whole row.
@@ -224,7 +243,8 @@ def plan_training(
     local_len = _split(seq_len, ("length",), mesh, rules)  # the sequence axis splits tokens
     tokens = local_batch * local_len
     cb = np.dtype(compute_dtype).itemsize
-    w = weight_bytes(config, mesh_shape, rules, param_dtype)
+    w = weight_bytes(config, mesh_shape, rules, param_dtype, quantize)
+    trainable = w - _int8_bytes(config, mesh, rules, quantize)
     layer = layer_activation_bytes(config, tokens, mesh, rules, cb)
     residual = tokens * config.hidden_size * cb
     scores = softmax_score_bytes(
@@ -239,4 +259,21 @@ def plan_training(
     else:
         act = config.num_layers * (layer + residual) + config.num_blocks * soft * scores
     act += 2 * tokens * _split(config.vocab_size, ("vocab",), mesh, rules) * 4
-    return MemoryPlan(weights=w, activations=int(act), gradients=w, optimizer=optimizer_moments * w)
+    return MemoryPlan(
+        weights=w,
+        activations=int(act),
+        gradients=trainable,
+        optimizer=optimizer_moments * trainable,
+    )
+
+
+def _int8_bytes(config, mesh, rules, quantize) -> int:
+    """Bytes on one device of the int8 weights and their scales (frozen: no grads, moments)."""
+    total = 0
+    for kind in config.block_pattern:
+        for spec in config.layer_param_layout(kind).values():
+            if spec.quantized_by(quantize):
+                for leaf in spec.stacked(config.num_blocks).int8_pair().values():
+                    size = 1 if leaf.int8 else 4
+                    total += _shard_elems(leaf.shape, leaf.axes, mesh, rules) * size
+    return total

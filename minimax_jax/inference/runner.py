@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax import files
-from minimax_jax.config import ModelConfig
-from minimax_jax.hf.pretrained import from_pretrained, sharding_from_rules
+from minimax_jax.config import ModelConfig, check_quantize
+from minimax_jax.hf.pretrained import checkpoint_quantize, from_pretrained, sharding_from_rules
 from minimax_jax.inference import engine as sampling
 from minimax_jax.inference import vl_generate
 from minimax_jax.inference.tokenizer import ChatTokenizer, StreamDecoder
@@ -69,6 +69,7 @@ def run_generate(
     seed: int = 0,
     stream: bool = False,
     dtype: str = "float32",
+    quantize: str | None = None,
     prefill_chunk: int = 256,
     images: list[str] | None = None,
     mesh: str | None = None,
@@ -79,6 +80,7 @@ def run_generate(
 ) -> list[str]:
     """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
     out, log = out or sys.stdout, log or sys.stderr
+    check_quantize(quantize)
     ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
     if not ckpt.is_dir():
         what = "not a directory" if ckpt.exists() else "no such directory"
@@ -97,6 +99,8 @@ def run_generate(
     if images:
         if attention_impl != "auto":
             raise ValueError("--attention_impl is for text models; drop it with --image")
+        if quantize is not None:
+            raise ValueError("--quantize is for text models; drop it with --image")
 
         return vl_generate.generate_for_cli(
             ckpt, tok, texts, images, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
@@ -105,7 +109,7 @@ def run_generate(
             top_p=None if greedy or top_p == 1.0 else top_p, seed=seed,
             prefill_chunk=prefill_chunk,
         )  # fmt: skip
-    model, options = _load(ckpt, dtype, mesh, rules, attention_impl)
+    model, options = _load(ckpt, dtype, mesh, rules, attention_impl, quantize)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -120,8 +124,9 @@ def run_generate(
     if any(len(e) == 0 for e in encoded):
         raise ValueError("a prompt encodes to zero tokens")
     plan = engine.plan(len(encoded), max(map(len, encoded)), max_new_tokens)
+    int8 = f" (int8 weights: {model.quantize})" if model.quantize else ""
     print(
-        f"[{ckpt.name}] {model.config.param_count():,} params; estimated device memory "
+        f"[{ckpt.name}] {model.config.param_count():,} params{int8}; estimated device memory "
         f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
         f"{plan['cache'] / 2**20:.1f} + activations {plan['activations'] / 2**20:.1f}); "
         f"{len(encoded)} prompt(s)",
@@ -173,11 +178,20 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_impl: str = "auto"):
+def _load(
+    ckpt: Path,
+    dtype: str,
+    mesh: str | None,
+    rules_name: str,
+    attention_impl: str = "auto",
+    quantize: str | None = None,
+):
     """The model (parameters placed by the rules when a mesh is given) and its RunOptions."""
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    quantize = checkpoint_quantize(ckpt, quantize)  # a converted int8 checkpoint's own scheme
     if not mesh:
-        return from_pretrained(ckpt, dtype=jdtype), RunOptions(attention_impl=attention_impl)
+        model = from_pretrained(ckpt, dtype=jdtype, quantize=quantize)
+        return model, RunOptions(attention_impl=attention_impl)
     rules, _ = load_rules(rules_name)
     sizes = parse_mesh(mesh)
     if sizes["sequence"] > 1:
@@ -187,11 +201,11 @@ def _load(ckpt: Path, dtype: str, mesh: str | None, rules_name: str, attention_i
             "prefill in chunks"
         )
     device_mesh = make_mesh(sizes)
-    sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules)
+    sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules, quantize)
     options = RunOptions(
         moe_impl=rules.moe_impl, mesh=device_mesh, rules=rules, attention_impl=attention_impl
     )
-    return from_pretrained(ckpt, dtype=jdtype, sharding=sharding), options
+    return from_pretrained(ckpt, dtype=jdtype, sharding=sharding, quantize=quantize), options
 
 
 def _with_image_placeholders(item, num_images: int):

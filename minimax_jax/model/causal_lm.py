@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minimax_jax.config import ModelConfig
+from minimax_jax.config import ModelConfig, check_quantize
 from minimax_jax.model.decoder import RunOptions, forward
 from minimax_jax.model.layers import DecoderLayer, spec_param
 from minimax_jax.sharding import ShardingRules, param_shardings
@@ -28,6 +28,9 @@ class MiniMaxForCausalLM(nnx.Module):
       config: the model configuration.
       rngs: random streams for initialisation (`nnx.Rngs(seed)`).
       param_dtype: dtype of every weight except the MoE router (always fp32).
+      quantize: None, or an int8 weight-only scheme (``minimax_jax.config.QUANTIZE_SCHEMES``):
+        the weights it covers are drawn in param_dtype, then stored as int8 ``q`` + fp32
+        ``scale`` pairs (`minimax_jax.model.quant`).
       options: kernels / MoE path / remat (no effect on the math).
       mesh, rules: create the parameters sharded by `rules` (`minimax_jax.sharding`) on mesh
         and run with activation constraints and the MoE under shard_map (set in `options`).
@@ -42,21 +45,31 @@ class MiniMaxForCausalLM(nnx.Module):
         options: RunOptions | None = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: ShardingRules | None = None,
+        quantize: str | None = None,
     ):
         options = options or RunOptions()
+        check_quantize(quantize)
         if (mesh is None) != (rules is None):
             raise ValueError("MiniMaxForCausalLM: give both mesh and rules, or neither")
         if mesh is not None:
             options = dataclasses.replace(options, mesh=mesh, rules=rules)
-            self._init_sharded(config, rngs, param_dtype, options)
+            self._init_sharded(config, rngs, param_dtype, options, quantize)
             return
         self.config = config
         self.options = options
+        self.quantize = quantize
         outer = config.outer_param_layout()
         self.embed = spec_param(config, outer["embed"], rngs, param_dtype)
         self.blocks = nnx.List(
             [
-                DecoderLayer(config, kind, config.num_blocks, rngs=rngs, dtype=param_dtype)
+                DecoderLayer(
+                    config,
+                    kind,
+                    config.num_blocks,
+                    rngs=rngs,
+                    dtype=param_dtype,
+                    quantize=quantize,
+                )  # fmt: skip
                 for kind in config.block_pattern
             ]
         )
@@ -64,14 +77,14 @@ class MiniMaxForCausalLM(nnx.Module):
         if "lm_head" in outer:
             self.lm_head = spec_param(config, outer["lm_head"], rngs, param_dtype)
 
-    def _init_sharded(self, config, rngs, param_dtype, options) -> None:
+    def _init_sharded(self, config, rngs, param_dtype, options, quantize) -> None:
         """Create every parameter directly in its shards (a jitted init with out_shardings).
 
         Same values as the unsharded init with the same rngs; no full copy on any one device.
         """
 
         def make(r):
-            return MiniMaxForCausalLM(config, rngs=r, param_dtype=param_dtype)
+            return MiniMaxForCausalLM(config, rngs=r, param_dtype=param_dtype, quantize=quantize)
 
         abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
         shardings = nnx.to_pure_dict(
@@ -86,7 +99,7 @@ class MiniMaxForCausalLM(nnx.Module):
 
         values, rng_state = jax.jit(init, out_shardings=(shardings, None))(rng_state)
         nnx.update(rngs, rng_state)
-        self.config, self.options = config, options
+        self.config, self.options, self.quantize = config, options, quantize
         for name in ("embed", "blocks", "final_norm", "lm_head"):
             if hasattr(abstract, name):
                 setattr(self, name, getattr(abstract, name))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import sequence
+from minimax_jax.model import quant, sequence
 from minimax_jax.model.attention import (
     ATTENTION_IMPLS,
     BLOCK,
@@ -231,6 +231,7 @@ def decoder_stack(
     layer order, updated caches or None).
     """
     pattern = config.block_pattern
+    blocks = quant.wrap(blocks)  # int8 {"q", "scale"} pairs -> QArray (scanned like arrays)
     slopes = _slopes_array(config)  # [P, num_blocks, N]; rows of softmax positions are unused
     caches = [None] * len(pattern) if caches is None else caches
     b, t = x.shape[:2]
@@ -455,11 +456,20 @@ def forward_cached_embedded(
 
 
 def cast_params(params: dict, dtype: Any) -> dict:
-    """Cast floating weights to dtype, keeping the MoE router in fp32."""
+    """Cast floating weights to dtype, keeping the MoE router and int8 weights' scales in fp32
+    (int8 ``q`` leaves are not floating: they stay int8)."""
 
     def cast(path, leaf):
         if any(getattr(k, "key", None) == "router" for k in path):
             return leaf
+        if getattr(path[-1], "key", None) == "scale" and quant.is_pair(_parent(params, path)):
+            return leaf
         return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _parent(tree, path):
+    for k in path[:-1]:
+        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
+    return tree

@@ -18,11 +18,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.model import quant
 from minimax_jax.model.moe_padded import expert_ffn_padded, swiglu
 from minimax_jax.model.proj import LayerSlice
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported as matvec_supported
-from pallas_kernels.moe import grouped_matmul
 from pallas_kernels.moe.api import gpu_takes, grouped_matmul_vjp, resolve_implementation
 from pallas_kernels.platform import match_vma
 
@@ -91,8 +91,8 @@ def moe_dense(params: dict, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Ar
     """Every expert on every token, combined by the routing weights: x [M,D] -> ([M,D], logits)."""
     weights, experts, logits = route(x, params["router"], top_k)
     combine_w = jnp.sum(jax.nn.one_hot(experts, params["wi"].shape[0]) * weights[..., None], axis=1)
-    h = swiglu(jnp.einsum("md,edcf->mecf", x, params["wi"]))
-    y = jnp.einsum("mef,efd->med", h, params["wo"], preferred_element_type=jnp.float32)
+    h = swiglu(quant.einsum("md,edcf->mecf", x, params["wi"]))
+    y = quant.einsum("mef,efd->med", h, params["wo"], preferred_element_type=jnp.float32)
     return jnp.einsum("med,me->md", y, combine_w).astype(x.dtype), logits
 
 
@@ -136,8 +136,10 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
 def _ffn_and_h(xs, wi, wo, group_sizes, implementation, group_rows=None):
     """(expert outputs [A,D], the fused w1/w3 product h [A,2F] before SwiGLU)."""
     e, d, _, f = wi.shape
-    gmm = functools.partial(grouped_matmul, implementation=implementation, group_rows=group_rows)
-    h = gmm(xs, wi.reshape(e, d, 2 * f), group_sizes)
+    gmm = functools.partial(
+        quant.grouped_matmul, implementation=implementation, group_rows=group_rows
+    )
+    h = gmm(xs, quant.reshape(wi, (e, d, 2 * f)), group_sizes)
     act = swiglu(h.reshape(-1, 2, f))
     return gmm(act, wo, group_sizes), h
 
@@ -170,6 +172,8 @@ def expert_ffn(
 ) -> jax.Array:
     """Rows sorted by expert xs [A,D], wi [E,D,2,F], wo [E,F,D], group_sizes [E] -> [A,D].
 
+    wi, wo: float arrays or int8 `quant.QArray`s (forward only: no gradient to int8 weights).
+
     Rows past sum(group_sizes) give zero. w1/w3 run as one fused grouped matmul.
     expected_rows < A: the buffer is mostly unused tail rows (the expert-parallel receive
     buffer is sized for the worst case) and about this many are used. The grouped-matmul
@@ -189,9 +193,14 @@ def expert_ffn(
         return _ffn(xs, wi, wo, group_sizes, implementation)
     # One set of varying mesh axes for every operand (inside shard_map), so the custom VJP's
     # cotangents have the primal types; the pcast outside transposes to a psum of the weights'.
-    wi, wo, group_sizes = (match_vma(t, xs) for t in (wi, wo, group_sizes))
-    xs = match_vma(xs, wi)
+    wi, wo, group_sizes = (_match(t, xs) for t in (wi, wo, group_sizes))
+    xs = match_vma(xs, *jax.tree.leaves(wi))
     return _bucketed_ffn(sizes, implementation, xs, wi, wo, group_sizes)
+
+
+def _match(t, like):
+    """`match_vma` for an array or each leaf of an int8 `QArray`."""
+    return jax.tree.map(lambda a: match_vma(a, like), t)
 
 
 def _bucket(sizes: tuple[int, ...], group_sizes: jax.Array) -> jax.Array:
@@ -318,7 +327,9 @@ def moe_gather(
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k
     xa = jnp.repeat(x, top_k, axis=0)
-    if matvec != "xla" and matvec_supported(d, 2 * f) and matvec_supported(f, d):
+    # int8 weights take the gathered XLA path until pallas_kernels.matvec takes an int8 rhs.
+    kernel = matvec != "xla" and not wi_v.quantized and not wo_v.quantized
+    if kernel and matvec_supported(d, 2 * f) and matvec_supported(f, d):
         wi, first = wi_v.rows(e, d)  # [L*E, D, 2F]: the stacked weights, indexed in place
         h = gathered_matvec(xa, wi, first + flat, implementation=matvec).astype(x.dtype)
         act = swiglu(h.reshape(-1, 2, f))  # [A,F]
@@ -326,10 +337,12 @@ def moe_gather(
         y = gathered_matvec(act, wo, first + flat, implementation=matvec)
     else:
         pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
-        wi = jnp.take(wi_v.get().reshape(e, d, 2 * f), flat, axis=0).astype(x.dtype)
-        h = jnp.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32)
+        wi = quant.reshape(wi_v.get(), (e, d, 2 * f))
+        wi = quant.as_dtype(jax.tree.map(lambda w: jnp.take(w, flat, axis=0), wi), x.dtype)
+        h = quant.einsum("ard,adn->arn", pair, wi, preferred_element_type=jnp.float32)
         act = swiglu(h.astype(x.dtype).reshape(*h.shape[:2], 2, f))  # [A,2,F]
-        wo = jnp.take(wo_v.get(), flat, axis=0).astype(x.dtype)  # [A,F,D]
-        y = jnp.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
+        wo = jax.tree.map(lambda w: jnp.take(w, flat, axis=0), wo_v.get())  # [A,F,D]
+        wo = quant.as_dtype(wo, x.dtype)
+        y = quant.einsum("arf,afd->ard", act, wo, preferred_element_type=jnp.float32)[:, 0]
     y = y.astype(x.dtype).astype(jnp.float32).reshape(m, top_k, -1)
     return jnp.sum(y * weights[..., None], axis=1).astype(x.dtype), logits

@@ -27,8 +27,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.model import quant
 from pallas_kernels.moe import padded as _padded
-from pallas_kernels.moe.api import grouped_matmul, grouped_matmul_vjp, resolve_implementation
+from pallas_kernels.moe.api import grouped_matmul_vjp, resolve_implementation
 from pallas_kernels.platform import match_vma
 
 
@@ -78,9 +79,10 @@ def _padded_fwd_branch(c, k, x, expert, wi, wo):
     order, gs = _layout(expert, e)
     slot, source, valid = _slots(expert, order, gs, c)
     xp = _take_rows(x, source // k, valid).reshape(e, c, d)
-    h = _einsum("ecd,edn->ecn", xp, wi.reshape(e, d, 2 * f).astype(x.dtype), x.dtype)
+    wi2 = quant.as_dtype(quant.reshape(wi, (e, d, 2 * f)), x.dtype)
+    h = quant.einsum("ecd,edn->ecn", xp, wi2).astype(x.dtype)  # as `_einsum`, int8 or not
     act = swiglu(h.reshape(e, c, 2, f))
-    y = _einsum("ecf,efd->ecd", act, wo.astype(x.dtype), x.dtype)
+    y = quant.einsum("ecf,efd->ecd", act, quant.as_dtype(wo, x.dtype)).astype(x.dtype)
     used = slot < e * c
     return _take_rows(y.reshape(e * c, d), slot, used), _take_rows(h.reshape(e * c, -1), slot, used)
 
@@ -89,8 +91,8 @@ def _sorted_fwd_branch(impl, k, x, expert, wi, wo):
     e, d, _, f = wi.shape
     order, gs = _layout(expert, e)
     xs = jnp.take(x, order // k, axis=0)  # rows past sum(gs) are unused: their output is 0
-    h = grouped_matmul(xs, wi.reshape(e, d, 2 * f), gs, implementation=impl)
-    y = grouped_matmul(swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
+    h = quant.grouped_matmul(xs, quant.reshape(wi, (e, d, 2 * f)), gs, implementation=impl)
+    y = quant.grouped_matmul(swiglu(h.reshape(-1, 2, f)), wo, gs, implementation=impl)
     inv = _inverse(order)
     return jnp.take(y, inv, axis=0), jnp.take(h, inv, axis=0)
 
@@ -185,6 +187,8 @@ def expert_ffn_padded(
 ) -> jax.Array:
     """x [M,D] token rows, expert [A=M*k] int32 in [0, E] (E = unused) -> [A,D] in x's dtype.
 
+    wi, wo: float arrays or int8 `quant.QArray`s (forward only: no gradient to int8 weights).
+
     group_rows: the expected rows per expert the capacity ladder is built around (default
     ceil(A / E)); fallback: the grouped-matmul implementation for groups the ladder cannot hold.
     """
@@ -197,6 +201,8 @@ def expert_ffn_padded(
     if resolve_implementation(fallback, x.dtype) == "gpu":
         caps = _padded.break_even(caps, rows * e, e)
     # Inside shard_map every operand varies like the rows (custom VJP cotangent types).
-    wi, wo, expert = (match_vma(t, x) for t in (wi, wo, expert.astype(jnp.int32)))
-    x = match_vma(x, wi)
+    wi, wo, expert = (
+        jax.tree.map(lambda a: match_vma(a, x), t) for t in (wi, wo, expert.astype(jnp.int32))
+    )
+    x = match_vma(x, *jax.tree.leaves(wi))
     return _ffn(caps, fallback, k, x, expert, wi, wo)

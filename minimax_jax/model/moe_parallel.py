@@ -46,6 +46,7 @@ from minimax_jax.model.moe import (
     dispatch as dispatch_rows,
 )
 from minimax_jax.model.moe_padded import expert_ffn_padded
+from minimax_jax.model.quant import QArray
 from pallas_kernels.platform import match_vma, on_tpu
 
 DISPATCHES = ("auto", "ragged", "dense")
@@ -243,9 +244,10 @@ def moe_ep(
 ) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel MoE layer. x [B,T,D] -> (y [B,T,D], router logits [B,T,E] fp32).
 
-    params: router [D,E], wi [E,D,2,F], wo [E,F,D] (any sharding: shard_map gathers what it
-    needs, e.g. FSDP shards of D, and keeps experts split over the `experts` mesh axes and F over
-    the `mlp` axes). rules: `minimax_jax.sharding.ShardingRules`. Same math as `moe_sorted`.
+    params: router [D,E], wi [E,D,2,F], wo [E,F,D] (float, or int8 `quant.QArray`s; any
+    sharding: shard_map gathers what it needs, e.g. FSDP shards of D, and keeps experts split
+    over the `experts` mesh axes and F over the `mlp` axes). rules:
+    `minimax_jax.sharding.ShardingRules`. Same math as `moe_sorted`.
     capacity_factor: None = dropless (each device's receive buffer holds P*A rows, the worst
     case); c > 0 sizes it to c*A rows (less memory and, on GPU, less padded work in the grouped
     matmul) and drops the assignments that do not fit (they contribute 0), like capacity-based
@@ -282,11 +284,12 @@ def moe_ep(
         cf=capacity_factor, mb=microbatches,
     )  # fmt: skip
     x_spec = PartitionSpec(x_spec[0], None, None)
-    in_specs = (
-        PartitionSpec(),
-        PartitionSpec(e_name, None, None, f_name),
-        PartitionSpec(e_name, f_name, None),
-        x_spec,
-    )
+    wi_spec = PartitionSpec(e_name, None, None, f_name)
+    wo_spec = PartitionSpec(e_name, f_name, None)
+    if isinstance(params["wo"], QArray):  # scales [E,1,2,F] / [E,1,D]: split like the outputs
+        wo_spec = QArray(wo_spec, PartitionSpec(e_name, None, None))
+    if isinstance(params["wi"], QArray):
+        wi_spec = QArray(wi_spec, wi_spec)
+    in_specs = (PartitionSpec(), wi_spec, wo_spec, x_spec)
     fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(x_spec, x_spec))
     return fn(params["router"], params["wi"], params["wo"], x)

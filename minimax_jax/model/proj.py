@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.model import quant
+from minimax_jax.model.quant import QArray
 from pallas_kernels.matvec import gathered_matvec
 from pallas_kernels.matvec.api import supported
 
@@ -38,10 +40,14 @@ class LayerSlice:
     @classmethod
     def of(cls, w) -> LayerSlice:
         """w itself if a LayerSlice, else a plain weight as the only layer of a stack of one."""
-        return w if isinstance(w, LayerSlice) else cls(w[None], 0)
+        return w if isinstance(w, LayerSlice) else cls(jax.tree.map(lambda a: a[None], w), 0)
 
-    def get(self) -> jax.Array:
-        return self.stacked[self.index]
+    def get(self) -> jax.Array | QArray:
+        return jax.tree.map(lambda a: a[self.index], self.stacked)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.stacked, QArray)
 
     def rows(self, groups: int, k: int) -> tuple[jax.Array, jax.Array]:
         """(the stacked weight as [L*groups, k, n] (a bitcast), the row of this layer's first
@@ -66,21 +72,24 @@ def _split_spec(spec: str, x_ndim: int) -> int | None:
 
 
 def proj(spec: str, x: jax.Array, w, *, matvec: str = "xla", **kwargs) -> jax.Array:
-    """jnp.einsum(spec, x, w, **kwargs) for x [B,T,...], w an array or a `LayerSlice`.
+    """jnp.einsum(spec, x, w, **kwargs) for x [B,T,...], w an array, an int8 `QArray` (see
+    `quant.einsum`) or a `LayerSlice` of either.
 
     With B*T == 1: matvec="xla" computes on [2,T,...] (x and a zero row) and slices back, so the
     product is never a vector-matrix one; another matvec implementation (`pallas_kernels.matvec`)
     takes the row alone, for specs of the form 'bt<in>,<in><out>->bt<out>'."""
     if x.shape[0] * x.shape[1] != 1:
-        return jnp.einsum(spec, x, materialize(w), **kwargs)
+        return quant.einsum(spec, x, materialize(w), **kwargs)
     c = _split_spec(spec, x.ndim)
     view = LayerSlice.of(w)
     shape, k = view.stacked.shape[1:], x.size
+    # int8 weights take the paired XLA path until pallas_kernels.matvec takes an int8 rhs.
     kernel = matvec != "xla" and c is not None and set(kwargs) <= {"preferred_element_type"}
+    kernel = kernel and not view.quantized
     if kernel and supported(k, math.prod(shape) // k):
         stacked, first = view.rows(1, k)
         y = gathered_matvec(x.reshape(1, k), stacked, first[None], implementation=matvec)
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, stacked.dtype)
         return y.astype(dtype).reshape(1, 1, *shape[c:])
     pair = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-    return jnp.einsum(spec, pair, view.get(), **kwargs)[:1]
+    return quant.einsum(spec, pair, view.get(), **kwargs)[:1]
