@@ -230,3 +230,28 @@ def test_long_context_plans_in_the_readme():
     # weights over fsdp x sequence = 64 (their model dim), so at least 4 bytes / 512 per param
     assert train.gradients == train.weights and train.optimizer == 2 * train.weights
     assert 4 * cfg.param_count() / 512 <= train.weights < 4 * cfg.param_count() / 64
+
+
+def test_int8_plans_in_the_readme():
+    """The README's int8 figures: MiniMax-Text-01 with experts_int8 on 8 x 80 GB (tp_ep, tensor
+    8) holds a 1M-token prompt, and about 3.7M tokens is the longest that fits under 80 GB; with
+    int8 on 8 x H200 the model's whole 10,240,000 positions fit under 141 GB."""
+    from minimax_jax.sharding import load_rules
+
+    cfg = ModelConfig.preset("minimax-text-01")
+    tp_ep, _ = load_rules("tp_ep")
+
+    def plan(prompt, quantize, new=256):
+        return memory.plan_inference(
+            cfg, batch=1, prompt_len=prompt, max_len=prompt + new, prefill_chunk=8192,
+            mesh_shape=dict(tensor=8), rules=tp_ep, quantize=quantize,
+            attention_impl="cudnn_chunk",
+        )  # fmt: skip
+
+    bf16, one_m = plan(2**20, None), plan(2**20, "experts_int8")
+    assert one_m.cache == bf16.cache and one_m.activations == bf16.activations
+    assert bf16.total > 80e9 > one_m.total and round(one_m.total / 2**30, 1) == 61.8
+    assert plan(3_694_592, "experts_int8").total <= 80e9 < plan(3_710_976, "experts_int8").total
+    full = plan(cfg.max_position_embeddings - 256, "int8")
+    assert full.total < 141e9 and round(full.total / 2**30, 1) == 103.5
+    assert round(full.cache / 2**30, 1) == 48.9 and round(full.weights / 2**30, 1) == 53.5

@@ -50,14 +50,16 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 class Scorer:
     """A checkpoint's model and tokenizer; `nll(text)` in nats over all the text's tokens."""
 
-    def __init__(self, checkpoint: str, window: int, stride: int, batch: int = 8):
+    def __init__(
+        self, checkpoint: str, window: int, stride: int, batch: int = 8, quantize: str | None = None
+    ):
         import jax
         import jax.numpy as jnp
 
         from minimax_jax import from_pretrained
         from minimax_jax.inference.tokenizer import ChatTokenizer
 
-        self.model = from_pretrained(checkpoint, dtype=jnp.float32)
+        self.model = from_pretrained(checkpoint, dtype=jnp.float32, quantize=quantize)
         self.tok = ChatTokenizer.from_dir(checkpoint)
         eos = self.tok.eos_token_ids
         if not eos:
@@ -96,10 +98,13 @@ class Scorer:
         return total, len(ids)
 
 
-def evaluate(checkpoint: str, files: list, window: int, stride: int | None = None) -> dict:
-    """Bits per byte of ``checkpoint`` over ``files`` (see the module docstring)."""
+def evaluate(
+    checkpoint: str, files: list, window: int, stride: int | None = None, quantize=None
+) -> dict:
+    """Bits per byte of ``checkpoint`` over ``files`` (see the module docstring); quantize: an
+    int8 scheme applied on loading (`from_pretrained(quantize=)`)."""
     stride = stride or window // 2
-    scorer = Scorer(checkpoint, window, stride)
+    scorer = Scorer(checkpoint, window, stride, quantize=quantize)
     start = time.perf_counter()
     per_file, nats, nbytes, ntok = [], 0.0, 0, 0
     for f in files:
@@ -110,6 +115,7 @@ def evaluate(checkpoint: str, files: list, window: int, stride: int | None = Non
         nats, nbytes, ntok = nats + nll, nbytes + b, ntok + n
     return {
         "checkpoint": str(checkpoint),
+        "quantize": quantize,
         "window": window,
         "stride": stride,
         "files": len(files),
@@ -130,13 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=DEFAULT_ROOT, help="Standard library the list refers to.")
     p.add_argument("--files", nargs="*", default=None, help="Instead of the held-out list.")
     p.add_argument("--out", default=None, help="Append the JSON line to this file too.")
+    p.add_argument("--quantize", default=None, choices=("experts_int8", "int8"),
+                   help="Quantise the weights on loading (int8 weight-only).")
     args = p.parse_args(argv)
     files = args.files or heldout_paths(args.root)
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         print(f"eval_bpb: error: missing files: {missing[:3]}", file=sys.stderr)
         return 2
-    row = evaluate(args.checkpoint, files, args.window, args.stride)
+    row = evaluate(args.checkpoint, files, args.window, args.stride, args.quantize)
     line = json.dumps(row)
     print(line)
     if args.out:

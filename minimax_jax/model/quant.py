@@ -11,8 +11,8 @@ The model gathers each ``{"q", "scale"}`` pair into a `QArray` (a pytree, so sca
 tree maps slice both leaves alike) at the top of the decoder (`wrap`). Matmul sites call
 `einsum` / `grouped_matmul` here instead of jnp / pallas_kernels: they multiply by q converted to
 the compute dtype inside the matmul and scale the output, which equals the matmul with the
-dequantised weight up to rounding. `grouped_matmul` is the one place the MoE's int8 grouped
-matmul is chosen (XLA for now; see its docstring).
+dequantised weight up to rounding. `grouped_matmul` hands int8 MoE weights to the kernels'
+int8 path (`pallas_kernels.moe.grouped_matmul(..., scale=)`).
 """
 
 from __future__ import annotations
@@ -152,23 +152,18 @@ def grouped_matmul(
     """`pallas_kernels.moe.grouped_matmul` for w [E,K,N] a float array or a `QArray` (scale
     [E,1,N]): rows of group e use expert e's weight; the result has x's dtype.
 
-    int8 (XLA for now): the grouped matmul runs on q converted to x's dtype and each output row
-    is multiplied by its expert's scale row. THE SWAP-IN POINT for the int8 grouped-matmul
-    kernels: once `pallas_kernels.moe.grouped_matmul` takes an int8 rhs with a per-output-channel
-    ``scale``, this int8 branch becomes that call (``scale=w.scale[:, 0]``).
+    int8: the kernels take q and the scale [E,N] and dequantise tile by tile (never a
+    dequantised copy of the weight; differentiable in x only), on the backend the kernel API
+    resolves for int8 weights.
     """
     if not isinstance(w, QArray):
         return _grouped_matmul(
             x, w, group_sizes, implementation=implementation, group_rows=group_rows
         )
-    y = _grouped_matmul(
-        x, w.q.astype(x.dtype), group_sizes, implementation=implementation, group_rows=group_rows
-    )
-    e = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    row_expert = jnp.searchsorted(ends, jnp.arange(x.shape[0], dtype=ends.dtype), side="right")
-    scale = jnp.take(w.scale[:, 0], jnp.minimum(row_expert, e - 1), axis=0)  # [M,N]
-    return (y * scale).astype(y.dtype)
+    return _grouped_matmul(
+        x, w.q, group_sizes, scale=w.scale[:, 0], implementation=implementation,
+        group_rows=group_rows,
+    )  # fmt: skip
 
 
 def nbytes(shape, dtype) -> int:
