@@ -51,15 +51,27 @@ def test_quantizer_per_output_channel():
         ("btnh,nhd->btd", (1, 1, 4, 8), (4, 8, 16), (0, 1)),  # one row: the paired path
     ],
 )
-def test_int8_proj_equals_dequantised_einsum(spec, xs, ws, contract):
+def test_int8_proj_equals_dequantised_einsum(spec, xs, ws, contract, monkeypatch):
+    from minimax_jax.model import proj as proj_mod
+
+    kernel_calls = []
+    real = proj_mod.gathered_matvec
+
+    def spy(*a, scale=None, **kw):
+        kernel_calls.append(scale is not None)
+        return real(*a, scale=scale, **kw)
+
+    monkeypatch.setattr(proj_mod, "gathered_matvec", spy)
     kx, kw = jax.random.split(jax.random.key(len(spec)))
     x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
     qa = quant.QArray(*quant.quantize(w, contract))
     want = jnp.einsum(spec, x, qa.dequantize())
     stacked = jax.tree.map(lambda a: jnp.stack([a, a // 2, a]), qa)
     for weight in (qa, LayerSlice(stacked, jnp.int32(2))):
-        for matvec in ("xla", "gpu_interpret"):  # int8 never reaches the float matvec kernel
+        for matvec in ("xla", "gpu_interpret"):  # one row: the int8 matvec kernel (interpret)
             assert _rel(proj(spec, x, weight, matvec=matvec), want) < 1e-6
+    # the one-row spec reaches the kernel with its scales, for the weight and the layer view
+    assert kernel_calls == ([True, True] if xs[0] * xs[1] == 1 else [])
 
 
 def test_int8_moe_paths_equal_dense_on_dequantised_weights():

@@ -327,14 +327,14 @@ def moe_gather(
     weights, experts, logits = route(x, params["router"], top_k)
     flat = experts.reshape(-1)  # [A], assignment a = token a // k
     xa = jnp.repeat(x, top_k, axis=0)
-    # int8 weights take the gathered XLA path until pallas_kernels.matvec takes an int8 rhs.
-    kernel = matvec != "xla" and not wi_v.quantized and not wo_v.quantized
+    kernel = matvec != "xla"
     if kernel and matvec_supported(d, 2 * f) and matvec_supported(f, d):
-        wi, first = wi_v.rows(e, d)  # [L*E, D, 2F]: the stacked weights, indexed in place
-        h = gathered_matvec(xa, wi, first + flat, implementation=matvec).astype(x.dtype)
-        act = swiglu(h.reshape(-1, 2, f))  # [A,F]
-        wo, first = wo_v.rows(e, f)
-        y = gathered_matvec(act, wo, first + flat, implementation=matvec)
+        # [L*E, D, 2F]: the stacked weights (int8 with their [L*E, 2F] scales), indexed in place
+        wi, si, first = wi_v.rows(e, d)
+        h = gathered_matvec(xa, wi, first + flat, scale=si, implementation=matvec)
+        act = swiglu(h.astype(x.dtype).reshape(-1, 2, f))  # [A,F]
+        wo, so, first = wo_v.rows(e, f)
+        y = gathered_matvec(act, wo, first + flat, scale=so, implementation=matvec)
     else:
         pair = jnp.stack([xa, jnp.zeros_like(xa)], axis=1)  # [A,2,D]
         wi = quant.reshape(wi_v.get(), (e, d, 2 * f))

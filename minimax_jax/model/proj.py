@@ -49,11 +49,16 @@ class LayerSlice:
     def quantized(self) -> bool:
         return isinstance(self.stacked, QArray)
 
-    def rows(self, groups: int, k: int) -> tuple[jax.Array, jax.Array]:
-        """(the stacked weight as [L*groups, k, n] (a bitcast), the row of this layer's first
-        matrix): for a per-layer weight made of `groups` matrices of k rows each."""
+    def rows(self, groups: int, k: int) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """(the stacked weight as [L*groups, k, n] (a bitcast; int8 q for a `QArray`), its
+        per-output-channel scale as [L*groups, n] (None for a float weight), the row of this
+        layer's first matrix): for a per-layer weight made of `groups` matrices of k rows each."""
         first = jnp.asarray(self.index, jnp.int32) * groups
-        return self.stacked.reshape(self.stacked.shape[0] * groups, k, -1), first
+        w = self.stacked
+        if isinstance(w, QArray):
+            n = w.q.shape[0] * groups
+            return w.q.reshape(n, k, -1), w.scale.reshape(n, -1), first
+        return w.reshape(w.shape[0] * groups, k, -1), None, first
 
 
 def materialize(w):
@@ -83,13 +88,15 @@ def proj(spec: str, x: jax.Array, w, *, matvec: str = "xla", **kwargs) -> jax.Ar
     c = _split_spec(spec, x.ndim)
     view = LayerSlice.of(w)
     shape, k = view.stacked.shape[1:], x.size
-    # int8 weights take the paired XLA path until pallas_kernels.matvec takes an int8 rhs.
     kernel = matvec != "xla" and c is not None and set(kwargs) <= {"preferred_element_type"}
-    kernel = kernel and not view.quantized
     if kernel and supported(k, math.prod(shape) // k):
-        stacked, first = view.rows(1, k)
-        y = gathered_matvec(x.reshape(1, k), stacked, first[None], implementation=matvec)
-        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, stacked.dtype)
+        stacked, scale, first = view.rows(1, k)
+        y = gathered_matvec(
+            x.reshape(1, k), stacked, first[None], scale=scale, implementation=matvec
+        )
+        # the einsum's result dtype (an int8 weight converts to x's dtype inside the matmul)
+        wdt = x.dtype if scale is not None else stacked.dtype
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, wdt)
         return y.astype(dtype).reshape(1, 1, *shape[c:])
     pair = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     return quant.einsum(spec, pair, view.get(), **kwargs)[:1]
