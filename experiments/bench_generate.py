@@ -35,6 +35,7 @@ from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained  # noqa: E402
 from minimax_jax.inference.engine import Engine, SamplingParams, sample_token  # noqa: E402
+from minimax_jax.model import quant  # noqa: E402
 from minimax_jax.model.decoder import RunOptions  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -78,10 +79,14 @@ def decode_floor_bytes(cfg: ModelConfig, params, batch: int, kv_len: int) -> int
 def parse_variant(name: str) -> dict:
     """'default' (the Engine's defaults) or '+'-joined overrides: syncN (Engine sync_every=N),
     gatherN (RunOptions moe_gather_rows=N; gather0 = grouped matmuls only), mvxla (one-row
-    projections and the gathered MoE on XLA instead of the pallas_kernels.matvec kernel)."""
-    kw = {"sync_every": 16, "moe_gather_rows": None, "matvec_impl": "auto"}
+    projections and the gathered MoE on XLA instead of the pallas_kernels.matvec kernel), q8e /
+    q8 (the same bf16 weights quantised in memory to experts_int8 / int8)."""
+    kw = {"sync_every": 16, "moe_gather_rows": None, "matvec_impl": "auto", "quantize": None}
     for tok in filter(None, name.split("+")):
         if tok == "default":
+            continue
+        if tok in ("q8e", "q8"):
+            kw["quantize"] = "experts_int8" if tok == "q8e" else "int8"
             continue
         if tok.startswith("sync"):
             kw["sync_every"] = int(tok[4:])
@@ -98,10 +103,25 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, variant="default", pr
     params = model.pure_params()
     kw = parse_variant(variant)
     opts = RunOptions(moe_gather_rows=kw["moe_gather_rows"], matvec_impl=kw["matvec_impl"])
+    extra = {}
+    ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt))
+    if kw["quantize"]:
+        params = quant.quantize_params(cfg, params, kw["quantize"])
+        # the int8 model against the same model holding the dequantised weights (bf16), on the
+        # benchmarked prompt: the last position's logits (the first decoded token's)
+        deq = quant.dequantize_tree(params, jnp.bfloat16)
+        last = []
+        for p in (params, deq):
+            eng = Engine(cfg, p, prefill_chunk=min(prompt, 2048), options=opts)
+            logits, _ = eng.prefill(ids, np.ones_like(ids), eng.plan(batch, prompt, new))
+            last.append(np.asarray(logits, np.float32))
+            del eng
+        extra["quantize"] = kw["quantize"]
+        extra.update(harness.check(last[0], last[1], atol=0.15, rtol=0.05))
+        del deq
     engine = Engine(
         cfg, params, prefill_chunk=min(prompt, 2048), options=opts, sync_every=kw["sync_every"]
     )
-    ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt))
     plan = engine.plan(batch, prompt, new)
     sp, eos = SamplingParams(), jnp.asarray([-1], jnp.int32)
 
@@ -116,7 +136,6 @@ def bench_decode(cfg, model, batch, prompt, new, reps, bw, variant="default", pr
     timing = harness.Timing.of([run()[1] for _ in range(reps)])
     step = timing.median / (new - 1)
     floor = decode_floor_bytes(cfg, params, batch, prompt + new) / bw
-    extra = {}
     if profile:  # kernel time of one decode loop (new - 1 steps), per op
         starts = []  # the loop donates its cache: one prefilled cache per profiled call
         for _ in range(2):
@@ -228,6 +247,8 @@ def main() -> None:
                                        v, profile=args.profile)  # fmt: skip
             if ref is None:
                 ref = tokens
+            elif row.get("quantize"):  # int8 greedy tokens may differ from bf16's: a figure
+                row["token_mismatch_vs_first"] = float(np.mean(tokens != ref))
             else:
                 row.update(harness.check(tokens, ref, atol=0, rtol=0))
             rows.emit(row)

@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
 from minimax_jax import sharding  # noqa: E402
-from minimax_jax.model import moe_parallel  # noqa: E402
+from minimax_jax.model import moe_parallel, quant  # noqa: E402
 from minimax_jax.model.moe import dispatch as dispatch_rows  # noqa: E402
 from minimax_jax.model.moe import ffn_implementation, moe_sorted, route, sort_by_expert  # noqa: E402
 from pallas_kernels.moe import gpu as moe_gpu  # noqa: E402
@@ -215,6 +215,30 @@ def _layer(p, x, *, k, impl):
     return moe_sorted(p, x, k, implementation=impl)[0]
 
 
+def int8_rows(params, x, k, impls, emit, base, res: dict) -> None:
+    """The layer forward with experts_int8 weights (wi, wo int8 + per-output-channel scales) per
+    implementation: checked against the same layer on the dequantised weights (XLA, fp32
+    weights), timed, and its time over the bf16 layer's from `layer_rows` (res)."""
+    m, d = x.shape
+    flops = 6.0 * m * k * d * params["wi"].shape[-1]
+    qp = dict(params)
+    for name in ("wi", "wo"):
+        qp[name] = quant.QArray(*quant.quantize(params[name], (1,)))
+    deq = {**params, "wi": qp["wi"].dequantize(), "wo": qp["wo"].dequantize()}
+    ref = reference_output(lambda p, x: moe_sorted(p, x, k, implementation="xla")[0], deq, x)
+    for impl in impls:
+        fwd = jax.jit(functools.partial(_layer, k=k, impl=impl))
+        ms, timing, err = safe_time(fwd, qp, x)
+        checked = {} if ms is None else safe_check(fwd, (qp, x), ref)
+        bf16 = res.get((impl, "fwd"))
+        bf16_ms = None if not bf16 else flops / (bf16 * 1e12) * 1e3
+        emit({**base, "what": "layer_int8", "quantize": "experts_int8", "impl": impl,
+              "mode": "fwd", "tokens": m, "ms": ms, **timing,
+              "tflops": None if ms is None else flops / (ms * 1e-3) / 1e12, "error": err,
+              "bf16_ms": bf16_ms, "over_bf16": None if not (ms and bf16_ms) else ms / bf16_ms,
+              "goal_over_bf16": 1.2, **checked})  # fmt: skip
+
+
 def ratio_rows(res: dict, ours: str, what: str, emit, base) -> None:
     """Derived figures of one run: ours vs dense and vs ragged_dot."""
     for mode in ("fwd", "fwd_bwd"):
@@ -356,6 +380,8 @@ def parse_args():
         help="time jax.lax.ragged_dot only up to this many tokens (it computes "
         "every expert for every row on GPU: ~1 s per 64K-token forward)",
     )
+    ap.add_argument("--int8", action="store_true",
+                    help="also the layer forward with experts_int8 weights (vs bf16)")
     return ap.parse_args()
 
 
@@ -397,6 +423,8 @@ def main() -> None:
         if not args.ep_only:
             for v in names or [impl]:
                 ratio_rows(res, v, "layer", emit, row)
+        if args.int8:
+            int8_rows(params, x, k, names or [impl], emit, row, res)
         if args.ep and jax.device_count() >= 2:
             single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
             ep_rows(

@@ -159,6 +159,15 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
         bench("bench_long_context", "--lengths", "524288,1048576", "--reps", "1", "--no_check",
               "--budget_s", "{budget}", cap=560, name="long"),
     ]),
+    "int8": ("1 GPU", "int8 weights (#22): the int8 kernel GPU tests; decode of the 1.55B model "
+                      "at batch 1 and 16 with bf16, experts_int8 and int8 weights; the MoE layer "
+                      "forward at 16K tokens with experts_int8 vs bf16", [
+        gpu_tests("tests/test_int8_kernels.py", cap=120),
+        bench("bench_generate", "--no_hf", "--prefill", "", "--new_tokens", "64", "--variants",
+              "default,q8e,q8", cap=240, name="decode"),
+        bench("bench_moe", "--tokens", "16384", "--impls", "auto,gpu", "--no_gmm",
+              "--ragged_max_tokens", "0", "--int8", cap=200, name="moe16k"),
+    ]),
     "train": ("1 GPU", "training-step throughput and MFU, unpacked then packed rows", [
         bench("bench_train", "--tokens", "16384", "--breakdown", "4096", cap=330, name="step"),
         bench("bench_train", "--seq", "4096", "--tokens", "16384", "--packed", "--breakdown",

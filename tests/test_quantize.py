@@ -229,3 +229,21 @@ def test_sharded_planner_equals_placed_int8_shards(scheme):
     )
     planned = memory.weight_bytes(CFG, mesh_shape, rules, jnp.float32, quantize=scheme)
     assert planned == held
+
+
+@pytest.mark.parametrize("scheme", ["experts_int8", "int8"])
+def test_quantize_params_in_memory(scheme):
+    """`quant.quantize_params` turns a float params tree into the layout a quantised model is
+    built with (same leaves, shapes, dtypes), each pair within half a step of the weight."""
+    model = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0))
+    params = model.pure_params()
+    qp = quant.quantize_params(CFG, params, scheme)
+    layout = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), quantize=scheme).pure_params()
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), qp) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), layout
+    )
+    wi, pair = params["blocks"][0]["moe"]["wi"], qp["blocks"][0]["moe"]["wi"]
+    err = np.abs(np.asarray(quant.QArray(pair["q"], pair["scale"]).dequantize()) - wi)
+    assert (err <= np.asarray(pair["scale"]) / 2 + 1e-7).all() and err.max() > 0
+    assert qp["embed"] is params["embed"]  # unquantised leaves are shared
+    assert quant.quantize_params(CFG, params, None) is params

@@ -166,6 +166,31 @@ def grouped_matmul(
     )  # fmt: skip
 
 
+def quantize_params(config, params: dict, scheme: str | None) -> dict:
+    """A float params tree (`MiniMaxForCausalLM.pure_params()` layout) with every weight that
+    ``scheme`` quantises (`ModelConfig.layer_param_layout`) replaced by its ``{"q", "scale"}``
+    pair, quantised on the device where it lives; other leaves are shared, not copied. The
+    in-memory counterpart of `from_pretrained(quantize=)` (which quantises while reading)."""
+    from minimax_jax.config import check_quantize
+
+    if check_quantize(scheme) is None:
+        return params
+    blocks = []
+    for kind, block in zip(config.block_pattern, params["blocks"], strict=True):
+        block = jax.tree.map(lambda x: x, block)  # a new container tree, same arrays
+        for name, spec in config._float_layer_layout(kind).items():
+            if not spec.quantized_by(scheme):
+                continue
+            *path, leaf = name.split(".")
+            node = block
+            for key in path:
+                node = node[key]
+            q, scale = quantize(node[leaf], spec.stacked(config.num_blocks).contract)
+            node[leaf] = {"q": q, "scale": scale}
+        blocks.append(block)
+    return {**params, "blocks": blocks}
+
+
 def nbytes(shape, dtype) -> int:
     """Bytes of an array of this shape and dtype."""
     return math.prod(shape) * np.dtype(dtype).itemsize
