@@ -85,8 +85,8 @@ def test_contract_by_hand():
     assert rel_err(merged, full) <= 1e-6
 
 
-def _chunked(params, ids, mask, impl, bounds, cache_len=96):
-    opts = RunOptions(attention_impl=impl)
+def _chunked(params, ids, mask, impl, bounds, cache_len=96, runs=False):
+    opts = RunOptions(attention_impl=impl, cache_runs=runs)
     step = jax.jit(lambda p, i, m, c: forward_cached(CFG, p, i, m, c, opts))
     cache = init_cache(CFG, ids.shape[0], cache_len)
     outs = []
@@ -96,10 +96,11 @@ def _chunked(params, ids, mask, impl, bounds, cache_len=96):
     return np.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("impl", ["auto", "cudnn"])
-def test_chunked_prefill_equals_forward(chunk_on_emulation, monkeypatch, impl):
+@pytest.mark.parametrize("impl, runs", [("auto", False), ("cudnn", False), ("auto", True)])
+def test_chunked_prefill_equals_forward(chunk_on_emulation, monkeypatch, impl, runs):
     """Left padding that spans whole chunks (row 1: 21 pad slots) and ends inside one; prefix
-    pieces of 14 slots (so pieces split chunks, and the last one, 84..98, is clamped to 82..96)."""
+    pieces of 14 slots (so pieces split chunks, and the last one, 84..98, is clamped to 82..96);
+    with and without the engine's promise of one valid run per row (no fallback compiled)."""
     monkeypatch.setattr(attn_mod, "PIECE", 14)
     params = random_model(CFG, seed=9).pure_params()
     rng = np.random.RandomState(6)
@@ -108,7 +109,7 @@ def test_chunked_prefill_equals_forward(chunk_on_emulation, monkeypatch, impl):
     mask[1, :21] = 0
     mask[2, :90] = 0  # only two real tokens, in the last chunk
     full, _ = forward(CFG, params, ids, mask)
-    got = _chunked(params, ids, mask, impl, [*range(0, 96, 8)[:-1], 88, 90, 91, 92])
+    got = _chunked(params, ids, mask, impl, [*range(0, 96, 8)[:-1], 88, 90, 91, 92], runs=runs)
     real = mask[..., None].astype(np.float32)
     assert rel_err(got * real, np.asarray(full) * real) <= 1e-5
     assert "prefix" in chunk_on_emulation and "causal" in chunk_on_emulation

@@ -124,7 +124,8 @@ class Engine:
         self.config, self.params = config, params
         self.prefill_chunk = prefill_chunk
         self.kv_dtype = kv_dtype or jnp.asarray(params["embed"]).dtype
-        options = options or RunOptions()
+        # the engine left-pads every prompt, so each row's valid cache slots are one run
+        options = dataclasses.replace(options or RunOptions(), cache_runs=True)
         self.mesh, self.rules = options.mesh, options.rules
         self.attention_impl = options.attention_impl
         self.compute_dtype = compute_dtype

@@ -121,6 +121,7 @@ def attention(
     impl: str = "xla",
     causal: bool = False,
     chunk_start: jax.Array | None = None,
+    runs: bool = False,
 ) -> jax.Array:
     """Softmax attention with the implementation ``impl`` resolves to (`resolve_attention_impl`).
 
@@ -129,7 +130,8 @@ def attention(
     padding, one segment); the cuDNN path then uses its built-in causal mask instead of a bias.
     ``chunk_start`` (int32 scalar): the call is a prefill chunk whose queries sit in cache slots
     chunk_start..chunk_start+T-1 of k/v (vis.kv_index the slot numbers, no segments); the cuDNN
-    path then runs `_cudnn_chunk` instead of a bias.
+    path then runs `_cudnn_chunk` instead of a bias; ``runs`` (static): the caller promises
+    each row's valid slots are one run (`_cudnn_chunk` then compiles no fallback).
     """
     shape = None if chunk_start is None else jax.ShapeDtypeStruct(k.shape, k.dtype)
     resolved = resolve_attention_impl(impl, q, causal, shape)
@@ -139,7 +141,7 @@ def attention(
         and vis.q_segment is None
         and cudnn_lse_unsupported(q, k) is None
     ):
-        return _cudnn_chunk(q, k, v, vis, scale, chunk_start)
+        return _cudnn_chunk(q, k, v, vis, scale, chunk_start, runs)
     if resolved == "xla":
         return dot_product_attention(q, k, v, vis.mask(), scale)
     if resolved == "blockwise":
@@ -183,7 +185,13 @@ def _merge(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.Array]):
 
 
 def _cudnn_chunk(
-    q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, scale: float, start: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    vis: Visibility,
+    scale: float,
+    start: jax.Array,
+    runs: bool = False,
 ) -> jax.Array:
     """A prefill chunk q [B,T,N,H] (cache slots start..start+T-1) against the cache k/v
     [B,S,K,H] with cuDNN flash attention, never building a [T,S] array.
@@ -194,7 +202,8 @@ def _cudnn_chunk(
     mask (valid tokens first) after rotating each row so its run starts at 0: the prefix in
     pieces of `PIECE` slots (a while loop over the pieces that hold written slots), the chunk in
     one causal call. The parts merge exactly through their fp32 log-sum-exps. Rows of any other
-    shape (valid slots with holes) take "blockwise" instead (a `lax.cond`, so both compile).
+    shape (valid slots with holes) take "blockwise" instead (a `lax.cond`, so both compile),
+    unless ``runs`` promises there are none (`RunOptions.cache_runs`, set by the engine).
     """
     b, t, n, h = q.shape
     s = k.shape[1]
@@ -246,7 +255,10 @@ def _cudnn_chunk(
             kv_valid=vis.kv_valid, block_q=BLOCK, block_k=BLOCK,
         )  # fmt: skip
 
-    return jax.lax.cond(simple, split, fallback, q, k.astype(q.dtype), v.astype(q.dtype))
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if runs:
+        return split(q, k, v)
+    return jax.lax.cond(simple, split, fallback, q, k, v)
 
 
 def dot_product_attention(
@@ -306,11 +318,13 @@ def softmax_attention_cached(
     index: jax.Array,
     matvec: str = "xla",
     impl: str = "xla",
+    runs: bool = False,
 ) -> tuple[jax.Array, dict]:
     """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
 
     x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; vis
-    over the S cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla").
+    over the S cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla");
+    runs: see `RunOptions.cache_runs`.
     Returns (y [B,T,D], updated cache).
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
@@ -321,6 +335,6 @@ def softmax_attention_cached(
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = attention(
         q, k_all.astype(q.dtype), v_all.astype(q.dtype), vis, q.shape[-1] ** -0.5, impl,
-        chunk_start=index,
+        chunk_start=index, runs=runs,
     )
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}

@@ -69,6 +69,11 @@ class RunOptions:
     matvec_impl: str = "auto"
     # Softmax layers: "auto" | "xla" | "blockwise" | "cudnn" (`minimax_jax.model.attention`).
     attention_impl: str = "auto"
+    # A promise about cached calls: every row's valid cache slots are one run (left padding,
+    # then tokens), as the generation engine writes them. cuDNN prefill chunks then skip the
+    # compiled blockwise fallback for rows with holes (whose [B,S]-sized temporaries count
+    # toward the step's memory even when the branch never runs). Wrong results if broken.
+    cache_runs: bool = False
 
     def __post_init__(self):
         if self.moe_impl not in ("sorted", "dense", "ep"):
@@ -157,7 +162,7 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
         return y, None
     return softmax_attention_cached(
         params, u, ctx.cos, ctx.sin, ctx.vis, cache, ctx.cache_index, opts.matvec,
-        opts.attention_impl,
+        opts.attention_impl, runs=opts.cache_runs,
     )  # fmt: skip
 
 
@@ -244,8 +249,16 @@ def decoder_stack(
     )
     blocks, whole = _split_matvec_weights(blocks) if views else (blocks, None)
 
-    def block(x, scanned):
-        block_params, block_slopes, block_caches, i = scanned
+    def block(carry, scanned):
+        block_params, block_slopes, i = scanned
+        x, stacked = carry
+        # this block's caches, sliced from the stacked ones the loop carries (updated in place
+        # below: a cache as scanned input and output would be held twice)
+        block_caches = [
+            None if c is None
+            else jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), c)
+            for c in stacked
+        ]  # fmt: skip
         if whole is not None:
             block_params = [
                 _with_views(bp, wp, i) for bp, wp in zip(block_params, whole, strict=True)
@@ -259,11 +272,18 @@ def decoder_stack(
             logits.append(lg)
             new_caches.append(c)
         x = constrain(x, ("batch", "length", "act_embed"), opts.mesh, opts.rules)
-        return x, (jnp.stack(logits), new_caches)
+        stacked = [
+            None if c is None
+            else jax.tree.map(
+                lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, 0), c, nc
+            )
+            for c, nc in zip(stacked, new_caches, strict=True)
+        ]  # fmt: skip
+        return (x, stacked), jnp.stack(logits)
 
-    scanned = (blocks, slopes.swapaxes(0, 1), caches, jnp.arange(config.num_blocks))
-    x, (logits, new_caches) = jax.lax.scan(
-        _remat(block, opts.remat_policy), x, scanned, unroll=bool(opts.unroll_blocks)
+    scanned = (blocks, slopes.swapaxes(0, 1), jnp.arange(config.num_blocks))
+    (x, new_caches), logits = jax.lax.scan(
+        _remat(block, opts.remat_policy), (x, caches), scanned, unroll=bool(opts.unroll_blocks)
     )
     nb, p = logits.shape[:2]
     return x, logits.reshape(nb * p, *logits.shape[2:]), new_caches
