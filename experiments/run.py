@@ -56,6 +56,25 @@ class Part:
         return [a for a in self.args if a.endswith(".py")]
 
 
+_WHEELS: list[str | None] = []
+
+
+def carried_wheels() -> str | None:
+    """A folder on the import path for the wheels carried in .whl/ (the GPU machine has no
+    grain: the device README's "carry"), installed once with pip --target; None when there are
+    none or grain is already importable."""
+    if not _WHEELS:
+        wheels = sorted(str(w) for w in (REPO / ".whl").glob("*.whl"))
+        target = None
+        if wheels and importlib.util.find_spec("grain") is None:
+            target = "/tmp/carried_site"
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",
+                            "--no-deps", "--no-compile", "--upgrade", "--target", target,
+                            *wheels], check=False)  # fmt: skip
+        _WHEELS.append(target)
+    return _WHEELS[0]
+
+
 def bench(script: str, *flags: str, cap: int, out: str | None = None, **kw) -> Part:
     """A benchmark script writing rows to {out}/<out or script>.jsonl."""
     name = kw.pop("name", script)
@@ -239,7 +258,9 @@ class Runner:
             self.say(f"[{part.name}] skipped: {cap} s left")
             return None
         cmd = command(part, self.out, max(cap - 30, 10))
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        path = os.pathsep.join(
+            filter(None, [str(REPO), carried_wheels(), os.environ.get("PYTHONPATH")])
+        )
         env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
                "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **dict(part.env)}  # fmt: skip
         self.say(f"[{part.name}] {shlex.join(cmd)}  (cap {cap} s)")
