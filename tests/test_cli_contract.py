@@ -58,6 +58,70 @@ def _run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
+# A fork server for the tables of cases: one fresh interpreter does the imports every CLI shares
+# once (jax, flax, orbax, the minimax_jax package: 2-3 s of CPU per process on CI), then every case
+# is a fork of it that runs `python -m MODULE ARGS` through runpy, as the interpreter's -m does:
+# the CLI module itself runs fresh as __main__ in its own process, with its own exit code (an
+# uncaught exception prints its traceback and exits 1, as in Python), stdout and stderr. The
+# preloaded modules define no absl flag but minimax_jax.cli's --debug, which every CLI imports
+# (convert.common's flags are not preloaded: train has an --overwrite of its own); no JAX backend
+# has started before the fork. gc.freeze(): the children do not walk the preloaded objects.
+_FORK_SERVER = r"""
+import gc, json, os, runpy, sys
+import absl.app, absl.flags, absl.logging, flax.nnx, jax, jax.numpy, numpy, optax, orbax.checkpoint
+import tokenizers, yaml
+import minimax_jax, minimax_jax.cli
+from jax._src import xla_bridge
+assert not xla_bridge._backends, "a JAX backend started before fork"
+gc.freeze()
+cases, outdir, width = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+codes, running, todo = {}, {}, list(enumerate(cases))
+while todo or running:
+    while todo and len(running) < width:
+        i, (module, args) = todo.pop(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            for fd, name in ((1, f"{i}.out"), (2, f"{i}.err")):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                os.dup2(os.open(os.path.join(outdir, name), flags), fd)
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            sys.exit(0)  # the module returned, as `python -m` would: exit 0 after atexit
+        running[pid] = i
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps([codes[i] for i in range(len(cases))]))
+"""
+
+
+def _run_forked(
+    cases: list[tuple[str, list[str]]], tmp: Path, width: int = 2, timeout: int = 600
+) -> list[subprocess.CompletedProcess]:
+    """``_run(module, *args)`` for every case, each in a fork of one server process (above)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "cases.json").write_text(json.dumps([[m, list(a)] for m, a in cases]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    server = subprocess.run(
+        [sys.executable, "-c", _FORK_SERVER, str(tmp / "cases.json"), str(tmp), str(width)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert server.returncode == 0, server.stderr[-3000:]
+    codes = json.loads(server.stdout.strip().splitlines()[-1])
+    assert len(codes) == len(cases)
+    return [
+        subprocess.CompletedProcess(
+            [sys.executable, "-m", m, *a],
+            code,
+            (tmp / f"{i}.out").read_text(),
+            (tmp / f"{i}.err").read_text(),
+        )  # fmt: skip
+        for i, ((m, a), code) in enumerate(zip(cases, codes, strict=True))
+    ]
+
+
 def _one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -169,15 +233,28 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
     ]
 
 
-def test_bad_input_is_one_line_exit_2_no_traceback(files):
+# Rows of the table that also run as fresh `python -m` processes (a generate flag, a train config,
+# a converter): they must give the fork server's exit code and error line.
+_FRESH = (0, 15, 30)
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback(files, tmp_path):
     cases = _cases(files)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = list(pool.map(lambda c: _run(c[0], *c[1]), cases))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fresh = pool.map(lambda i: _run(cases[i][0], *cases[i][1]), _FRESH)
+        procs = _run_forked([(m, a) for m, a, _, _ in cases], tmp_path / "forked")
+        fresh = dict(zip(_FRESH, fresh, strict=True))
+    assert [cases[i][0] for i in _FRESH] == [
+        "minimax_jax.generate", "minimax_jax.train", "convert.hf_to_orbax"
+    ]  # fmt: skip
     failures = []
-    for (module, args, code, words), proc in zip(cases, procs, strict=True):
+    for i, ((module, args, code, words), proc) in enumerate(zip(cases, procs, strict=True)):
         try:
-            assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-            _one_error_line(proc, *words)
+            for p in (proc, fresh[i]) if i in _FRESH else (proc,):
+                assert p.returncode == code, (p.returncode, p.stderr[-2000:])
+                line = _one_error_line(p, *words)
+            if i in _FRESH:
+                assert _one_error_line(proc) == line, (proc.stderr, fresh[i].stderr)
         except AssertionError as e:
             failures.append(f"{module} {args}: {e}")
     assert not failures, "\n".join(failures)
@@ -201,9 +278,10 @@ HELP = {
 }  # fmt: skip
 
 
-def test_help_lists_the_flags_and_exits_0():
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(zip(HELP, pool.map(lambda m: _run(m, "--help"), HELP), strict=True))
+def test_help_lists_the_flags_and_exits_0(tmp_path):
+    procs = dict(zip(HELP, _run_forked([(m, ["--help"]) for m in HELP], tmp_path), strict=True))
+    fresh = _run("minimax_jax.train", "--help")  # a fresh process prints the same help
+    assert (fresh.returncode, fresh.stdout) == (0, procs["minimax_jax.train"].stdout)
     for module, proc in procs.items():
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, (module, proc.stderr)
         for flag in HELP[module]:
