@@ -1,29 +1,12 @@
-"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls in full; one XLA
-compilation cache for the session."""
+"""Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls in full."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# Compiling dominates the CPU time of the suite, and many tests compile the same program again:
-# every `train()` and every generation `Engine` jits fresh closures, which JAX's in-memory cache
-# cannot match. A persistent cache in a directory of this session (never reused: each run starts
-# cold, as CI does) serves a program XLA has already compiled (its key: the HLO, the devices and
-# the compile options), here and in the CLI processes the tests start (they inherit the
-# environment variable; test_multihost's jobs name their own cache).
-_XLA_CACHE = tempfile.mkdtemp(prefix="minimax-jax-tests-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
-jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 
 def _has_gpu() -> bool:
