@@ -104,15 +104,26 @@ def _inputs():
     return ids, mask
 
 
-@pytest.fixture(scope="module", params=QUANTIZE_SCHEMES)
-def quantized(request):
+def _quantized(scheme):
     """(scheme, int8 model's pure params, the same weights dequantised to fp32, the fp32
     model's logits on `_inputs`)."""
-    model = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), quantize=request.param)
+    model = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), quantize=scheme)
     params = model.pure_params()
     deq = quant.dequantize_tree(params)
     want, _ = _forward(CFG, deq, *_inputs(), RunOptions())
-    return request.param, params, deq, want
+    return scheme, params, deq, want
+
+
+@pytest.fixture(scope="module", params=QUANTIZE_SCHEMES)
+def quantized(request):
+    """`_quantized` for each scheme."""
+    return _quantized(request.param)
+
+
+@pytest.fixture(scope="module")
+def quantized_int8():
+    """`_quantized("int8")`: it has every int8 site of "experts_int8" and the attention's."""
+    return _quantized("int8")
 
 
 def test_layout_and_leaves(quantized):
@@ -146,13 +157,11 @@ def test_int8_model_equals_dequantised_model(quantized):
     assert _rel(outs[0], outs[1]) < 1e-5
 
 
-def test_int8_model_on_ep_tp_mesh_equals_one_device(quantized):
+def test_int8_model_on_ep_tp_mesh_equals_one_device(quantized_int8):
     """8 devices, expert=2 x tensor=4 (tp_ep rules, all-to-all MoE): the int8 weights placed
     by the rules (scales split like the weights' outputs) give the dequantised one-device
     logits. "int8" only: it has every int8 site of "experts_int8" and the attention's."""
-    scheme, params, _, want = quantized
-    if scheme != "int8":
-        pytest.skip("covered by int8")
+    scheme, params, _, want = quantized_int8
     rules, _ = sharding.load_rules("tp_ep")
     mesh = sharding.make_mesh(dict(fsdp=1, expert=2, tensor=4))
     abstract = nnx.eval_shape(lambda: MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), quantize=scheme))
@@ -168,10 +177,8 @@ def test_int8_model_on_ep_tp_mesh_equals_one_device(quantized):
     assert _rel(got, want) < 1e-5
 
 
-def test_bfloat16_compute_keeps_scales_fp32(quantized):
-    scheme, params, _, want = quantized
-    if scheme != "int8":
-        pytest.skip("covered by int8")
+def test_bfloat16_compute_keeps_scales_fp32(quantized_int8):
+    _, params, _, want = quantized_int8
     run = jax.jit(forward, static_argnums=(0, 4, 5))
     got, _ = run(CFG, params, *_inputs(), RunOptions(), jnp.bfloat16)
     assert _rel(got, want) < 5e-2

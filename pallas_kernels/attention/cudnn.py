@@ -33,11 +33,9 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import platform
+from pallas_kernels.attention.api import cudnn_unsupported
 
 __all__ = ["cudnn_attention_lse", "cudnn_lse_unsupported"]
-
-_16_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _private_api():
@@ -60,13 +58,9 @@ def _private_api():
 
 def cudnn_lse_unsupported(q, k=None) -> str | None:
     """Why `cudnn_attention_lse` cannot run q [B,T,N,H] (and k [B,S,K,H]) here, or None."""
-    if not platform.on_gpu():
-        return f"needs a CUDA GPU (the default backend is {platform.backend()})"
-    if jnp.dtype(q.dtype) not in _16_BIT:
-        return f"needs bfloat16 or float16 activations (got {q.dtype})"
-    h = q.shape[-1]
-    if h % 8 or h > 128:
-        return f"needs a head dim that is a multiple of 8 and at most 128 (got {h})"
+    why = cudnn_unsupported(q)
+    if why is not None:
+        return why
     if q.shape[1] % 2 or (k is not None and k.shape[1] % 2):
         return "needs even query and key lengths"
     api = _private_api()
