@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices so sharded code runs in CI; fp32 matmuls in full."""
 
+import gc
 import os
 
 import jax
@@ -27,3 +28,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "heavy" in item.keywords:
                 item.add_marker(skip_heavy)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compilation caches after each test module. Every XLA:CPU executable keeps its
+    own memory mappings; one process running the whole suite reached Linux's default limit of
+    65,530 mappings (vm.max_map_count) in the last test files, where the next mmap failed inside
+    XLA and the run died with SIGSEGV."""
+    yield
+    jax.clear_caches()
+    gc.collect()

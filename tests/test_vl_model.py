@@ -410,8 +410,11 @@ def test_left_padded_batch_rows_equal_single_rows(setup):
     pixels = np.concatenate([a[1], b[1]])
     sizes = np.concatenate([a[2], b[2]])
     got = np.asarray(ours(ids, pixels, sizes, mask))
-    assert rel_err(got[0, t - ta :], ours(*a)[0]) <= TOL
-    assert rel_err(got[1, t - tb :], ours(*b)[0]) <= TOL
+    # fp32 noise only: the batch runs both images' tiles through the tower and 2 rows through the LM
+    # where each row alone runs fewer, so XLA:CPU sums in another order (1.1e-5 on the unpadded
+    # row with JAX 0.10.2); a feature in the wrong row or a leaking pad is O(1).
+    assert rel_err(got[0, t - ta :], ours(*a)[0]) <= 2 * TOL
+    assert rel_err(got[1, t - tb :], ours(*b)[0]) <= 2 * TOL
 
 
 def test_generate_for_cli_with_image_file(setup, tmp_path):

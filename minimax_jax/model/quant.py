@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minimax_jax.config import INT8_LEAVES
+from minimax_jax.config import INT8_LEAVES, check_quantize
 from pallas_kernels.moe.api import grouped_matmul as _grouped_matmul
 
 QMAX = 127
@@ -171,8 +171,6 @@ def quantize_params(config, params: dict, scheme: str | None) -> dict:
     ``scheme`` quantises (`ModelConfig.layer_param_layout`) replaced by its ``{"q", "scale"}``
     pair, quantised on the device where it lives; other leaves are shared, not copied. The
     in-memory counterpart of `from_pretrained(quantize=)` (which quantises while reading)."""
-    from minimax_jax.config import check_quantize
-
     if check_quantize(scheme) is None:
         return params
     blocks = []
