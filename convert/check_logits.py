@@ -43,10 +43,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from convert.common import run_cli
 from minimax_jax import cli
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
+
+from .common import run_cli
 
 # Its own FlagValues: `--prompt` / `--seed` also exist in `minimax_jax.generate`, and tests import
 # both modules into one process. `run()` joins them to absl's FLAGS for parsing and --help.

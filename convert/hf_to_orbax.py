@@ -50,7 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from convert.common import (
+from minimax_jax.config import QUANTIZE_SCHEMES, ModelConfig
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
+from minimax_jax.hf.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, check_inside
+from minimax_jax.model import quant
+
+from .common import (
     CONFIG_FILE,
     OUT_DIR,
     OVERWRITE,
@@ -63,13 +70,7 @@ from convert.common import (
     run_cli,
     usage_error,
 )
-from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from minimax_jax.config import QUANTIZE_SCHEMES, ModelConfig
-from minimax_jax.hf import mapping
-from minimax_jax.hf import orbax as orbax_io
-from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_axes
-from minimax_jax.hf.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, check_inside
-from minimax_jax.model import quant
+from .progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
 _DTYPE = flags.DEFINE_enum(

@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from convert.common import (
+from minimax_jax.config import SCHEMAS, ModelConfig
+from minimax_jax.hf import mapping
+from minimax_jax.hf import orbax as orbax_io
+from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR
+from minimax_jax.hf.safetensors import RowPieces, TensorSpec, check_inside, write_sharded
+
+from .common import (
     CONFIG_FILE,
     OUT_DIR,
     OVERWRITE,
@@ -49,12 +55,7 @@ from convert.common import (
     run_cli,
     usage_error,
 )
-from convert.progress import Progress, human_bytes, human_seconds, peak_rss_bytes
-from minimax_jax.config import SCHEMAS, ModelConfig
-from minimax_jax.hf import mapping
-from minimax_jax.hf import orbax as orbax_io
-from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR
-from minimax_jax.hf.safetensors import RowPieces, TensorSpec, check_inside, write_sharded
+from .progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 
 PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
 _STAGE = "shards"  # write_sharded's directory inside the partial output, emptied into it

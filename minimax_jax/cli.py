@@ -1,6 +1,8 @@
 """The contract every command-line tool keeps (generate, train, tokenizer_train, info, convert.*).
 
 * ``--help`` (``-h``, ``--helpfull``) prints the tool's own flags with their defaults; exit 0.
+* ``--version`` prints ``<prog> <version>`` (the program as invoked: ``minimax-jax-generate``, or
+  ``minimax_jax.generate`` under ``python -m``; the version of the installed package); exit 0.
 * Bad input (a flag, a config, a file given by the user or read from a checkpoint): one line
   ``error: <what and the fix>`` on stderr, exit 2 (``EXIT_USAGE``).
 * A failure while running (out of memory, an I/O error, non-finite training): one line, exit 1
@@ -8,7 +10,8 @@
 * SIGINT / SIGTERM / SIGHUP: exit 128 + the signal number.
 * Never a Python traceback, unless ``--debug`` is given.
 
-Imports nothing of ``minimax_jax``: every layer may raise ``UsageError``.
+Imports nothing of ``minimax_jax`` but the standard-library leaf ``minimax_jax.version``: every
+layer may raise ``UsageError``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
+from minimax_jax.version import __version__
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SEED_MAX = 2**32 - 1  # seeds are 0 .. 2**32 - 1 (a PRNG key holds 32-bit words)
 # Defined once on absl's global FLAGS: every CLI has it.
 DEBUG = flags.DEFINE_bool("debug", False, "On an error, also print the Python traceback.")
 _HELP_ARGS = {"--help", "-h", "-?", "--helpshort", "--helpfull"}
+_VERSION_ARG = "--version"
 # A wrong path the user gave: bad input, not a failure of the run.
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
@@ -76,7 +82,22 @@ def help_text(doc: str, holders: Sequence[flags.FlagHolder]) -> str:
         name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
         default = "" if flag.default is None else f" (default: {flag.default_as_str})"
         lines.append(f"  {name}: {flag.help}{default}")
+    lines.append(f"  {_VERSION_ARG}: Print the program name and version ({__version__}) and exit.")
     return "\n".join(lines) + "\n"
+
+
+def prog_name(argv0: str) -> str:
+    """The program as the user invoked it: the module under ``python -m`` (``argv[0]`` is then
+    the file's path), else the console script's file name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", ""):
+        return spec.name
+    return os.path.basename(argv0) or "minimax_jax"
+
+
+def version_line(argv0: str) -> str:
+    """``<prog> <version>``, what ``--version`` prints."""
+    return f"{prog_name(argv0)} {__version__}\n"
 
 
 def finite(
@@ -160,7 +181,8 @@ def run(
     extra: flags.FlagValues | None = None,
 ) -> None:
     """``app.run(main)`` with the contract for the command line: ``--help`` prints ``holders``
-    and exits 0; an unknown flag, a bad value or a stray argument is one line and exit 2.
+    and exits 0, ``--version`` prints ``<prog> <version>`` and exits 0; an unknown flag, a bad
+    value or a stray argument is one line and exit 2.
     ``extra``: the tool's own ``FlagValues``, joined to absl's ``FLAGS`` first."""
     if extra is not None:
         flags.FLAGS.append_flag_values(extra)
@@ -169,6 +191,9 @@ def run(
         args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
         if _HELP_ARGS & set(args):
             sys.stdout.write(help_text(doc, holders))
+            sys.exit(EXIT_OK)
+        if _VERSION_ARG in args:
+            sys.stdout.write(version_line(argv[0]))
             sys.exit(EXIT_OK)
         try:
             rest = flags.FLAGS(argv)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-import configs
+from minimax_jax import presets
 from minimax_jax.hf import hf_config
 from minimax_jax.hf.hf_config import FULL, LAYER_TYPES, LINEAR, SCHEMAS
 from minimax_jax.model import slopes as slopes_lib
@@ -298,8 +298,8 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
-        """Loads a named preset from the ``configs`` package (e.g. ``"minimax-m1-80k"``)."""
-        return cls.from_hf(configs.preset_path(name))
+        """Loads a named preset of ``configs/`` (e.g. ``"minimax-m1-80k"``; see ``presets``)."""
+        return cls.from_hf(presets.preset_path(name))
 
     # ---------------------------------------------------------------- parameter counting
 

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minimax_jax import files
+from minimax_jax.presets import MESH_DIR
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 PARAM_AXES = (
@@ -42,7 +43,6 @@ PARAM_AXES = (
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 MOE_IMPLS = ("sorted", "dense", "ep")
-_PRESET_DIR = Path(__import__("configs").__file__).resolve().parent / "mesh"
 
 
 # ------------------------------------------------------------------------------------- mesh
@@ -248,9 +248,9 @@ def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConf
     """
     path = Path(name_or_path)
     if not path.suffix:
-        path = _PRESET_DIR / f"{name_or_path}.yaml"
+        path = MESH_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        names = sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in MESH_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no mesh preset {str(name_or_path)!r}; presets: {names}")
     raw = files.read_mapping(path, "a sharding rules YAML file", kind="yaml")
     unknown = set(raw) - _PRESET_KEYS
@@ -269,7 +269,7 @@ def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConf
 
 def presets() -> list[str]:
     """Names of the rules presets in configs/mesh."""
-    return sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in MESH_DIR.glob("*.yaml"))
 
 
 # ------------------------------------------------------------------ params and activations

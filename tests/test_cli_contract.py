@@ -5,6 +5,7 @@ last finite checkpoint, resume skips an unreadable newest checkpoint, export nev
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -260,7 +261,8 @@ def test_bad_input_is_one_line_exit_2_no_traceback(files, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-# Flags the README documents per CLI (its "Errors, exit codes and safety" section and usage).
+# Flags the README documents per CLI (its "Errors, exit codes and safety" section and usage);
+# every CLI also lists --version (added below).
 HELP = {
     "minimax_jax.generate": ["--checkpoint", "--prompt", "--prompts_file", "--temperature",
                              "--top_p", "--top_k", "--seed", "--max_new_tokens", "--mesh",
@@ -276,6 +278,7 @@ HELP = {
     "convert.check_logits": ["--reference", "--candidate", "--prompt", "--rtol", "--max_kl",
                              "--min_top1"],
 }  # fmt: skip
+HELP = {module: [*names, "--version"] for module, names in HELP.items()}
 
 
 def test_help_lists_the_flags_and_exits_0(tmp_path):
@@ -287,6 +290,35 @@ def test_help_lists_the_flags_and_exits_0(tmp_path):
         for flag in HELP[module]:
             assert f"  {flag}:" in proc.stdout, (module, flag)
         assert "(default: " in proc.stdout, module
+
+
+def _setup_cfg_version() -> str:
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(ROOT / "setup.cfg")
+    return setup_cfg["metadata"]["version"]
+
+
+def test_version_prints_prog_and_version_and_exits_0(tmp_path):
+    """``--version`` on every CLI (the package version, from setup.cfg through the installed
+    metadata): ``<module> <version>`` under ``python -m``, even with other flags or bad ones
+    beside it; a console script (argv[0] a script path, no module spec) prints its own name."""
+    version = _setup_cfg_version()
+    assert version.count(".") >= 1
+    cases = [(m, ["--version"]) for m in HELP]
+    cases += [("minimax_jax.generate", ["--max_new_tokens", "0", "--version"])]
+    cases += [("convert.hf_to_orbax", ["--version", "--no_such_flag"])]
+    procs = _run_forked(cases, tmp_path)
+    for (module, args), proc in zip(cases, procs, strict=True):
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{module} {version}\n", ""), (
+            module, args, proc.stderr[-2000:],
+        )  # fmt: skip
+    script = "import sys, minimax_jax.info; sys.argv[0] = '/venv/bin/minimax-jax-info'; "
+    script += "minimax_jax.info.run()"  # what the console script does
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "--version"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, f"minimax-jax-info {version}\n"), proc.stderr
 
 
 def test_unwritable_checkpoint_dir_exits_1_within_30s(files, tmp_path):

@@ -13,6 +13,7 @@ from minimax_jax import MiniMaxForCausalLM, ModelConfig, save_pretrained
 from minimax_jax.inference import engine as sampling
 from minimax_jax.inference.runner import run_generate
 from minimax_jax.inference.tokenizer import ChatTokenizer, StreamDecoder
+from minimax_jax.training.tokenizer_train import CHAT_TEMPLATE_SOURCE
 
 SPECIALS = ["<end_of_sentence>", "<beginning_of_sentence>", "<begin_of_document>"]
 TEXT = ["def add(a, b):\n    return a + b\n", "héllo wörld, 日本語のテキスト ✓", "print('hi')"] * 20
@@ -37,7 +38,7 @@ def checkpoint(tmp_path_factory):
     cfg = ModelConfig.preset("tiny-remote")
     save_pretrained(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), path)
     train_tokenizer(cfg.vocab_size).save(str(path / "tokenizer.json"))
-    template = json.loads(open("tests/data/minimax-m1/tokenizer_config.json").read())
+    template = json.loads(open(CHAT_TEMPLATE_SOURCE).read())  # the released M1 template
     (path / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<end_of_sentence>", "chat_template": template["chat_template"]})
     )

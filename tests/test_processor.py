@@ -198,13 +198,13 @@ def test_chat_template_and_real_tokenizer_path(p):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from minimax_jax.inference.tokenizer import ChatTokenizer
+    from minimax_jax.training.tokenizer_train import CHAT_TEMPLATE_SOURCE
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    cfg_file = Path(__file__).parent / "data" / "minimax-m1" / "tokenizer_config.json"
-    tok = ChatTokenizer(bpe, json.loads(cfg_file.read_text()))
+    tok = ChatTokenizer(bpe, json.loads(Path(CHAT_TEMPLATE_SOURCE).read_text()))  # released M1
     msg = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     text = tok.render_chat([proc.image_parts_to_text(msg)])
     assert "user name=user\n<image>What is it?" in text

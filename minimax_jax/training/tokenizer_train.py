@@ -19,11 +19,11 @@ SPECIAL_TOKENS = (
     "<tools>",
     "<tool_calls>",
 )
-# The chat template is copied at training time from a released MiniMax tokenizer_config.json.
+# The chat template is copied at training time from a released MiniMax tokenizer_config.json: the
+# MiniMax-M1 one, shipped as package data (minimax_jax/chat_templates/).
 CHAT_TEMPLATE_SOURCE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "tests",
-    "data",
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "chat_templates",
     "minimax-m1",
     "tokenizer_config.json",
 )

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import configs
+from minimax_jax import presets
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.layers import param
 from pallas_kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
@@ -413,9 +412,5 @@ class VLConfig:
     def preset(cls, name: str = "minimax-vl-01") -> VLConfig:
         """A VL preset: ``configs/vl/{name}.json`` (kept apart from the text presets, whose
         tests round-trip every ``configs/*.json`` as a text config)."""
-        stem = name[: -len(".json")] if name.endswith(".json") else name
-        path = pathlib.Path(configs.__file__).resolve().parent / "vl" / f"{stem}.json"
-        if "/" in stem or not path.is_file():
-            known = sorted(p.stem for p in path.parent.glob("*.json"))
-            raise ValueError(f"unknown VL preset {name!r}: choose one of {known}")
+        path = presets.preset_path(name, presets.VL_DIR)
         return cls.from_hf(json.loads(path.read_text()))
