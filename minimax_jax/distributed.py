@@ -77,7 +77,9 @@ def multi_process_env(env: Mapping[str, str]) -> str | None:
         return "OMPI_COMM_WORLD_SIZE"
     for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # JAX reads them in this order
         if name in env:
-            return name if _hosts(env[name]) > 1 else None
+            if _hosts(env[name]) > 1:
+                return name
+            break
     if (_env_int(env, "MEGASCALE_NUM_SLICES") or 1) > 1:
         return "MEGASCALE_NUM_SLICES"
     return None
@@ -92,11 +94,10 @@ def tpu_slice_processes() -> int | None:
     at once, without a network call.
     """
     try:
-        from jax._src import cloud_tpu_init
         from jax._src.clusters import cloud_tpu_cluster as tpu
     except ImportError:  # pragma: no cover - a JAX that moved its private modules
         return None
-    if not getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+    if not getattr(tpu, "running_in_cloud_tpu_vm", False):  # set by `import jax`
         return None
     for cluster in (tpu.GkeTpuCluster, tpu.GceTpuCluster):
         try:
@@ -111,13 +112,14 @@ def distributed_args(
     env: Mapping[str, str] | None = None,
     *,
     mode: str = "auto",
-    tpu_processes: Callable[[], int | None] = tpu_slice_processes,
+    tpu_processes: Callable[[], int | None] | None = None,
 ) -> dict | None:
     """The `jax.distributed.initialize` arguments for ``mode`` in ``env`` (default: the process
     environment), or None (run as one process). ``{}`` leaves everything to JAX's detection.
 
-    ``tpu_processes`` is asked only in "auto" mode when the environment alone shows no
-    multi-process job (on a Cloud TPU VM it queries the metadata server).
+    ``tpu_processes`` (default `tpu_slice_processes`, which on a Cloud TPU VM queries the
+    metadata server) is asked only in "auto" mode when the environment alone shows no
+    multi-process job.
     """
     if mode not in MODES:
         raise ValueError(f"distributed mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -128,7 +130,7 @@ def distributed_args(
         return _explicit_args(env)
     if mode == "on" or multi_process_env(env) is not None:
         return {}
-    processes = tpu_processes()
+    processes = (tpu_processes or tpu_slice_processes)()
     return {} if processes is not None and processes > 1 else None
 
 

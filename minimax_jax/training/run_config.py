@@ -180,6 +180,8 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"unknown key {name}.{unknown[0]}: valid keys are {sorted(hints)}")
+    if name == "train" and isinstance(raw.get("distributed"), bool):  # YAML reads on/off as bools
+        raw = {**raw, "distributed": "on" if raw["distributed"] else "off"}
     values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
     if name == "data" and "sources" in values:
         values["sources"] = tuple(_source(s, i) for i, s in enumerate(values["sources"]))
