@@ -380,8 +380,11 @@ def parse_args():
         help="time jax.lax.ragged_dot only up to this many tokens (it computes "
         "every expert for every row on GPU: ~1 s per 64K-token forward)",
     )
-    ap.add_argument("--int8", action="store_true",
-                    help="also the layer forward with experts_int8 weights (vs bf16)")
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="also the layer forward with experts_int8 weights (vs bf16)",
+    )
     return ap.parse_args()
 
 

@@ -1,5 +1,6 @@
 """Reading the small input files users hand us (JSON, YAML, tokenizer.json): every problem is one
 ``InputFileError`` naming the file, never a parser traceback or a bare ``UnicodeDecodeError``.
+And writing a small file whole (`write_atomic`: a temporary beside it, then a rename).
 
 Imports nothing of ``minimax_jax``: every layer may use it.
 """
@@ -94,3 +95,17 @@ def load_tokenizer(file: str | os.PathLike) -> Any:
             f"{file}: not a valid tokenizer.json ({detail}); replace it with the checkpoint's "
             "original"
         ) from None
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file beside it and a rename: a reader (or
+    a crash) never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

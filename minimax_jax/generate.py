@@ -20,9 +20,10 @@ from absl import flags
 
 from minimax_jax import cli, generation_config
 from minimax_jax.config import QUANTIZE_SCHEMES
+from minimax_jax.distributed import MODES as DISTRIBUTED_MODES
+from minimax_jax.distributed import maybe_initialize_distributed
 from minimax_jax.inference.runner import DEMO_DIR, parse_mesh, read_prompts, run_generate  # noqa: F401
 from minimax_jax.model.attention import ATTENTION_IMPLS
-from minimax_jax.sharding import maybe_initialize_distributed
 
 # Its own FlagValues (joined to absl's FLAGS in `run`): tests import this module together with
 # other CLIs (convert.*) whose flags share names such as --dtype, --prompt and --seed.
@@ -97,12 +98,21 @@ _ATTENTION = flags.DEFINE_enum(
 _IMAGE = flags.DEFINE_multi_string(
     "image", [], "Image file for MiniMax-VL-01 (repeatable).", flag_values=_FLAGS
 )
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    list(DISTRIBUTED_MODES),
+    "Join a multi-process job (jax.distributed): auto = when the environment shows one (a TPU "
+    "slice of several hosts, Slurm, Open MPI, JAX_COORDINATOR_ADDRESS); on = always (JAX "
+    "detects the cluster); off = never.",
+    flag_values=_FLAGS,
+)
 
 cli.finite(_TEMPERATURE, minimum=0)
 cli.finite(_TOP_P, minimum=1e-9, maximum=1)
 _HOLDERS = (_CHECKPOINT, _PROMPT, _PROMPTS_FILE, _CHAT, _SYSTEM, _TEMPLATE, _MAX_NEW, _TEMPERATURE,
             _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _DTYPE, _QUANTIZE, _CHUNK, _MESH, _RULES,
-            _ATTENTION, _IMAGE)  # fmt: skip
+            _ATTENTION, _IMAGE, _DISTRIBUTED)  # fmt: skip
 
 
 def main(argv):
@@ -115,7 +125,7 @@ def main(argv):
 def _generate() -> None:
     # A multi-process launch (every host runs this command with --mesh over all devices): join it
     # before JAX is used; process 0 prints, the others compute in step silently.
-    maybe_initialize_distributed()
+    maybe_initialize_distributed(_DISTRIBUTED.value)
     quiet = jax.process_index() != 0
     sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - lives as long as the run
     # Sampling flags not given on the command line come from generation_config.json.

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minimax_jax import files
+from minimax_jax.distributed import distributed_args, maybe_initialize_distributed  # noqa: F401 - re-exported
 from minimax_jax.presets import MESH_DIR
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
@@ -87,54 +88,6 @@ class MeshConfig:
                 f"have {num_devices}: change a size or set one to -1"
             )
         return sizes
-
-
-def _env_int(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-
-
-def distributed_args(env: Mapping[str, str] | None = None) -> dict | None:
-    """The `jax.distributed.initialize` arguments the environment describes, or None (one process).
-
-    JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID
-    (JAX itself reads only the address, so the other two are passed here), or a multi-node
-    SLURM / Open MPI launch (left to JAX's own cluster detection: empty arguments).
-    """
-    env = os.environ if env is None else env
-    if "JAX_COORDINATOR_ADDRESS" in env:
-        addr = env["JAX_COORDINATOR_ADDRESS"]
-        count, pid = _env_int(env, "JAX_NUM_PROCESSES"), _env_int(env, "JAX_PROCESS_ID")
-        if not addr or ":" not in addr:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS={addr!r}: expected host:port of process 0")
-        if (count is None) != (pid is None):
-            raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither")
-        if count is not None and not 0 <= pid < count:
-            raise ValueError(f"JAX_PROCESS_ID={pid} is outside 0..JAX_NUM_PROCESSES-1={count - 1}")
-        args = {"coordinator_address": addr}
-        if count is not None:
-            args.update(num_processes=count, process_id=pid)
-        return args
-    nodes = _env_int(env, "SLURM_JOB_NUM_NODES") or 1
-    ranks = _env_int(env, "OMPI_COMM_WORLD_SIZE") or 1
-    if nodes > 1 or ranks > 1:
-        return {}
-    return None
-
-
-def maybe_initialize_distributed() -> bool:
-    """Call `jax.distributed.initialize()` when the environment describes a multi-process job
-    (see `distributed_args`). Returns True when it initialised."""
-    args = distributed_args()
-    if args is None or jax.distributed.is_initialized():
-        return False
-    jax.distributed.initialize(**args)
-    return True
 
 
 def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices=None) -> Mesh:

@@ -3,6 +3,7 @@
     python -m minimax_jax.train --config configs/train/demo.yaml --workdir /tmp/demo \
         [--steps N] [--set optim.lr=1e-3 ...]
     python -m minimax_jax.train --export DIR --workdir /tmp/demo [--export_dtype bfloat16]
+    python -m minimax_jax.train --plot /tmp/demo [--plot_out curves.png]
 
 The run writes ``WORKDIR/metrics.jsonl`` (one JSON line per logged step: step, loss, lr,
 grad_norm, tokens_per_s, mfu, ...; eval lines carry eval_loss and eval_ppl), TensorBoard events
@@ -11,6 +12,8 @@ under ``WORKDIR/tb`` (when tensorboardX is installed) and Orbax checkpoints unde
 (params, optimizer state, step, data iterator) and continues bit-for-bit. SIGTERM (preemption)
 saves a checkpoint and returns cleanly. Everything the user can get wrong (config keys, data
 paths, empty data, tokenizer vs model vocabulary) is checked before anything is compiled.
+The resolved run config is written to ``WORKDIR/run_config.yaml`` at start. Started on every
+host of a TPU slice (or under Slurm / Open MPI) the hosts join one job (``--distributed``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 
 from minimax_jax import cli
+from minimax_jax.distributed import MODES as DISTRIBUTED_MODES
 from minimax_jax.training import run_config as tc
 from minimax_jax.training.loop import export, train
 
@@ -37,7 +41,22 @@ _EXPORT_DTYPE = flags.DEFINE_enum(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "With --export: replace DIR if it holds only an earlier export."
 )
-_HOLDERS = (_CONFIG, _WORKDIR, _STEPS, _SET, _EXPORT, _EXPORT_DTYPE, _OVERWRITE)
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    None,
+    list(DISTRIBUTED_MODES),
+    "Join a multi-process job (jax.distributed): auto = when the environment shows one (a TPU "
+    "slice of several hosts, Slurm, Open MPI, JAX_COORDINATOR_ADDRESS); on = always (JAX "
+    "detects the cluster); off = never. Default: the run config's train.distributed (auto).",
+)
+_PLOT = flags.DEFINE_string(
+    "plot", None, "Render WORKDIR's metrics.jsonl (loss, lr, throughput) as a PNG and exit."
+)
+_PLOT_OUT = flags.DEFINE_string(
+    "plot_out", None, "With --plot: the PNG (default WORKDIR/metrics.png)."
+)
+_HOLDERS = (_CONFIG, _WORKDIR, _STEPS, _SET, _EXPORT, _EXPORT_DTYPE, _OVERWRITE, _DISTRIBUTED,
+            _PLOT, _PLOT_OUT)  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> None:
@@ -49,6 +68,13 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _work() -> None:
+    if _PLOT.value:
+        from minimax_jax.training.plot import plot_run
+
+        print(f"wrote {plot_run(_PLOT.value, _PLOT_OUT.value)}")
+        return
+    if _PLOT_OUT.value:
+        raise cli.UsageError("--plot_out needs --plot WORKDIR")
     if not _WORKDIR.value:
         raise cli.UsageError("--workdir is required (see --help)")
     if _EXPORT.value:
@@ -64,7 +90,10 @@ def _work() -> None:
         raise cli.UsageError("--config is required (see --help)")
     if _STEPS.value is not None and _STEPS.value < 1:
         raise cli.UsageError(f"--steps {_STEPS.value}: must be >= 1")
-    config = tc.load(_CONFIG.value, _SET.value)
+    overrides = list(_SET.value)
+    if _DISTRIBUTED.value is not None:
+        overrides.append(f"train.distributed={_DISTRIBUTED.value}")
+    config = tc.load(_CONFIG.value, overrides)
     summary = train(config=config, workdir=_WORKDIR.value, steps=_STEPS.value)
     summary.pop("state", None)
     print(json.dumps(summary))

@@ -2,10 +2,11 @@
 "blockwise" (online softmax over key blocks) and cuDNN flash attention, and what "auto" picks.
 
 "blockwise" must give the "xla" path's logits and gradients for plain, left-padded and packed
-rows, and chunked prefill over the cache. On CPU the cuDNN path's own arguments are checked by running them through
-`jax.nn.dot_product_attention(implementation="xla")` (the module's `_CUDNN` switch): the mask
-layout, the causal shortcut, the GQA head grouping and the cached-prefill mask over cache slots
-must give the "xla" path's logits and gradients. The GPU tests run real cuDNN against "xla".
+rows, and chunked prefill over the cache. On CPU the cuDNN path's own arguments are checked by
+running them through `jax.nn.dot_product_attention(implementation="xla")` (the module's `_CUDNN`
+switch): the mask layout, the causal shortcut, the GQA head grouping and the cached-prefill mask
+over cache slots must give the "xla" path's logits and gradients. The GPU tests run real cuDNN
+against "xla".
 """
 
 import dataclasses

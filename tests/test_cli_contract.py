@@ -46,6 +46,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "latin1.json").write_bytes(b'{"prompt": "caf\xe9"}\n')
     (root / "a_dir").mkdir()
     (root / "a_file").write_text("x")
+    (root / "run").mkdir()  # a train workdir with one logged step, for --plot
+    (root / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     good = fx.write_yaml(str(root / "good.yaml"), fx.raw_config(glob, tok, model=fx.TWO_LAYERS))
     return {"root": root, "good": Path(good), "tok": Path(tok), "glob": Path(glob)}
 
@@ -231,7 +233,24 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
             2,
             ("--reference",),
         ),  # fmt: skip
-    ]
+        # multi-host joining, training operations, plots (#23)
+        (gen, ["--prompt", "x", "--distributed", "maybe"], 2, ("--distributed",)),
+        (gen, ["--prompt", "x", "--distributed", "on"], 2, ("no cluster", "JAX_COORDINATOR")),
+        (train, ["--config", good, "--workdir", work, "--distributed", "yes"], 2,
+         ("--distributed",)),
+        (train, ["--config", good, "--workdir", work, "--distributed", "on"], 2,
+         ("no cluster", "JAX_COORDINATOR_ADDRESS")),
+        (train, ["--config", good, "--workdir", work, "--set", "train.distributed=1"], 2,
+         ("train.distributed",)),
+        (train, ["--config", good, "--workdir", work, "--set", "train.profile={steps: 2}"], 2,
+         ("train.profile",)),
+        (train, ["--config", good, "--workdir", work, "--set", "log.backends=[mlflow]"], 2,
+         ("log.backends", "mlflow")),
+        (train, ["--plot", str(r / "missing")], 2, ("--plot", "metrics.jsonl")),
+        (train, ["--plot", str(r / "run"), "--plot_out", str(r / "a_file")], 2,
+         ("--plot_out", "not written by train --plot")),
+        (train, ["--plot_out", str(r / "p.png")], 2, ("--plot",)),
+    ]  # fmt: skip
 
 
 # Rows of the table that also run as fresh `python -m` processes (a generate flag, a train config,
@@ -266,9 +285,11 @@ def test_bad_input_is_one_line_exit_2_no_traceback(files, tmp_path):
 HELP = {
     "minimax_jax.generate": ["--checkpoint", "--prompt", "--prompts_file", "--temperature",
                              "--top_p", "--top_k", "--seed", "--max_new_tokens", "--mesh",
-                             "--rules", "--attention_impl", "--image", "--quantize", "--[no]debug"],
+                             "--rules", "--attention_impl", "--image", "--quantize",
+                             "--distributed", "--[no]debug"],
     "minimax_jax.train": ["--config", "--workdir", "--steps", "--set", "--export",
-                          "--export_dtype", "--[no]overwrite", "--[no]debug"],
+                          "--export_dtype", "--[no]overwrite", "--distributed", "--plot",
+                          "--plot_out", "--[no]debug"],
     "minimax_jax.tokenizer_train": ["--input", "--glob", "--vocab_size", "--output",
                                     "--[no]overwrite"],
     "minimax_jax.info": ["--preset", "--hf_config"],

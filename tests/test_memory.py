@@ -44,11 +44,14 @@ def test_inference_plan_matches_compiled_prefill():
     assert plan.weights + plan.cache == stats.argument_size_in_bytes - ids_bytes  # exact
     # CPU XLA also copies the scanned block's weights out of the stack each step (GPUs do not:
     # the full-scale plans match measured H200 peaks within 7%, experiments/RESULTS.md)
-    sliced = sum(
-        math.prod(shape) * np.dtype(dtype).itemsize
-        for shape, dtype, axes in param_leaves(CFG, jnp.float32)
-        if axes[:1] == ("layers",)
-    ) // CFG.num_blocks
+    sliced = (
+        sum(
+            math.prod(shape) * np.dtype(dtype).itemsize
+            for shape, dtype, axes in param_leaves(CFG, jnp.float32)
+            if axes[:1] == ("layers",)
+        )
+        // CFG.num_blocks
+    )
     want = stats.temp_size_in_bytes - sliced
     assert abs(plan.activations - want) <= 0.1 * want
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
+from minimax_jax import distributed as dist
 from minimax_jax import sharding as shard_lib
 from minimax_jax.training import data as data_lib
 from minimax_jax.training import loop as train_lib
@@ -50,6 +51,114 @@ def test_distributed_args_from_environment():
     for e, message in bad:
         with pytest.raises(ValueError, match=message):
             shard_lib.distributed_args(e)
+
+
+# Every variable the detection (ours and JAX's clusters) reads: cleared around the tests below.
+_CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "SLURM_JOB_NUM_NODES", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+                 "SLURM_PROCID", "SLURM_LOCALID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri",
+                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
+                 "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID", "MEGASCALE_COORDINATOR_ADDRESS",
+                 "KUBERNETES_SERVICE_HOST", "JAX_COORDINATOR_PORT")  # fmt: skip
+# A 4-host TPU slice as GKE (and launchers such as xpk) describe it; numeric addresses, so JAX's
+# wait for the coordinator's name resolves without a network. JAX reads the MEGASCALE_* values
+# from the VM's metadata when they are not in the environment.
+_SLICE = {"TPU_WORKER_HOSTNAMES": "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4", "TPU_WORKER_ID": "2",
+          "MEGASCALE_COORDINATOR_ADDRESS": "127.0.0.1", "MEGASCALE_NUM_SLICES": "1",
+          "MEGASCALE_SLICE_ID": "0"}  # fmt: skip
+
+
+def _no_metadata():
+    raise AssertionError("the TPU metadata was asked for although the environment decides")
+
+
+def test_distributed_modes_and_tpu_slices():
+    """auto: a single-host TPU VM runs as one process, a slice of several hosts (environment or
+    metadata) and multislice join with JAX's detection ({}); off never joins; on always does."""
+    args = dist.distributed_args
+    one_host = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+    assert args(one_host, tpu_processes=lambda: 1) is None  # GKE single host
+    assert args({}, tpu_processes=lambda: 1) is None  # GCE TPU VM, metadata lists one worker
+    assert args({}, tpu_processes=lambda: None) is None  # not a TPU VM
+    assert args(_SLICE, tpu_processes=_no_metadata) == {}
+    assert args({"TPU_PROCESS_ADDRESSES": "h0:1,h1:1"}, tpu_processes=_no_metadata) == {}
+    assert args({}, tpu_processes=lambda: 4) == {}  # GCE slice: 4 workers in the metadata
+    multislice = {**one_host, "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": "1"}
+    assert args(multislice, tpu_processes=_no_metadata) == {}
+    explicit = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    everything = {**_SLICE, **explicit, "SLURM_JOB_NUM_NODES": "4"}
+    assert args(everything, mode="off", tpu_processes=_no_metadata) is None
+    assert args({}, mode="off", tpu_processes=_no_metadata) is None
+    assert args({}, mode="on", tpu_processes=_no_metadata) == {}
+    assert args(one_host, mode="on", tpu_processes=_no_metadata) == {}
+    want = {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    assert args(explicit, mode="on") == want == args(explicit, mode="auto")
+    with pytest.raises(ValueError, match="distributed mode 'yes': expected one of auto, on, off"):
+        args({}, mode="yes")
+
+
+def test_detection_agrees_with_jax_clusters(monkeypatch):
+    """On a (simulated) Cloud TPU VM, JAX's own cluster detection finds 4 processes for the slice
+    environment that `distributed_args` joins, and 1 for the single host that it does not; off a
+    TPU VM `tpu_slice_processes` answers None without asking the metadata server."""
+    from jax._src.clusters import cloud_tpu_cluster, cluster
+
+    for name in _CLUSTER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: _no_metadata())
+    assert dist.tpu_slice_processes() is None  # this machine is no TPU VM
+    for module in (cloud_tpu_cluster, cluster):
+        monkeypatch.setattr(module, "running_in_cloud_tpu_vm", True)
+    detect = cluster.ClusterEnv.auto_detect_unset_distributed_params
+    for name, value in _SLICE.items():
+        monkeypatch.setenv(name, value)
+    assert detect(None, None, None, None, None, 5) == ("127.0.0.1:8482", 4, 2, None)
+    assert dist.distributed_args(tpu_processes=_no_metadata) == {}
+    monkeypatch.setenv("MEGASCALE_NUM_SLICES", "2")
+    monkeypatch.setenv("MEGASCALE_SLICE_ID", "1")
+    assert detect(None, None, None, None, None, 5)[1:3] == (8, 6)  # slice 1, worker 2 of 4
+    monkeypatch.setenv("MEGASCALE_NUM_SLICES", "1")
+    monkeypatch.setenv("MEGASCALE_SLICE_ID", "0")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "127.0.0.1")
+    monkeypatch.setenv("TPU_WORKER_ID", "0")
+    assert detect(None, None, None, None, None, 5)[1:3] == (1, 0)
+    assert dist.tpu_slice_processes() == 1  # JAX's GKE detection, through ours
+    assert dist.distributed_args() is None
+
+
+def test_maybe_initialize_follows_the_mode(monkeypatch):
+    """`maybe_initialize_distributed`: a slice environment calls `jax.distributed.initialize()`
+    with no arguments (JAX detects the rest) once per process; off never calls it; on without a
+    cluster turns JAX's complaint into an error naming the variables to set."""
+    calls = []
+
+    def initialize(**kwargs):
+        calls.append(kwargs)
+        if not kwargs and "TPU_WORKER_HOSTNAMES" not in os.environ:
+            raise ValueError("coordinator_address should be defined.")  # what JAX raises
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "tpu_slice_processes", lambda: None)
+    for name in _CLUSTER_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def fresh(mode):
+        monkeypatch.setitem(dist._STATE, "decided", False)
+        return dist.maybe_initialize_distributed(mode)
+
+    assert fresh("auto") is False and calls == []
+    for name, value in _SLICE.items():
+        monkeypatch.setenv(name, value)
+    assert fresh("off") is False and calls == []
+    assert dist.maybe_initialize_distributed("auto") is False and calls == []  # off stands
+    assert fresh("auto") is True and calls == [{}]
+    assert dist.maybe_initialize_distributed() is False and calls == [{}]  # e.g. make_mesh's
+    for name in _SLICE:
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="JAX found no cluster.*JAX_COORDINATOR_ADDRESS"):
+        fresh("on")
+    assert calls == [{}, {}]
 
 
 def _free_port() -> int:

@@ -146,4 +146,3 @@ def test_cli_errors_are_one_line(ckpts, tmp_path):
     rc, lines = _cli("convert.hf_to_orbax", "--hf_dir", str(ckpts / "hf"), "--out_dir",
                      str(tmp_path / "o"), "--quantize", "fp8")  # fmt: skip
     assert rc == 2 and len(lines) == 1 and "experts_int8|int8" in lines[0]
-

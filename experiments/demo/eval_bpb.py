@@ -136,8 +136,12 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=DEFAULT_ROOT, help="Standard library the list refers to.")
     p.add_argument("--files", nargs="*", default=None, help="Instead of the held-out list.")
     p.add_argument("--out", default=None, help="Append the JSON line to this file too.")
-    p.add_argument("--quantize", default=None, choices=("experts_int8", "int8"),
-                   help="Quantise the weights on loading (int8 weight-only).")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=("experts_int8", "int8"),
+        help="Quantise the weights on loading (int8 weight-only).",
+    )
     args = p.parse_args(argv)
     files = args.files or heldout_paths(args.root)
     missing = [str(f) for f in files if not Path(f).is_file()]

@@ -231,7 +231,11 @@ class PackedBatches:
         if i not in self._cache:
             stop = min(i + self.lookahead, len(self.docs))
             self._cache = dict(
-                zip(range(i, stop), self.tokenize([self.docs[j] for j in range(i, stop)]))
+                zip(
+                    range(i, stop),
+                    self.tokenize([self.docs[j] for j in range(i, stop)]),
+                    strict=True,
+                )
             )
         return self._cache[i]
 

@@ -1,21 +1,107 @@
-"""Run logging: ``metrics.jsonl``, TensorBoard events, and a progress bar or plain lines.
+"""Run logging: ``metrics.jsonl``, TensorBoard events, Weights & Biases, and a progress bar or
+plain lines.
 
 Only the main process writes. On resume, lines of ``metrics.jsonl`` past the restored step are
-dropped first, so the file always describes one consistent run. TensorBoard events need the
-optional ``tensorboardX`` package (``pip install tensorboardX``); without it they are skipped
-with one note on stderr.
+dropped first, so the file always describes one consistent run. ``log.backends`` of the run
+config picks the other backends: TensorBoard events under ``WORKDIR/tb`` (the optional
+``tensorboardX`` package, extra ``train``) and Weights & Biases (the optional ``wandb`` package,
+extra ``wandb``; the run's id is kept in ``WORKDIR/wandb_run_id`` so a resumed run logs into the
+same W&B run). With ``backends`` null, TensorBoard events are written when tensorboardX is
+installed and skipped with one note on stderr otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import sys
+import uuid
 from typing import Any
 
+from minimax_jax import files
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
 _SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+# backend -> (module imported, the pip requirement that brings it)
+_PACKAGES = {"tensorboard": ("tensorboardX", "minimax_jax[train]"),
+             "wandb": ("wandb", "minimax_jax[wandb]")}  # fmt: skip
+
+
+class BackendError(ValueError):
+    """A logging backend listed in ``log.backends`` cannot be used (its package is missing)."""
+
+
+def import_backend(name: str) -> Any:
+    """The module of backend ``name`` ("tensorboard" or "wandb"), or a `BackendError` naming the
+    package to install."""
+    module, extra = _PACKAGES[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackendError(
+            f"log.backends lists {name} but the {module} package is not installed: "
+            f"pip install '{extra}' (or {module}), or remove {name} from log.backends"
+        ) from None
+
+
+def check_backends(backends: tuple | None) -> None:
+    """Imports every optional backend ``backends`` lists (before anything is compiled)."""
+    for name in backends or ():
+        if name != "jsonl":
+            import_backend(name)
+
+
+class _TensorBoard:
+    def __init__(self, module: Any, workdir: str, start: int):
+        self.writer = module.SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """One W&B run per workdir: its id is kept in ``WORKDIR/wandb_run_id`` for resumes."""
+
+    def __init__(self, module: Any, workdir: str, project: str | None, name: str | None,
+                 config: dict | None):  # fmt: skip
+        id_file = os.path.join(workdir, WANDB_ID_FILE)
+        if os.path.exists(id_file):
+            run_id = files.read_text(id_file, "a W&B run id").strip()
+        else:
+            run_id = uuid.uuid4().hex[:16]
+            files.write_atomic(id_file, run_id + "\n")
+        self.run = module.init(project=project or "minimax_jax", name=name, id=run_id,
+                               resume="allow", dir=workdir, config=config)  # fmt: skip
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _open_backends(workdir: str, start: int, log_section: Any, config: dict | None) -> list:
+    backends = getattr(log_section, "backends", None)
+    out = []
+    if backends is None:  # default: TensorBoard when installed
+        try:
+            out.append(_TensorBoard(import_backend("tensorboard"), workdir, start))
+        except BackendError:
+            print("train: tensorboardX not installed, no TensorBoard events", file=sys.stderr)
+        return out
+    if "tensorboard" in backends:
+        out.append(_TensorBoard(import_backend("tensorboard"), workdir, start))
+    if "wandb" in backends:
+        out.append(_Wandb(import_backend("wandb"), workdir, log_section.wandb_project,
+                          log_section.wandb_name, config))  # fmt: skip
+    return out
 
 
 def _truncate(path: str, last_step: int) -> None:
@@ -36,23 +122,30 @@ def read_metrics(workdir: str) -> list[dict]:
 class MetricsLog:
     """Writes step and eval metrics; shows progress on a TTY, plain lines otherwise."""
 
-    def __init__(self, workdir: str, start: int, total: int, *, is_main: bool, every: int = 1):
+    def __init__(
+        self,
+        workdir: str,
+        start: int,
+        total: int,
+        *,
+        is_main: bool,
+        every: int = 1,
+        log_section: Any = None,
+        config: dict | None = None,
+    ):
+        """``log_section``: the run config's `LogSection` (None: the defaults); ``config``: the run
+        config as a dict, for the backends that record it (W&B)."""
         self.is_main = is_main
         self.start = start
         self.every = every
         self.path = os.path.join(workdir, METRICS_FILE)
-        self.tb = None
+        self.backends: list = []
         self.bar = None
         if not is_main:
             return
         _truncate(self.path, start)
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
-        except ImportError:
-            print("train: tensorboardX not installed, no TensorBoard events", file=sys.stderr)
+        self.backends = _open_backends(workdir, start, log_section, config)
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -65,10 +158,10 @@ class MetricsLog:
                  for k, v in record.items()}  # fmt: skip
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
+        for backend in self.backends:
+            backend.scalars(record["step"], scalars)
 
     def step(self, metrics: dict[str, Any], *, force: bool = False) -> None:
         """One training step's metrics (written every ``every`` steps, or when forced)."""
@@ -108,7 +201,7 @@ class MetricsLog:
         if not self.is_main:
             return
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for backend in self.backends:
+            backend.close()
         if self.bar is not None:
             self.bar.close()

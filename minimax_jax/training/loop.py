@@ -3,6 +3,7 @@ evaluation, checkpoints and exact resume, and export to an HF directory."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -16,10 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from minimax_jax import outputs
+from minimax_jax import files, outputs
 from minimax_jax import sharding as shard_lib
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
@@ -27,6 +29,7 @@ from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 from minimax_jax.model.decoder import RunOptions
 from minimax_jax.training import checkpoint as ckpt
 from minimax_jax.training import data as data_lib
+from minimax_jax.training import log as log_lib
 from minimax_jax.training import run_config as tc
 from minimax_jax.training.log import MetricsLog
 from minimax_jax.training.step import (
@@ -38,6 +41,8 @@ from minimax_jax.training.step import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+RUN_CONFIG_FILE = "run_config.yaml"  # the resolved run config, written into the workdir at start
+PROFILE_DIR = "profile"  # train.profile's jax.profiler trace, under the workdir
 
 
 class TrainError(RuntimeError):
@@ -83,7 +88,10 @@ def resolve_model_config(section: tc.ModelSection) -> ModelConfig:
 
 def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     """Validates the run against its model, tokenizer, data and devices (no compilation)."""
-    shard_lib.maybe_initialize_distributed()  # before anything asks JAX for devices
+    # before anything asks JAX for devices
+    shard_lib.maybe_initialize_distributed(config.train.distributed)
+    if jax.process_index() == 0:  # only the main process logs
+        log_lib.check_backends(config.log.backends)
     model_config = resolve_model_config(config.model)
     _dtype(config.model.param_dtype, "model.param_dtype")
     _dtype(config.model.compute_dtype, "model.compute_dtype")
@@ -237,6 +245,20 @@ def _run_config(setup: Setup) -> dict:
     return {"train": setup.config.to_dict(), "model": setup.model_config.to_hf()}
 
 
+def write_run_config(workdir: str, config: tc.TrainConfig, steps: int) -> str:
+    """Writes the resolved run config (the YAML file, ``--set`` and ``--steps`` applied, every
+    default filled in) to ``WORKDIR/run_config.yaml``; it is itself a valid ``--config``."""
+    resolved = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+    text = (
+        "# The resolved run config of this workdir (--config, --set and --steps applied, defaults\n"
+        "# filled in), written by minimax_jax.train at the start of each run. Usable as --config.\n"
+        + yaml.safe_dump(resolved.to_dict(), sort_keys=False, default_flow_style=False)
+    )
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    files.write_atomic(path, text)
+    return path
+
+
 def _restore_or_init(setup: Setup, tx, checkpointer, data_iter) -> tuple[dict, int]:
     """The newest readable checkpoint's state and step (else a fresh state and 0); unreadable
     newer ones are set aside with a warning."""
@@ -288,6 +310,33 @@ class _Run:
     eval_data: list
     schedule: Any
     compute: Any
+    workdir: str
+
+
+class _Profile:
+    """A `jax.profiler` trace of steps [start_step, start_step + steps) (``train.profile``) into
+    ``WORKDIR/profile``; every process writes its own host's file."""
+
+    def __init__(self, profile: dict | None, workdir: str):
+        self.first = profile["start_step"] if profile else None
+        self.last = self.first + profile["steps"] - 1 if profile else None
+        self.directory = os.path.join(workdir, PROFILE_DIR)
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.first is not None and not self.active and self.first <= step <= self.last:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.active and step >= self.last:
+            self.stop(outputs)
+
+    def stop(self, outputs: Any = None) -> None:
+        if self.active:
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def train(
@@ -301,6 +350,8 @@ def train(
     setup = setup or prepare(config, steps)
     cfg, d = setup.config, setup.config.data
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_run_config(workdir, cfg, setup.steps)
     tx, schedule = build_optimizer(cfg.optim, setup.steps)
     opts = run_options(cfg, setup.mesh, setup.rules)
     compute = _dtype(cfg.model.compute_dtype, "model.compute_dtype")
@@ -326,9 +377,10 @@ def train(
             batch_size=d.batch_size // d.grad_accum, max_batches=d.eval_batches,
             process_index=pid, process_count=pcount,
         ) if len(setup.eval_idx) else []  # fmt: skip
-        log = MetricsLog(workdir, start, setup.steps, is_main=pid == 0, every=cfg.train.log_every)
+        log = MetricsLog(workdir, start, setup.steps, is_main=pid == 0, every=cfg.train.log_every,
+                         log_section=cfg.log, config=_run_config(setup))  # fmt: skip
         run = _Run(setup, state, start, data_iter, checkpointer, log, step_fn, eval_fn, eval_data,
-                   schedule, compute)  # fmt: skip
+                   schedule, compute, workdir)  # fmt: skip
         try:
             return _loop(run)
         finally:
@@ -377,11 +429,15 @@ def _loop(run: _Run) -> dict:
     run_cfg, summary = _run_config(setup), {"step": run.start, "preempted": False}
     bad_in_row, t_last = 0, time.perf_counter()
     last_saved, pinned = ckpter.latest_step(), None
-    with _Preemption() as signalled:
+    profile = _Profile(cfg.train.profile, run.workdir)
+    with _Preemption() as signalled, contextlib.ExitStack() as cleanup:
+        cleanup.callback(profile.stop)
         for step in range(run.start + 1, setup.steps + 1):
+            profile.before(step)
             batch = _to_global(next(run.data_iter), sharding, d.grad_accum)
             state, metrics = run.step_fn(state, batch)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            profile.after(step, state)
             now = time.perf_counter()
             tok_s, t_last = d.batch_size * d.seq_len / (now - t_last), now
             m.update(step=step, lr=float(run.schedule(step - 1)), tokens_per_s=tok_s,

@@ -1,7 +1,7 @@
 """The training run configuration: frozen dataclass sections read from YAML with strict keys.
 
 A run config (``configs/train/*.yaml``) has the sections ``model``, ``data``, ``optim``,
-``train``, ``checkpoint`` and ``mesh``; every key is a field below and anything else is an
+``train``, ``checkpoint``, ``mesh`` and ``log``; every key is a field below and anything else is an
 error naming the key. ``--set section.key=value`` overrides one key (the value is parsed as
 YAML, so ``--set optim.lr=1e-3`` and ``--set model.remat=full`` both work).
 """
@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from minimax_jax import files
+from minimax_jax.distributed import MODES as DISTRIBUTED_MODES
 from minimax_jax.model.attention import ATTENTION_IMPLS
 from minimax_jax.training.data import SourceSpec
 
@@ -83,6 +84,9 @@ class TrainSection:
     eval_every: int = 200  # 0: only at the end
     max_nonfinite: int = 10  # consecutive skipped steps before the run stops
     peak_tflops: float | None = None  # per device, for MFU; None: measured at start
+    distributed: str = "auto"  # join a multi-process job: auto | on | off (minimax_jax.distributed)
+    # {start_step, steps}: a jax.profiler trace of those steps under WORKDIR/profile
+    profile: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,20 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSection:
+    """Where metrics go besides ``WORKDIR/metrics.jsonl`` (always written), from process 0.
+
+    ``backends`` null: TensorBoard events too when tensorboardX is installed. A list names exactly
+    the backends (jsonl, tensorboard, wandb); a listed backend whose package is missing is an
+    error before anything is compiled.
+    """
+
+    backends: tuple | None = None
+    wandb_project: str | None = None  # default: "minimax_jax"
+    wandb_name: str | None = None  # the run's display name (default: W&B's)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -116,10 +134,14 @@ class TrainConfig:
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     mesh: MeshSection = MeshSection()
+    log: LogSection = LogSection()
 
     def to_dict(self) -> dict:
+        """Nested dicts and lists (YAML / JSON ready) that `from_dict` reads back."""
         d = dataclasses.asdict(self)
         d["data"]["sources"] = [dataclasses.asdict(s) for s in self.data.sources]
+        if self.log.backends is not None:
+            d["log"]["backends"] = list(self.log.backends)
         return d
 
 
@@ -158,9 +180,13 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"unknown key {name}.{unknown[0]}: valid keys are {sorted(hints)}")
+    if name == "train" and isinstance(raw.get("distributed"), bool):  # YAML reads on/off as bools
+        raw = {**raw, "distributed": "on" if raw["distributed"] else "off"}
     values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
     if name == "data" and "sources" in values:
         values["sources"] = tuple(_source(s, i) for i, s in enumerate(values["sources"]))
+    if name == "log" and values.get("backends") is not None:
+        values["backends"] = tuple(values["backends"])
     return cls(**values)
 
 
@@ -236,7 +262,41 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("train.steps, train.log_every and train.max_nonfinite must be >= 1")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+    if t.distributed not in DISTRIBUTED_MODES:
+        raise ConfigError(
+            f"train.distributed must be one of {', '.join(DISTRIBUTED_MODES)}, "
+            f"got {t.distributed!r}"
+        )
+    _check_profile(t.profile)
+    _check_backends(cfg.log.backends)
     _check_floats(cfg)
+
+
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+
+
+def _check_profile(profile: dict | None) -> None:
+    if profile is None:
+        return
+    keys = {"start_step", "steps"}
+    if set(profile) != keys or not all(
+        isinstance(profile[k], int) and not isinstance(profile[k], bool) and profile[k] >= 1
+        for k in keys
+    ):
+        raise ConfigError(
+            f"train.profile must be null or {{start_step: N, steps: M}} with integers >= 1, "
+            f"got {profile!r}"
+        )
+
+
+def _check_backends(backends: tuple | None) -> None:
+    if backends is None:
+        return
+    bad = [b for b in backends if b not in LOG_BACKENDS]
+    if bad:
+        raise ConfigError(
+            f"log.backends: unknown backend {bad[0]!r}; choose from {', '.join(LOG_BACKENDS)}"
+        )
 
 
 # Floats that must also be >= 0 (learning rates and the like); every float must be finite.

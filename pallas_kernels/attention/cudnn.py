@@ -88,9 +88,9 @@ def _emulated(q, k, v, scale, q_len, kv_len, causal):
     si = jnp.arange(s, dtype=jnp.int32)[None, :]
     vis = jnp.ones((b, t, s), bool)
     if q_len is not None:
-        vis &= (ti < q_len[:, None, None])
+        vis &= ti < q_len[:, None, None]
     if kv_len is not None:
-        vis &= (si < kv_len[:, None, None])
+        vis &= si < kv_len[:, None, None]
     if causal:
         vis &= (si <= ti)[None]
     logits = jnp.where(vis[:, None, None], logits, -jnp.inf)
