@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minimax_jax import files
+from minimax_jax import files, paths
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 PARAM_AXES = (
@@ -246,7 +246,7 @@ def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConf
     Keys (strict): description, mesh {data, fsdp, expert, tensor, sequence}, rules {logical: axes},
     moe_impl (sorted | dense | ep).
     """
-    path = Path(name_or_path)
+    path = paths.local_only(name_or_path, "sharding rules")  # a preset name or a local YAML
     if not path.suffix:
         path = _PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
