@@ -334,13 +334,7 @@ def softmax_attention_cached(
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
     out = attention(
-        q,
-        k_all.astype(q.dtype),
-        v_all.astype(q.dtype),
-        vis,
-        q.shape[-1] ** -0.5,
-        impl,
-        chunk_start=index,
-        runs=runs,
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), vis, q.shape[-1] ** -0.5, impl,
+        chunk_start=index, runs=runs,
     )
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}
