@@ -43,9 +43,10 @@ LOCAL, HUB, URL = "local", "hub", "url"
 URL_SCHEMES = ("gs", "s3", "az")  # what etils.epath reaches (through fsspec or tf.io.gfile)
 _FS_PACKAGES = {"gs": "gcsfs google-cloud-storage", "s3": "s3fs", "az": "adlfs"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# Hugging Face repo names: letters, digits, "-", "_", "."; not starting or ending with "-" or
-# ".", no "--" or ".."; at most 96 characters (huggingface_hub.utils.validate_repo_id).
-_HUB_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+# Hugging Face repo names (huggingface_hub.utils.validate_repo_id): letters, digits, "-", "_",
+# "."; not starting or ending with "-" or "."; no "--" or ".."; at most 96 characters; the id
+# does not end in ".git".
+_HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"({_HUB_NAME})/({_HUB_NAME})(?:@([A-Za-z0-9._][A-Za-z0-9._/-]*))?")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
@@ -93,6 +94,8 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """(``owner/name``, revision or None) of ``owner/name[@revision]``; None if malformed."""
     match = _HUB_ID.fullmatch(text)
     if match is None or any(".." in p or "--" in p for p in match.group(1, 2)):
+        return None
+    if match.group(2).endswith(".git"):
         return None
     return f"{match.group(1)}/{match.group(2)}", match.group(3)
 
