@@ -35,7 +35,10 @@ from minimax_jax.outputs import MARKER, remove_stale  # noqa: F401 - re-exported
 CONFIG_FILE = "config.json"
 # Flags every conversion CLI has (defined once: absl flags are process-global).
 OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "Output directory; must not exist (unless --overwrite) nor overlap the input."
+    "out_dir",
+    None,
+    "Output directory or gs:// / s3:// URL; must not exist (unless --overwrite) nor overlap the "
+    "input.",
 )
 OVERWRITE = flags.DEFINE_bool(
     "overwrite",

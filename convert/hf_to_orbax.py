@@ -75,7 +75,9 @@ from minimax_jax.hf.pretrained import ORBAX_PARAMS_DIR, check_buffers, logical_a
 from minimax_jax.hf.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, check_inside
 from minimax_jax.model import quant
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "Hugging Face checkpoint to read: a directory, hub id owner/name[@rev] or URL."
+)
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype (the MoE router stays fp32)."
 )

@@ -61,7 +61,9 @@ from minimax_jax.hf.safetensors import RowPieces, TensorSpec, check_inside, writ
 
 PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
 _STAGE = "shards"  # write_sharded's directory inside the partial output, emptied into it
-_ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
+_ORBAX_DIR = flags.DEFINE_string(
+    "orbax_dir", None, "Directory (or gs:// / s3:// URL) written by convert.hf_to_orbax."
+)
 _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
 )
