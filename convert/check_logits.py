@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from minimax_jax import cli
+from minimax_jax import cli, paths
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
 
@@ -53,11 +53,12 @@ from .common import run_cli
 # both modules into one process. `run()` joins them to absl's FLAGS for parsing and --help.
 _FLAGS = flags.FlagValues()
 _REFERENCE = flags.DEFINE_string(
-    "reference", None, "HF directory run by transformers.", flag_values=_FLAGS
+    "reference", None, "HF directory (or hub id, URL) run by transformers.", flag_values=_FLAGS
 )
 _CANDIDATE = flags.DEFINE_string(
-    "candidate", None, "HF or Orbax directory run by minimax_jax.", flag_values=_FLAGS
-)
+    "candidate", None, "HF or Orbax directory (or hub id, URL) run by minimax_jax.",
+    flag_values=_FLAGS,
+)  # fmt: skip
 _PROMPT = flags.DEFINE_string(
     "prompt", None, "Text to tokenize with the reference tokenizer.", flag_values=_FLAGS
 )
@@ -215,8 +216,29 @@ def check(
     min_top1: float = 0.99,
     patch_rope: bool = True,
 ) -> tuple[bool, dict[str, Any]]:
-    """Runs both models on the same tokens; returns (passed, metrics + thresholds)."""
-    reference, candidate = Path(reference), Path(candidate)
+    """Runs both models on the same tokens; returns (passed, metrics + thresholds).
+
+    ``reference`` and ``candidate`` may be local directories, Hugging Face hub ids or URLs
+    (``minimax_jax.paths``; a URL is copied to a temporary directory for the run)."""
+    with (
+        paths.as_local(reference, "--reference") as ref_dir,
+        paths.as_local(candidate, "--candidate") as cand_dir,
+    ):
+        return _check(ref_dir, cand_dir, prompt, num_tokens, seed, rtol, max_kl, min_top1,
+                      patch_rope)  # fmt: skip
+
+
+def _check(
+    reference: Path,
+    candidate: Path,
+    prompt: str | None,
+    num_tokens: int,
+    seed: int,
+    rtol: float,
+    max_kl: float,
+    min_top1: float,
+    patch_rope: bool,
+) -> tuple[bool, dict[str, Any]]:
     ref_config, cand_config = ModelConfig.from_hf(reference), ModelConfig.from_hf(candidate)
     differ = [
         f.name
@@ -243,7 +265,11 @@ def main(argv: list[str]) -> None:
     if not _REFERENCE.value or not _CANDIDATE.value:
         cli.error_exit("--reference and --candidate are required (see --help)")
     for holder in (_REFERENCE, _CANDIDATE):
-        if not (Path(holder.value) / "config.json").is_file():
+        try:
+            local = paths.classify(holder.value, f"--{holder.name}") == paths.LOCAL
+        except paths.PathError as e:
+            cli.error_exit(str(e))
+        if local and not (Path(holder.value) / "config.json").is_file():
             what = "no config.json in it" if Path(holder.value).is_dir() else "not a directory"
             cli.error_exit(
                 f"--{holder.name} {holder.value}: {what}; expected a checkpoint directory"

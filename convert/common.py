@@ -28,14 +28,17 @@ from typing import NoReturn, TextIO
 
 from absl import flags
 
-from minimax_jax import cli, outputs
+from minimax_jax import cli, outputs, paths
 from minimax_jax.hf.safetensors import trusted_roots
 from minimax_jax.outputs import MARKER, remove_stale  # noqa: F401 - re-exported
 
 CONFIG_FILE = "config.json"
 # Flags every conversion CLI has (defined once: absl flags are process-global).
 OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "Output directory; must not exist (unless --overwrite) nor overlap the input."
+    "out_dir",
+    None,
+    "Output directory or gs:// / s3:// URL; must not exist (unless --overwrite) nor overlap the "
+    "input.",
 )
 OVERWRITE = flags.DEFINE_bool(
     "overwrite",
@@ -43,17 +46,7 @@ OVERWRITE = flags.DEFINE_bool(
     "Replace OUT if it is empty or an earlier output of a converter (atomically, after success).",
 )
 # Files copied verbatim from the HF directory (tokenizer, chat template, generation defaults).
-COPIED_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template*",
-    "*.jinja",
-    "generation_config.json",
-)
+COPIED_FILES = paths.TOKENIZER_FILES
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -65,16 +58,20 @@ class ArgumentError(ConversionError, cli.UsageError):
     """The command line is wrong (a flag, or a directory it names): CLIs exit 2."""
 
 
-def check_input_dir(path: Path, flag: str, expected: str, any_of: Sequence[str] = ()) -> None:
-    """``path`` must be a directory holding ``config.json`` (and one of ``any_of``)."""
+def check_input_dir(
+    path: Path, flag: str, expected: str, any_of: Sequence[str] = (), shown: str | None = None
+) -> None:
+    """``path`` must be a directory holding ``config.json`` (and one of ``any_of``); errors
+    name ``shown`` (what the user gave: a hub id or URL resolved to ``path``), default ``path``."""
+    shown = str(path) if shown is None else shown
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
-        raise ArgumentError(f"{flag} {path}: {what}; expected {expected}")
+        raise ArgumentError(f"{flag} {shown}: {what}; expected {expected}")
     missing = not (path / CONFIG_FILE).is_file() or (
         any_of and not any((path / name).exists() for name in any_of)
     )
     if missing:
-        raise ArgumentError(f"{flag} {path}: not {expected}")
+        raise ArgumentError(f"{flag} {shown}: not {expected}")
 
 
 def _as_argument_error(fn: Callable) -> Callable:

@@ -4,7 +4,10 @@ r"""Convert a Hugging Face MiniMax-Text-01 / MiniMax-M1 checkpoint into an Orbax
         [--quantize experts_int8|int8] [--mesh embed=8,experts=4] [--overwrite]
 
 IN is a HF directory (``config.json`` in the remote-code or transformers-native schema,
-``model.safetensors`` or ``model.safetensors.index.json`` + shards). OUT gets::
+``model.safetensors`` or ``model.safetensors.index.json`` + shards), a Hugging Face hub id
+(``owner/name[@revision]``, fetched into the HF cache) or a ``gs://`` / ``s3://`` URL (copied
+into a temporary local directory first: the safetensors reader maps local files). OUT is a local
+directory or a URL (built locally, then uploaded; see ``minimax_jax.outputs``). OUT gets::
 
     OUT/params/        Orbax PyTree checkpoint (OCDBT, zarr), one array per parameter leaf
     OUT/config.json    our config as HF config.json (same schema as IN)
@@ -50,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from minimax_jax import paths
 from minimax_jax.config import QUANTIZE_SCHEMES, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
@@ -72,7 +76,9 @@ from .common import (
 )
 from .progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory to read.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "Hugging Face checkpoint to read: a directory, hub id owner/name[@rev] or URL."
+)
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype (the MoE router stays fp32)."
 )
@@ -232,7 +238,6 @@ def convert(
         ``overwrite``), overlaps ``hf_dir`` or is not replaceable (``common.check_replaceable``).
       ValueError: bad config.
     """
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ArgumentError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE_SCHEMES:
@@ -241,17 +246,47 @@ def convert(
         )
     if target_chunk_bytes < 1:
         raise ArgumentError("--chunk_mb must be at least 1")
+    out = paths.location(out_dir, "--out_dir")
+    source = os.fspath(hf_dir) if paths.classify(hf_dir, "--hf_dir") != paths.LOCAL else None
+    if source is not None:  # refuse a bad OUT before a download
+        prepare_output(source, out, overwrite, "--hf_dir")
+    with paths.as_local(hf_dir, "--hf_dir") as local:
+        return _convert(
+            local, source, out, dtype=dtype, quantize=quantize, mesh=mesh, overwrite=overwrite,
+            target_chunk_bytes=target_chunk_bytes, max_inflight_bytes=max_inflight_bytes,
+            stream=stream,
+        )  # fmt: skip
+
+
+def _convert(
+    hf_dir: Path,
+    source: str | None,
+    out_dir: str,
+    *,
+    dtype: str,
+    quantize: str | None,
+    mesh: str | None,
+    overwrite: bool,
+    target_chunk_bytes: int,
+    max_inflight_bytes: int,
+    stream,
+) -> dict[str, Any]:
+    """``convert`` of the local directory ``hf_dir``; ``source``: the hub id or URL it was
+    resolved from (named in errors and the summary), None for a local ``--hf_dir``."""
     expected = (
         f"a Hugging Face checkpoint directory ({CONFIG_FILE} + {SINGLE_FILE} or {INDEX_FILE})"
     )
-    check_input_dir(hf_dir, "--hf_dir", expected, any_of=(SINGLE_FILE, INDEX_FILE))
-    prepare_output(hf_dir, out_dir, overwrite, "--hf_dir")
+    check_input_dir(hf_dir, "--hf_dir", expected, any_of=(SINGLE_FILE, INDEX_FILE), shown=source)
+    # a URL input is compared with a URL output as given (its local copy is a temporary)
+    in_loc = source if paths.is_url(source) else hf_dir
+    prepare_output(in_loc, out_dir, overwrite, "--hf_dir")
     config = ModelConfig.from_hf(check_inside(hf_dir, hf_dir / CONFIG_FILE, CONFIG_FILE))
     axes = logical_axes(config, quantize) if mesh else {}
     mesh_ways = parse_mesh(mesh, {name for names in axes.values() for name in names})
     reader = SafetensorsReader(hf_dir)
-    plan = validate(reader, config, str(hf_dir))
+    plan = validate(reader, config, source or str(hf_dir))
     total = sum(reader.info(a.name).nbytes for v in plan.by_leaf.values() for a in v)
+    labels = (source or str(hf_dir.resolve()), _shown(out_dir))
 
     def build(tmp: Path) -> dict[str, Any]:
         progress = Progress(total, "hf_to_orbax", stream)
@@ -270,7 +305,7 @@ def convert(
         progress.close()
         config.save_hf(tmp / CONFIG_FILE)
         copied, skipped = copy_side_files(hf_dir, tmp, stream)
-        summary = _summary(hf_dir, out_dir, dtype, plan, total, progress.elapsed, tmp, sizes)
+        summary = _summary(*labels, dtype, plan, total, progress.elapsed, tmp, sizes)
         summary |= {"quantize": quantize}
         summary |= {"copied_files": copied, "peak_rss_bytes": peak_rss_bytes()}
         if skipped:
@@ -279,8 +314,13 @@ def convert(
         return summary
 
     return atomic_output(
-        out_dir, overwrite, build, in_dir=hf_dir, in_flag="--hf_dir", stream=stream
+        out_dir, overwrite, build, in_dir=in_loc, in_flag="--hf_dir", stream=stream
     )
+
+
+def _shown(out_dir: str) -> str:
+    """An output location as the summary names it: a URL as given, a local path resolved."""
+    return out_dir if paths.is_url(out_dir) else str(Path(out_dir).resolve())
 
 
 def _du(path: Path) -> int:
@@ -288,8 +328,8 @@ def _du(path: Path) -> int:
 
 
 def _summary(
-    hf_dir: Path,
-    out_dir: Path,
+    source: str,
+    output: str,
     dtype: str,
     plan: mapping.LoadPlan,
     total: int,
@@ -301,8 +341,8 @@ def _summary(
     import orbax.checkpoint as ocp
 
     return {
-        "source": str(hf_dir.resolve()),
-        "output": str(out_dir.resolve()),
+        "source": source,
+        "output": output,
         "dtype": dtype,
         "leaves": len(plan.by_leaf),
         "tensors": sum(len(v) for v in plan.by_leaf.values()),

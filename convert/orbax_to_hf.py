@@ -3,7 +3,9 @@ r"""Convert our Orbax checkpoint directory back into a Hugging Face checkpoint.
     python -m convert.orbax_to_hf --orbax_dir IN --out_dir OUT [--schema remote|native]
         [--max_shard_gb 5]
 
-IN is a directory written by ``convert.hf_to_orbax`` (``config.json`` + ``params/``). OUT gets
+IN is a directory written by ``convert.hf_to_orbax`` (``config.json`` + ``params/``), local or a
+``gs://`` / ``s3://`` URL (copied to a temporary local directory first). OUT (local, or a URL:
+built locally, then uploaded; see ``minimax_jax.outputs``) gets
 sharded safetensors (at most ``--max_shard_gb`` GB per file; ``model.safetensors`` if one file
 suffices) with ``model.safetensors.index.json``, ``config.json`` in the requested schema (default:
 the schema of IN's config) and the tokenizer files copied from IN. Tensors use the remote-code
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from minimax_jax import paths
 from minimax_jax.config import SCHEMAS, ModelConfig
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
@@ -59,7 +62,9 @@ from .progress import Progress, human_bytes, human_seconds, peak_rss_bytes
 
 PIECE_BYTES = 128 * 2**20  # larger HF tensors (embed, lm_head) are read and written in pieces
 _STAGE = "shards"  # write_sharded's directory inside the partial output, emptied into it
-_ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Directory written by convert.hf_to_orbax.")
+_ORBAX_DIR = flags.DEFINE_string(
+    "orbax_dir", None, "Directory (or gs:// / s3:// URL) written by convert.hf_to_orbax."
+)
 _SCHEMA = flags.DEFINE_enum(
     "schema", None, list(SCHEMAS), "config.json schema (default: the schema of the input)."
 )
@@ -158,15 +163,36 @@ def export(
         (``--quantize``), ``out_dir`` exists (without ``overwrite``), overlaps ``orbax_dir`` or
         is not replaceable; bad schema or shard size.
     """
-    orbax_dir, out_dir = Path(orbax_dir), Path(out_dir)
     if schema is not None and schema not in SCHEMAS:
         raise ArgumentError(f"--schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
     if max_shard_bytes <= 0:
         raise ArgumentError("--max_shard_gb must be positive")
+    out = paths.location(out_dir, "--out_dir")
+    source = os.fspath(orbax_dir)
+    if paths.classify(orbax_dir, "--orbax_dir", hub=False) == paths.LOCAL:
+        source = None
+    else:  # refuse a bad OUT before a download
+        prepare_output(source, out, overwrite, "--orbax_dir")
+    with paths.as_local(orbax_dir, "--orbax_dir", hub=False) as local:
+        return _export(local, source, out, schema, max_shard_bytes, overwrite, stream)
+
+
+def _export(
+    orbax_dir: Path,
+    source: str | None,
+    out_dir: str,
+    schema: str | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+    stream,
+) -> dict[str, Any]:
+    """``export`` of the local directory ``orbax_dir``; ``source``: the hub id or URL it was
+    resolved from (named in errors), None for a local ``--orbax_dir``."""
     expected = f"a directory written by convert.hf_to_orbax ({CONFIG_FILE} + {ORBAX_PARAMS_DIR}/)"
-    check_input_dir(orbax_dir, "--orbax_dir", expected, any_of=(ORBAX_PARAMS_DIR,))
+    check_input_dir(orbax_dir, "--orbax_dir", expected, any_of=(ORBAX_PARAMS_DIR,), shown=source)
     refuse_quantized(orbax_dir)
-    prepare_output(orbax_dir, out_dir, overwrite, "--orbax_dir")
+    in_loc = source if paths.is_url(source) else orbax_dir
+    prepare_output(in_loc, out_dir, overwrite, "--orbax_dir")
     config = ModelConfig.from_hf(check_inside(orbax_dir, orbax_dir / CONFIG_FILE, CONFIG_FILE))
     schema = config.schema if schema is None else schema
     hf_config = config.to_hf(schema)  # validates the schema before anything is written
@@ -191,10 +217,10 @@ def export(
         return files, *copy_side_files(orbax_dir, tmp, stream)
 
     files, copied, skipped = atomic_output(
-        out_dir, overwrite, build, in_dir=orbax_dir, in_flag="--orbax_dir", stream=stream
+        out_dir, overwrite, build, in_dir=in_loc, in_flag="--orbax_dir", stream=stream
     )
     summary = {
-        "output": str(out_dir.resolve()),
+        "output": out_dir if paths.is_url(out_dir) else str(Path(out_dir).resolve()),
         "schema": schema,
         "files": files + copied,
         "bytes": total,

@@ -2,7 +2,7 @@
 ``InputFileError`` naming the file, never a parser traceback or a bare ``UnicodeDecodeError``.
 And writing a small file whole (`write_atomic`: a temporary beside it, then a rename).
 
-Imports nothing of ``minimax_jax``: every layer may use it.
+Imports nothing of ``minimax_jax`` but the leaf ``minimax_jax.paths``: every layer may use it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from tokenizers import Tokenizer
 
+from minimax_jax import paths
+
 # Configs, manifests and templates are small; a larger one is not what we expect.
 MAX_BYTES = 100 * 2**20
 
@@ -24,7 +26,10 @@ class InputFileError(ValueError):
 
 
 def read_text(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of regular file ``path`` (``what`` says what it should be, for messages)."""
+    """The UTF-8 text of regular file ``path`` (``what`` says what it should be, for messages).
+    A URL (``scheme://...``) is refused: these files are read from the local disk."""
+    if paths.scheme(path) is not None:
+        raise InputFileError(f"{path}: a URL; expected {what} as a local file")
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"{path}: is a directory; expected {what}")

@@ -3,6 +3,7 @@
     python -m minimax_jax.generate --prompt "def fibonacci(n):" --max_new_tokens 64
     python -m minimax_jax.generate --checkpoint DIR --system "Be brief." --prompt "Hi" --stream
     python -m minimax_jax.generate --checkpoint DIR --quantize experts_int8 --prompt "Hi"
+    python -m minimax_jax.generate --checkpoint MiniMaxAI/MiniMax-M1-80k --mesh ... --prompt "Hi"
 
 With no --checkpoint it runs the small demo model shipped in the package (CPU, seconds).
 Prompts: --prompt (repeatable) or --prompts_file FILE.jsonl with one {"prompt": str} or
@@ -18,7 +19,7 @@ import os
 import jax
 from absl import flags
 
-from minimax_jax import cli, generation_config
+from minimax_jax import cli, generation_config, paths
 from minimax_jax.config import QUANTIZE_SCHEMES
 from minimax_jax.distributed import MODES as DISTRIBUTED_MODES
 from minimax_jax.distributed import maybe_initialize_distributed
@@ -29,7 +30,10 @@ from minimax_jax.model.attention import ATTENTION_IMPLS
 # other CLIs (convert.*) whose flags share names such as --dtype, --prompt and --seed.
 _FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "HF-style checkpoint dir (default: demo).", flag_values=_FLAGS
+    "checkpoint",
+    None,
+    "Checkpoint: local dir, HF hub id owner/name[@rev], or gs:// URL (default: demo).",
+    flag_values=_FLAGS,
 )
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).", flag_values=_FLAGS)
 _PROMPTS_FILE = flags.DEFINE_string(
@@ -128,15 +132,26 @@ def _generate() -> None:
     maybe_initialize_distributed(_DISTRIBUTED.value)
     quiet = jax.process_index() != 0
     sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - lives as long as the run
+    # A hub id is fetched and a URL copied once, here; the run reads the local directory.
+    given = _CHECKPOINT.value
+    if not given:
+        _generate_from(DEMO_DIR, None, sink)
+        return
+    local = paths.classify(given, "--checkpoint") == paths.LOCAL
+    with paths.as_local(given, "--checkpoint") as ckpt:
+        _generate_from(ckpt, None if local else given, sink)
+
+
+def _generate_from(ckpt, label: str | None, sink) -> None:
     # Sampling flags not given on the command line come from generation_config.json.
     sampling_flags = (_MAX_NEW, _TEMPERATURE, _TOP_P, _TOP_K, _GREEDY)
     sampling = generation_config.merge(
-        generation_config.sampling_defaults(_CHECKPOINT.value or DEMO_DIR),
+        generation_config.sampling_defaults(ckpt),
         {f.name: f.value for f in sampling_flags},
         {f.name for f in sampling_flags if f.present},
     )
     run_generate(
-        checkpoint=_CHECKPOINT.value,
+        checkpoint=ckpt,
         prompts=_PROMPT.value,
         prompts_file=_PROMPTS_FILE.value,
         chat=_CHAT.value,
@@ -154,6 +169,7 @@ def _generate() -> None:
         attention_impl=_ATTENTION.value,
         out=sink,
         log=sink,
+        label=label,
     )
 
 

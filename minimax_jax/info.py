@@ -4,6 +4,7 @@ Usage::
 
     python -m minimax_jax.info --preset minimax-m1-80k
     python -m minimax_jax.info --hf_config /path/to/checkpoint_dir_or_config.json
+    python -m minimax_jax.info --hf_config MiniMaxAI/MiniMax-M1-80k   # fetches config.json only
     minimax-jax-info --preset tiny-remote          # console script (setup.cfg)
 """
 
@@ -15,11 +16,13 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from minimax_jax import cli
+from minimax_jax import cli, paths
 from minimax_jax.config import FULL, ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", None, "Preset name from the configs package.")
-_CONFIG = flags.DEFINE_string("hf_config", None, "HF config.json, or a directory holding one.")
+_CONFIG = flags.DEFINE_string(
+    "hf_config", None, "HF config.json, a directory holding one, a hub id or a URL."
+)
 
 
 def _human(n: int) -> str:
@@ -44,7 +47,11 @@ def describe(*, preset: str | None = None, config: str | os.PathLike | None = No
     """
     if (preset is None) == (config is None):
         raise ValueError("give exactly one of --preset or --hf_config")
-    cfg = ModelConfig.preset(preset) if preset is not None else ModelConfig.from_hf(config)
+    if preset is not None:
+        cfg = ModelConfig.preset(preset)
+    else:  # a local file or directory, a hub id (its config.json alone is fetched) or a URL
+        with paths.as_local(config, "--hf_config", patterns=paths.CONFIG_FILES) as local:
+            cfg = ModelConfig.from_hf(local)
     total, active = cfg.param_count(), cfg.active_param_count()
     rope = "full" if cfg.rotary_dim == cfg.head_dim else f"partial {cfg.rotary_dim}/{cfg.head_dim}"
     lines = [

@@ -6,6 +6,14 @@ the input, contain it or lie inside it; ``--overwrite`` replaces an existing OUT
 empty or holds nothing but what a tool wrote there (per its marker). Partial directories of a run
 that was killed (SIGKILL, power loss) are removed, with one line saying so, by the next run
 writing the same OUT; on an exception (KeyboardInterrupt included) they are removed at once.
+
+OUT may also be a ``gs://`` / ``s3://`` / ``az://`` URL (``minimax_jax.paths``). An object store
+has no rename, so there OUT is built in a local temporary directory (under ``TMPDIR``: local disk
+for the whole output), then uploaded into OUT: first a ``MARKER`` with ``"complete": false``
+listing what will be written (so an interrupted upload is recognisably ours and ``--overwrite``
+may replace it), then the files (metadata files such as ``_METADATA`` and ``config.json`` last),
+then the ``MARKER`` again with ``"complete": true``. Replacing an existing OUT removes its old
+entries first (only when they are the tool's own, as above): during the upload OUT is incomplete.
 """
 
 from __future__ import annotations
@@ -21,20 +29,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from minimax_jax import paths
 from minimax_jax.cli import UsageError
 
 # Written last into every output; lists the entries the tool wrote (what --overwrite may replace).
 MARKER = ".minimax_jax_convert.json"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Uploaded last: a reader that finds them finds the data they describe.
+_UPLOADED_LAST = (
+    "_METADATA",
+    "_CHECKPOINT_METADATA",
+    "model.safetensors.index.json",
+    "config.json",
+)
+Location = Path | str  # a local directory, or a URL string (never a Path: it would collapse "//")
 
 
 class OutputError(UsageError):
     """OUT may not be written (overlaps the input, exists, or is not the tool's own output)."""
 
 
-def check_locations(in_dir: Path, out_dir: Path, in_flag: str, out_flag: str = "--out_dir") -> None:
-    """OUT may not be IN, contain it, or lie inside it (symbolic links resolved)."""
-    src, dst = in_dir.resolve(), out_dir.resolve()
+def check_locations(
+    in_dir: Location, out_dir: Location, in_flag: str, out_flag: str = "--out_dir"
+) -> None:
+    """OUT may not be IN, contain it, or lie inside it (symbolic links resolved; URLs compared
+    as strings; a URL and a local path never overlap)."""
+    if paths.is_url(in_dir) != paths.is_url(out_dir):
+        return
+    if paths.is_url(in_dir):
+        src, dst = Path("/", in_dir.rstrip("/")), Path("/", out_dir.rstrip("/"))
+    else:
+        src, dst = Path(in_dir).resolve(), Path(out_dir).resolve()
     if dst == src:
         why = f"is the {in_flag} directory itself"
     elif src.is_relative_to(dst):
@@ -46,19 +71,22 @@ def check_locations(in_dir: Path, out_dir: Path, in_flag: str, out_flag: str = "
     raise OutputError(f"{out_flag} {out_dir} {why}; choose a new directory outside the input")
 
 
-def check_replaceable(out_dir: Path, out_flag: str = "--out_dir") -> None:
+def check_replaceable(out_dir: Location, out_flag: str = "--out_dir") -> None:
     """Raises unless ``--overwrite`` may replace ``out_dir``: a real directory that is empty or
     holds only the entries its ``MARKER`` says a converter wrote."""
     fix = f"remove it yourself or choose another {out_flag}"
-    if out_dir.is_symlink() or not out_dir.is_dir():
-        kind = "a symbolic link" if out_dir.is_symlink() else "not a directory"
+    url = paths.is_url(out_dir)
+    link = not url and Path(out_dir).is_symlink()
+    if link or not paths.isdir(str(out_dir)):
+        kind = "a symbolic link" if link else "not a directory"
         raise OutputError(f"{out_flag} {out_dir} is {kind}; --overwrite will not replace it: {fix}")
-    names = set(os.listdir(out_dir))
+    names = set(paths.listdir(str(out_dir)))
     if not names:
         return
-    marker = out_dir / MARKER
+    marker = paths.join(str(out_dir), MARKER)
     try:
-        written = json.loads(marker.read_text()).get("files") if _regular(marker) else None
+        ours = (MARKER in names) if url else _regular(Path(marker))
+        written = json.loads(paths.read_text(marker)).get("files") if ours else None
     except (OSError, ValueError, AttributeError):
         written = None
     if not isinstance(written, list):
@@ -77,14 +105,16 @@ def check_replaceable(out_dir: Path, out_flag: str = "--out_dir") -> None:
 
 
 def prepare_output(
-    in_dir: Path, out_dir: Path, overwrite: bool, in_flag: str, out_flag: str = "--out_dir"
+    in_dir: Location, out_dir: Location, overwrite: bool, in_flag: str, out_flag: str = "--out_dir"
 ) -> None:
     """All checks of OUT against IN and ``--overwrite``, before any work is done."""
     check_locations(in_dir, out_dir, in_flag, out_flag)
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{out_flag} {out_dir} exists; remove it or pass --overwrite")
-        check_replaceable(out_dir, out_flag)
+    with paths.remote(str(out_dir), out_flag):
+        link = not paths.is_url(out_dir) and Path(out_dir).is_symlink()
+        if paths.exists(str(out_dir)) or link:
+            if not overwrite:
+                raise OutputError(f"{out_flag} {out_dir} exists; remove it or pass --overwrite")
+            check_replaceable(out_dir, out_flag)
 
 
 def _regular(path: Path) -> bool:
@@ -141,11 +171,11 @@ def _remove(path: Path) -> None:
 
 
 def atomic_output(
-    out_dir: Path,
+    out_dir: Location,
     overwrite: bool,
     build: Callable[[Path], Any],
     *,
-    in_dir: Path,
+    in_dir: Location,
     in_flag: str = "input",
     stream: TextIO | None = sys.stderr,
     out_flag: str = "--out_dir",
@@ -158,8 +188,12 @@ def atomic_output(
     build) and removes stale partial directories of killed runs (``remove_stale``). On any
     exception (KeyboardInterrupt included) the temporary directory is removed and ``out_dir`` is
     untouched. With ``overwrite`` an existing ``out_dir`` is replaced only after ``build``
-    succeeded.
+    succeeded. A URL ``out_dir`` is built locally and uploaded (``upload_output``).
     """
+    if paths.is_url(out_dir):
+        return upload_output(out_dir, overwrite, build, in_dir=in_dir, in_flag=in_flag,
+                             out_flag=out_flag, written_by=written_by)  # fmt: skip
+    out_dir = Path(out_dir)
     prepare_output(in_dir, out_dir, overwrite, in_flag, out_flag)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, stream)
@@ -185,6 +219,48 @@ def atomic_output(
             raise
         if old is not None:
             _remove(old)
+        return result
+    finally:
+        _remove(tmp)
+
+
+def upload_output(
+    url: str,
+    overwrite: bool,
+    build: Callable[[Path], Any],
+    *,
+    in_dir: Location,
+    in_flag: str = "input",
+    out_flag: str = "--out_dir",
+    written_by: str = "convert",
+) -> Any:
+    """``atomic_output`` for a URL: ``build(tmp)`` on a local temporary directory, then the
+    upload described in the module docstring; returns what ``build`` returned.
+
+    On an exception during the upload what was uploaded is removed again (best effort; its
+    ``"complete": false`` marker lets a later ``--overwrite`` replace what remains)."""
+    prepare_output(in_dir, url, overwrite, in_flag, out_flag)
+    tmp = Path(tempfile.mkdtemp(prefix="minimax_jax-out-"))
+    try:
+        result = build(tmp)
+        written = sorted(os.listdir(tmp))
+        prepare_output(in_dir, url, overwrite, in_flag, out_flag)  # OUT may have changed
+        if paths.exists(url):  # checked: empty, or only entries of an earlier output
+            for name in paths.listdir(url):
+                paths.remove(paths.join(url, name))
+        marker = paths.join(url, MARKER)
+        record = {"written_by": written_by, "files": written, "complete": False}
+        try:
+            paths.write_text(marker, json.dumps(record) + "\n")
+            paths.upload_tree(tmp, url, written, last=_UPLOADED_LAST)
+            paths.write_text(marker, json.dumps(record | {"complete": True}) + "\n")
+        except BaseException:
+            for name in [*written, MARKER]:
+                try:
+                    paths.remove(paths.join(url, name))
+                except Exception:  # noqa: BLE001, S110 - already failing: best effort
+                    pass
+            raise
         return result
     finally:
         _remove(tmp)

@@ -25,14 +25,13 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minimax_jax import files
+from minimax_jax import files, paths
 from minimax_jax.distributed import distributed_args, maybe_initialize_distributed  # noqa: F401 - re-exported
 from minimax_jax.presets import MESH_DIR
 
@@ -199,7 +198,7 @@ def load_rules(name_or_path: str | os.PathLike) -> tuple[ShardingRules, MeshConf
     Keys (strict): description, mesh {data, fsdp, expert, tensor, sequence}, rules {logical: axes},
     moe_impl (sorted | dense | ep).
     """
-    path = Path(name_or_path)
+    path = paths.local_only(name_or_path, "sharding rules")  # a preset name or a local YAML
     if not path.suffix:
         path = MESH_DIR / f"{name_or_path}.yaml"
     if not path.exists():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from minimax_jax import cli
+from minimax_jax import cli, paths
 from minimax_jax.training.tokenizer_train import CHAT_TEMPLATE_SOURCE, list_files, train_tokenizer
 
 _INPUT = flags.DEFINE_multi_string("input", None, "File or directory of training text.")
@@ -50,6 +50,11 @@ def main(argv: Sequence[str]) -> None:
 def _work() -> None:
     if not _INPUT.value or not _OUTPUT.value:
         raise cli.UsageError("--input and --output are required (see --help)")
+    # local files only: a URL would otherwise become a local directory "gs:/..." here
+    for value, flag in [*((v, "--input") for v in _INPUT.value), (_OUTPUT.value, "--output"),
+                        (_TEMPLATE.value, "--chat_template_from")]:  # fmt: skip
+        if value:
+            paths.local_only(value, flag)
     for path in _INPUT.value:
         if not os.path.exists(path):
             raise cli.UsageError(f"--input {path}: no such file or directory")

@@ -29,11 +29,13 @@ from minimax_jax.training import run_config as tc
 from minimax_jax.training.loop import export, train
 
 _CONFIG = flags.DEFINE_string("config", None, "YAML run config (configs/train/*.yaml).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, events, checkpoints.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (local or a gs:// / s3:// URL): metrics, events, checkpoints."
+)
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps.")
 _SET = flags.DEFINE_multi_string("set", [], "Override one key: section.key=value (YAML value).")
 _EXPORT = flags.DEFINE_string(
-    "export", None, "Write the newest checkpoint of --workdir as an HF directory and exit."
+    "export", None, "Write the newest checkpoint of --workdir as an HF directory (or URL), exit."
 )
 _EXPORT_DTYPE = flags.DEFINE_enum(
     "export_dtype", "float32", ["float32", "bfloat16", "float16"], "Weight dtype of --export."

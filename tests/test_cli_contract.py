@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,8 +53,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "good": Path(good), "tok": Path(tok), "glob": Path(glob)}
 
 
+# Hub ids resolve from an empty cache, offline: no case ever reaches the network.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.path.join(tempfile.gettempdir(), "no-hf-hub")}
+
+
 def _run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **_OFFLINE)
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -105,7 +110,7 @@ def _run_forked(
     """``_run(module, *args)`` for every case, each in a fork of one server process (above)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "cases.json").write_text(json.dumps([[m, list(a)] for m, a in cases]))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **_OFFLINE)
     env.pop("XLA_FLAGS", None)
     server = subprocess.run(
         [sys.executable, "-c", _FORK_SERVER, str(tmp / "cases.json"), str(tmp), str(width)],
@@ -236,21 +241,93 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
         # multi-host joining, training operations, plots (#23)
         (gen, ["--prompt", "x", "--distributed", "maybe"], 2, ("--distributed",)),
         (gen, ["--prompt", "x", "--distributed", "on"], 2, ("no cluster", "JAX_COORDINATOR")),
-        (train, ["--config", good, "--workdir", work, "--distributed", "yes"], 2,
-         ("--distributed",)),
-        (train, ["--config", good, "--workdir", work, "--distributed", "on"], 2,
-         ("no cluster", "JAX_COORDINATOR_ADDRESS")),
-        (train, ["--config", good, "--workdir", work, "--set", "train.distributed=1"], 2,
-         ("train.distributed",)),
-        (train, ["--config", good, "--workdir", work, "--set", "train.profile={steps: 2}"], 2,
-         ("train.profile",)),
-        (train, ["--config", good, "--workdir", work, "--set", "log.backends=[mlflow]"], 2,
-         ("log.backends", "mlflow")),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--distributed", "yes"],
+            2,
+            ("--distributed",),
+        ),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--distributed", "on"],
+            2,
+            ("no cluster", "JAX_COORDINATOR_ADDRESS"),
+        ),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--set", "train.distributed=1"],
+            2,
+            ("train.distributed",),
+        ),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--set", "train.profile={steps: 2}"],
+            2,
+            ("train.profile",),
+        ),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--set", "log.backends=[mlflow]"],
+            2,
+            ("log.backends", "mlflow"),
+        ),
         (train, ["--plot", str(r / "missing")], 2, ("--plot", "metrics.jsonl")),
-        (train, ["--plot", str(r / "run"), "--plot_out", str(r / "a_file")], 2,
-         ("--plot_out", "not written by train --plot")),
+        (
+            train,
+            ["--plot", str(r / "run"), "--plot_out", str(r / "a_file")],
+            2,
+            ("--plot_out", "not written by train --plot"),
+        ),
         (train, ["--plot_out", str(r / "p.png")], 2, ("--plot",)),
-    ]  # fmt: skip
+        # path arguments (minimax_jax.paths): unsupported schemes, malformed or uncached hub ids,
+        # URLs where only local files are read, s3:// where Orbax writes
+        (gen, ["--checkpoint", "ftp://x", "--prompt", "x"], 2, ("--checkpoint ftp://x", "scheme")),
+        (gen, ["--checkpoint", "own/na me", "--prompt", "x"], 2, ("--checkpoint", "hub id")),
+        (gen, ["--checkpoint", "a/b/c", "--prompt", "x"], 2, ("--checkpoint a/b/c", "hub id")),
+        (gen, ["--checkpoint", "nobody/nothing", "--prompt", "x"], 2, ("HF_HUB_OFFLINE",)),
+        (gen, ["--prompts_file", "gs://b/p.jsonl"], 2, ("gs://b/p.jsonl", "URL")),
+        (gen, ["--prompt", "x", "--image", "gs://b/i.png"], 2, ("--image", "URL")),
+        (train, ["--config", good, "--workdir", "foo://y"], 2, ("--workdir foo://y", "scheme")),
+        (train, ["--config", good, "--workdir", "s3://b/run"], 2, ("--workdir s3://b/run",)),
+        (train, ["--workdir", work, "--export", "ftp://x"], 2, ("--export ftp://x",)),
+        (
+            train,
+            ["--config", good, "--workdir", work, "--set", "data.tokenizer=own/na me"],
+            2,
+            ("data.tokenizer own/na me", "hub id"),
+        ),  # fmt: skip
+        (
+            "convert.hf_to_orbax",
+            ["--hf_dir", "ftp://x", "--out_dir", str(r / "o")],
+            2,
+            ("--hf_dir ftp://x", "scheme"),
+        ),  # fmt: skip
+        (
+            "convert.hf_to_orbax",
+            ["--hf_dir", hf, "--out_dir", "foo://y"],
+            2,
+            ("--out_dir foo://y", "scheme"),
+        ),  # fmt: skip
+        (
+            "convert.orbax_to_hf",
+            ["--orbax_dir", "foo://y", "--out_dir", str(r / "o")],
+            2,
+            ("--orbax_dir foo://y",),
+        ),  # fmt: skip
+        (
+            "convert.check_logits",
+            ["--reference", "ftp://x", "--candidate", orbax],
+            2,
+            ("--reference ftp://x", "scheme"),
+        ),  # fmt: skip
+        ("minimax_jax.info", ["--hf_config", "a/b/c"], 2, ("--hf_config a/b/c", "hub id")),
+        (
+            "minimax_jax.tokenizer_train",
+            ["--input", str(f["tok"]), "--output", "gs://b/tok"],
+            2,
+            ("--output gs://b/tok", "URL"),
+        ),  # fmt: skip
+    ]
 
 
 # Rows of the table that also run as fresh `python -m` processes (a generate flag, a train config,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minimax_jax import paths
 from minimax_jax.config import ModelConfig, check_quantize
 from minimax_jax.hf import mapping
 from minimax_jax.hf import orbax as orbax_io
@@ -241,7 +242,10 @@ def from_pretrained(
     Args:
       path: an HF directory (``config.json`` and ``model.safetensors`` or
         ``model.safetensors.index.json`` + shards), or a directory written by
-        ``convert.hf_to_orbax`` (``config.json`` + ``params/``, an Orbax checkpoint).
+        ``convert.hf_to_orbax`` (``config.json`` + ``params/``, an Orbax checkpoint); local, a
+        Hugging Face hub id ``owner/name[@revision]`` (HF directories; fetched into the HF
+        cache) or a ``gs://`` / ``s3://`` / ``az://`` URL (copied to a temporary directory
+        while loading). See ``minimax_jax.paths``.
       dtype: parameter dtype (the MoE router stays float32); values are cast on the host.
       prefix: prefix of every text-model tensor name (``"language_model."`` inside VL-01; HF only).
       sharding: optional ``leaf path -> Sharding`` (paths as in ``mapping.flatten``, e.g.
@@ -255,8 +259,16 @@ def from_pretrained(
         its own scheme; another scheme is an error, see ``checkpoint_quantize``).
     Returns:
       the model; parameters on the default device, or placed by ``sharding``.
+
+    Raises:
+      minimax_jax.paths.PathError: ``path`` is neither a local path, a hub id nor a supported URL.
     """
-    path = Path(path)
+    with paths.as_local(path, "path") as local:
+        return _from_local(local, dtype=dtype, prefix=prefix, sharding=sharding, quantize=quantize)
+
+
+def _from_local(path: Path, *, dtype, prefix, sharding, quantize):
+    """``from_pretrained`` of a local directory."""
     config = ModelConfig.from_hf(path)
     quantize = checkpoint_quantize(path, quantize)
     abstract = nnx.eval_shape(
@@ -414,12 +426,15 @@ def save_pretrained(
 
     Args:
       model: a ``MiniMaxForCausalLM`` (its ``config`` and ``nnx.Param`` leaves are used).
-      path: output directory (created; old weight files in it are replaced atomically).
+      path: local output directory (created; old weight files in it are replaced atomically).
+        A URL is refused: save locally and copy, or use ``convert.hf_to_orbax`` /
+        ``convert.orbax_to_hf``, whose ``--out_dir`` may be a URL.
       schema: ``"remote"`` (remote-code config, loadable by the MiniMax remote code and vLLM) or
         ``"native"`` (transformers ``MiniMaxForCausalLM``); default ``model.config.schema``.
       max_shard_bytes: shard size limit; one shard is written as ``model.safetensors``.
     """
     config: ModelConfig = model.config
+    path = paths.local_only(path, "path")
     if getattr(model, "quantize", None) is not None:
         raise ValueError(
             f"the model holds int8 weights ({model.quantize}): an HF checkpoint of them would "

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from minimax_jax import paths
 from minimax_jax.hf import mapping, vl_mapping
 from minimax_jax.hf import orbax as orbax_io
 from minimax_jax.hf.pretrained import export_tensors
@@ -49,8 +50,14 @@ def from_pretrained_vl(
 
     Every tensor name and shape is validated before any weight is read (``hf.vl_mapping``);
     leaves are filled one at a time. Raises CheckpointMismatchError listing every problem.
+    ``path`` may also be a Hugging Face hub id or a URL, as for ``from_pretrained``; anything
+    else raises ``minimax_jax.paths.PathError``.
     """
-    path = Path(path)
+    with paths.as_local(path, "path") as local:
+        return _from_local(local, dtype, max_tile_batch)
+
+
+def _from_local(path: Path, dtype: Any, max_tile_batch: int) -> MiniMaxVLForConditionalGeneration:
     config = _read_vl_config(path)
     abstract = nnx.eval_shape(
         lambda: MiniMaxVLForConditionalGeneration(
@@ -76,6 +83,7 @@ def save_pretrained_vl(
     """Writes an HF VL-01 checkpoint (``text_config`` in ``schema``, default the text's own;
     remote-code per-expert names); returns the file names written."""
     config: VLConfig = model.config
+    path = paths.local_only(path, "path")
     schema = config.text.schema if schema is None else schema
     hf_config = config.to_hf(schema)
     text = nnx.to_pure_dict(nnx.state(model.language_model, nnx.Param))

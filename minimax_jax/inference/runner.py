@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from minimax_jax import files
+from minimax_jax import files, paths
 from minimax_jax.config import ModelConfig, check_quantize
 from minimax_jax.hf.pretrained import checkpoint_quantize, from_pretrained, sharding_from_rules
 from minimax_jax.inference import engine as sampling
@@ -27,7 +27,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | st
     """Plain strings or {"messages": [...]} dicts, in order."""
     out: list[dict | str] = list(prompts)
     if prompts_file:
-        path = Path(prompts_file)
+        path = prompts_file  # read_text refuses a URL by name (a Path would collapse its "//")
         text = files.read_text(path, "a --prompts_file (JSON lines)")
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -77,17 +77,39 @@ def run_generate(
     attention_impl: str = "auto",
     out=None,
     log=None,
+    label: str | None = None,
 ) -> list[str]:
-    """Generate for every prompt; prints (to out, default stdout) and returns the completions."""
-    out, log = out or sys.stdout, log or sys.stderr
+    """Generate for every prompt; prints (to out, default stdout) and returns the completions.
+
+    ``checkpoint``: a local directory, a Hugging Face hub id or a URL (``minimax_jax.paths``;
+    None: the demo model). ``label``: how the checkpoint is named in the log line and errors
+    (default: as given)."""
+    args = dict(locals())
+    checkpoint = args.pop("checkpoint")
+    if label is None and checkpoint and paths.classify(checkpoint, "--checkpoint") != paths.LOCAL:
+        args["label"] = str(checkpoint)
     check_quantize(quantize)
-    ckpt = Path(checkpoint) if checkpoint else DEMO_DIR
+    for image in images or ():
+        paths.local_only(image, "--image")
+    if not checkpoint:
+        return _run_generate(DEMO_DIR, **args)
+    with paths.as_local(checkpoint, "--checkpoint") as ckpt:
+        return _run_generate(ckpt, **args)
+
+
+def _run_generate(ckpt: Path, *, prompts, prompts_file, chat, system, chat_template,
+                  max_new_tokens, temperature, top_p, top_k, greedy, seed, stream, dtype,
+                  quantize, prefill_chunk, images, mesh, rules, attention_impl, out, log,
+                  label) -> list[str]:  # fmt: skip
+    """``run_generate`` with the checkpoint a local directory."""
+    out, log = out or sys.stdout, log or sys.stderr
+    shown = label or str(ckpt)
     if not ckpt.is_dir():
         what = "not a directory" if ckpt.exists() else "no such directory"
-        raise files.InputFileError(f"--checkpoint {ckpt}: {what}; expected a checkpoint directory")
+        raise files.InputFileError(f"--checkpoint {shown}: {what}; expected a checkpoint directory")
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(
-            f"--checkpoint {ckpt} is not a checkpoint directory (no config.json)"
+            f"--checkpoint {shown} is not a checkpoint directory (no config.json)"
         )
     tok = ChatTokenizer.from_dir(ckpt)
     template = files.read_text(chat_template, "a Jinja chat template") if chat_template else None
@@ -126,8 +148,8 @@ def run_generate(
     plan = engine.plan(len(encoded), max(map(len, encoded)), max_new_tokens)
     int8 = f" (int8 weights: {model.quantize})" if model.quantize else ""
     print(
-        f"[{ckpt.name}] {model.config.param_count():,} params{int8}; estimated device memory "
-        f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
+        f"[{label or ckpt.name}] {model.config.param_count():,} params{int8}; estimated device "
+        f"memory {plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
         f"{plan['cache'] / 2**20:.1f} + activations {plan['activations'] / 2**20:.1f}); "
         f"{len(encoded)} prompt(s)",
         file=log,

@@ -12,6 +12,11 @@ state may be donated right after); only finished checkpoints are ever restored, 
 in the middle of a save restarts from the previous one. Steps in ``pinned`` (the newest checkpoint
 from before a run's first non-finite step) are never rotated out; they are recorded in
 ``WORKDIR/pinned_checkpoints.json`` so a resumed run keeps them too.
+
+WORKDIR may be a ``gs://`` / ``s3://`` / ``az://`` URL (``minimax_jax.paths``): Orbax writes
+there itself (its commit protocol needs no rename on object stores); the pinned-steps file is
+written whole as one object, and setting an unreadable checkpoint aside moves its files one by
+one (object stores cannot rename a directory).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
+from minimax_jax import paths
 from minimax_jax.hf.pretrained import save_pretrained
 from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 
@@ -74,10 +80,11 @@ class Checkpointer:
     def __init__(
         self, directory: str, *, every: int, keep: int, async_save: bool = True, create=True
     ):
-        self.directory = os.path.abspath(directory)
-        self._pinned_file = os.path.join(os.path.dirname(self.directory), PINNED_FILE)
+        # a URL stays a string (os.path.abspath would make "gs://b" a local "gs:/b")
+        self.directory = directory if paths.is_url(directory) else os.path.abspath(directory)
+        self._pinned_file = paths.join(paths.parent(self.directory), PINNED_FILE)
         self.pinned: set[int] = set()
-        if os.path.isfile(self._pinned_file):
+        if paths.isfile(self._pinned_file):
             self.pinned = {int(s) for s in read_json(self._pinned_file).get("steps", [])}
         policy = pp.AnyPreservationPolicy([pp.LatestN(keep), _Pinned(self.pinned)])
         options = ocp.CheckpointManagerOptions(
@@ -95,19 +102,16 @@ class Checkpointer:
     def pin(self, step: int) -> None:
         """Keeps checkpoint ``step`` whatever ``keep`` says (recorded for resumed runs too)."""
         self.pinned.add(step)
-        tmp = self._pinned_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"steps": sorted(self.pinned)}, f)
-        os.replace(tmp, self._pinned_file)
+        paths.write_text(self._pinned_file, json.dumps({"steps": sorted(self.pinned)}))
 
     def set_aside(self, step: int) -> str:
         """Moves unreadable checkpoint ``step`` to ``WORKDIR/unreadable_checkpoints/<step>``
         (kept for inspection, out of the way of a new save of that step); returns where."""
-        dest = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints", str(step))
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(os.path.join(self.directory, str(step)), dest)
+        dest = paths.join(paths.parent(self.directory), "unreadable_checkpoints", str(step))
+        paths.makedirs(paths.parent(dest))
+        if paths.exists(dest):  # an earlier set-aside of this step
+            paths.rmtree(dest)
+        paths.move_tree(paths.join(self.directory, str(step)), dest)
         self.manager.reload()
         return dest
 
@@ -192,5 +196,5 @@ def export_pretrained(
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file, local or at a URL."""
+    return json.loads(paths.read_text(path))

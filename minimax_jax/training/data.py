@@ -1,6 +1,8 @@
 """Grain input pipeline: documents -> tokens -> packed fixed-length rows with segment ids.
 
-Sources (each a random-access list of documents, one string each):
+Sources (each a random-access list of documents, one string each; a ``path`` is a local file,
+directory or glob, or for ``text`` and ``jsonl`` also a ``gs://`` / ``s3://`` / ``az://`` URL of
+one, read through ``etils.epath``; see ``minimax_jax.paths``):
 
 * ``text``: every file matched by a glob is one document;
 * ``jsonl``: every line of every matched file is a JSON object whose ``text_field`` is a document;
@@ -32,7 +34,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from minimax_jax import files
+from minimax_jax import files, paths
 
 SOURCE_TYPES = ("text", "jsonl", "arrayrecord")
 
@@ -56,6 +58,11 @@ class SourceSpec:
 
 def _expand(path: str, suffix: str | None) -> list[str]:
     """Sorted files of a path: a file, every file under a directory (recursively), or a glob."""
+    if paths.is_url(path):
+        files = sorted(paths.glob_url(path, suffix or ""))
+        if not files:
+            raise DataError(f"data path {path!r} matches no files: check data.sources[].path")
+        return files
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         pattern = os.path.join(path, "**", f"*{suffix or ''}")
@@ -78,11 +85,10 @@ class TextFiles:
         return len(self.files)
 
     def __getitem__(self, i: int) -> str:
-        with open(self.files[i], encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return paths.read_bytes(self.files[i]).decode("utf-8", errors="replace")
 
     def num_chars_hint(self) -> int:
-        return sum(os.path.getsize(f) for f in self.files)
+        return sum(paths.size(f) for f in self.files)
 
 
 class JsonlTexts:
@@ -91,10 +97,13 @@ class JsonlTexts:
     def __init__(self, files: Sequence[str], field: str):
         self.texts: list[str] = []
         for name in files:
-            with open(name, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        self.texts.append(_field(line, field, f"{name}:{n}"))
+            try:
+                text = paths.read_bytes(name).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}: not UTF-8 text (byte {e.start})") from None
+            for n, line in enumerate(text.split("\n"), 1):  # lines as a file iterates them
+                if line.strip():
+                    self.texts.append(_field(line, field, f"{name}:{n}"))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -152,21 +161,29 @@ class Documents:
 
 
 def open_documents(specs: Sequence[SourceSpec]) -> Documents:
-    """Opens every source; raises DataError for no sources, missing paths or no text at all."""
+    """Opens every source; raises DataError for no sources, missing paths or no text at all
+    (``paths.PathError`` for an unsupported URL scheme)."""
     if not specs:
         raise DataError("data.sources is empty: give at least one {type, path}")
     parts = []
-    for s in specs:
-        if s.type == "text":
-            parts.append(TextFiles(_expand(s.path, None)))
-        elif s.type == "jsonl":
-            parts.append(JsonlTexts(_expand(s.path, ".jsonl"), s.text_field or "text"))
-        else:
-            parts.append(ArrayRecordTexts(_expand(s.path, ".array_record"), s.text_field))
+    for i, s in enumerate(specs):
+        if paths.classify(s.path, f"data.sources[{i}].path", hub=False) == paths.URL:
+            if s.type == "arrayrecord":
+                raise DataError(
+                    f"data.sources[{i}].path {s.path}: arrayrecord sources are read from local "
+                    "files only; copy them or mount the bucket (e.g. gcsfuse)"
+                )
+        with paths.remote(s.path, f"data.sources[{i}].path"):
+            if s.type == "text":
+                parts.append(TextFiles(_expand(s.path, None)))
+            elif s.type == "jsonl":
+                parts.append(JsonlTexts(_expand(s.path, ".jsonl"), s.text_field or "text"))
+            else:
+                parts.append(ArrayRecordTexts(_expand(s.path, ".array_record"), s.text_field))
     docs = Documents(parts)
     if len(docs) == 0 or sum(p.num_chars_hint() for p in parts) == 0:
-        paths = ", ".join(s.path for s in specs)
-        raise DataError(f"the dataset is empty: no text in {paths}")
+        where = ", ".join(s.path for s in specs)
+        raise DataError(f"the dataset is empty: no text in {where}")
     return docs
 
 
@@ -425,9 +442,11 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"cannot store {type(x).__name__} in the data iterator state")
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A ``tokenizers`` tokenizer from ``tokenizer.json`` or a directory holding one."""
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise DataError(f"tokenizer {path!r} not found: give a tokenizer.json or its directory")
-    return files.load_tokenizer(file)
+def load_tokenizer(path: str, what: str = "data.tokenizer") -> Tokenizer:
+    """A ``tokenizers`` tokenizer from ``tokenizer.json`` or a directory holding one: local, a
+    Hugging Face hub id or a URL (``minimax_jax.paths``; ``what`` names the argument)."""
+    with paths.as_local(path, what, patterns=paths.TOKENIZER_FILES) as local:
+        file = local / "tokenizer.json" if local.is_dir() else local
+        if not file.is_file():
+            raise DataError(f"tokenizer {path!r} not found: give a tokenizer.json or its directory")
+        return files.load_tokenizer(file)

@@ -8,6 +8,11 @@ config picks the other backends: TensorBoard events under ``WORKDIR/tb`` (the op
 extra ``wandb``; the run's id is kept in ``WORKDIR/wandb_run_id`` so a resumed run logs into the
 same W&B run). With ``backends`` null, TensorBoard events are written when tensorboardX is
 installed and skipped with one note on stderr otherwise.
+
+A URL WORKDIR (``gs://``, ``s3://``, ``az://``; ``minimax_jax.paths``): object stores cannot
+append, so the lines are kept in memory and ``metrics.jsonl`` is rewritten whole (one object)
+at most every ``flush_seconds`` and at ``close``; no TensorBoard events are written there (one
+note on stderr).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from typing import Any
 
-from minimax_jax import files
+from minimax_jax import files, paths
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
@@ -71,14 +77,19 @@ class _Wandb:
 
     def __init__(self, module: Any, workdir: str, project: str | None, name: str | None,
                  config: dict | None):  # fmt: skip
-        id_file = os.path.join(workdir, WANDB_ID_FILE)
-        if os.path.exists(id_file):
-            run_id = files.read_text(id_file, "a W&B run id").strip()
+        id_file = paths.join(workdir, WANDB_ID_FILE)
+        remote = paths.is_url(workdir)
+        if paths.exists(id_file):
+            run_id = paths.read_text(id_file).strip()
         else:
             run_id = uuid.uuid4().hex[:16]
-            files.write_atomic(id_file, run_id + "\n")
+            if remote:
+                paths.write_text(id_file, run_id + "\n")
+            else:
+                files.write_atomic(id_file, run_id + "\n")
         self.run = module.init(project=project or "minimax_jax", name=name, id=run_id,
-                               resume="allow", dir=workdir, config=config)  # fmt: skip
+                               resume="allow", dir=None if remote else workdir,
+                               config=config)  # fmt: skip
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -90,7 +101,11 @@ class _Wandb:
 def _open_backends(workdir: str, start: int, log_section: Any, config: dict | None) -> list:
     backends = getattr(log_section, "backends", None)
     out = []
-    if backends is None:  # default: TensorBoard when installed
+    if paths.is_url(workdir):
+        if backends is None or "tensorboard" in backends:
+            print("train: a URL --workdir gets no TensorBoard events", file=sys.stderr)
+        backends = tuple(b for b in backends or () if b != "tensorboard")
+    elif backends is None:  # default: TensorBoard when installed
         try:
             out.append(_TensorBoard(import_backend("tensorboard"), workdir, start))
         except BackendError:
@@ -104,19 +119,25 @@ def _open_backends(workdir: str, start: int, log_section: Any, config: dict | No
     return out
 
 
+def _kept(path: str, last_step: int) -> list[str]:
+    """The lines of ``path`` up to ``last_step`` ([] without the file)."""
+    if not paths.exists(path):
+        return []
+    lines = paths.read_text(path).splitlines(keepends=True)
+    return [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+
+
 def _truncate(path: str, last_step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    if os.path.exists(path):
+        kept = _kept(path, last_step)
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All lines of ``WORKDIR/metrics.jsonl`` as dicts."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All lines of ``WORKDIR/metrics.jsonl`` (local or a URL) as dicts."""
+    text = paths.read_text(paths.join(workdir, METRICS_FILE))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MetricsLog:
@@ -132,19 +153,28 @@ class MetricsLog:
         every: int = 1,
         log_section: Any = None,
         config: dict | None = None,
+        flush_seconds: float = 30.0,
     ):
         """``log_section``: the run config's `LogSection` (None: the defaults); ``config``: the run
         config as a dict, for the backends that record it (W&B)."""
         self.is_main = is_main
         self.start = start
         self.every = every
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.join(workdir, METRICS_FILE)
+        self.remote = paths.is_url(workdir)
+        self.flush_seconds = flush_seconds
         self.backends: list = []
         self.bar = None
         if not is_main:
             return
-        _truncate(self.path, start)
-        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        if self.remote:  # lines in memory, the object rewritten whole (see the module docstring)
+            self.file = None
+            self._lines = _kept(self.path, start)
+            self._flushed = time.monotonic()
+            self._flush()
+        else:
+            _truncate(self.path, start)
+            self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self.backends = _open_backends(workdir, start, log_section, config)
         if sys.stderr.isatty():
             try:
@@ -153,11 +183,21 @@ class MetricsLog:
                 return
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
+    def _flush(self, force: bool = True) -> None:
+        """A URL workdir: rewrites ``metrics.jsonl`` if forced or ``flush_seconds`` passed."""
+        if force or time.monotonic() - self._flushed >= self.flush_seconds:
+            paths.write_text(self.path, "".join(self._lines))
+            self._flushed = time.monotonic()
+
     def _write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}  # fmt: skip
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        if self.remote:
+            self._lines.append(json.dumps(clean) + "\n")
+            self._flush(force=False)
+        else:
+            self.file.write(json.dumps(clean) + "\n")
+            self.file.flush()
         scalars = {k: v for k, v in record.items()
                    if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
         for backend in self.backends:
@@ -200,7 +240,10 @@ class MetricsLog:
     def close(self) -> None:
         if not self.is_main:
             return
-        self.file.close()
+        if self.remote:
+            self._flush()
+        else:
+            self.file.close()
         for backend in self.backends:
             backend.close()
         if self.bar is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
@@ -21,7 +20,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from minimax_jax import files, outputs
+from minimax_jax import files, outputs, paths
 from minimax_jax import sharding as shard_lib
 from minimax_jax.config import ModelConfig
 from minimax_jax.hf.pretrained import from_pretrained
@@ -43,6 +42,9 @@ from minimax_jax.training.step import (
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved run config, written into the workdir at start
 PROFILE_DIR = "profile"  # train.profile's jax.profiler trace, under the workdir
+# URL schemes a run directory may have: Orbax 0.12 writes TensorStore arrays to local paths and
+# gs:// only (an s3:// directory would be collapsed into a local "s3:/..." by its spec builder).
+ORBAX_SCHEMES = ("gs",)
 
 
 class TrainError(RuntimeError):
@@ -78,7 +80,10 @@ def resolve_model_config(section: tc.ModelSection) -> ModelConfig:
     if section.preset is not None:
         cfg = ModelConfig.preset(section.preset)
     else:
-        cfg = ModelConfig.from_hf(section.config or section.init_from)
+        key = "model.config" if section.config else "model.init_from"
+        with paths.as_local(section.config or section.init_from, key,
+                            patterns=paths.CONFIG_FILES) as local:  # fmt: skip
+            cfg = ModelConfig.from_hf(local)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(section.overrides) - fields)
     if unknown:
@@ -97,7 +102,8 @@ def prepare(config: tc.TrainConfig, steps: int | None = None) -> Setup:
     _dtype(config.model.compute_dtype, "model.compute_dtype")
     d = config.data
     tok_path = d.tokenizer or config.model.init_from
-    tokenizer = data_lib.load_tokenizer(tok_path)
+    tokenizer = data_lib.load_tokenizer(tok_path, "data.tokenizer" if d.tokenizer else
+                                        "model.init_from")  # fmt: skip
     n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if n_vocab > model_config.vocab_size:
         raise data_lib.DataError(
@@ -174,7 +180,8 @@ def init_state(setup: Setup, tx) -> dict:
     p_shard = _param_shardings(setup, dtype)
     if m.init_from is not None:
         fn = shard_lib.leaf_sharding_fn(p_shard)
-        params = from_pretrained(m.init_from, dtype=dtype, sharding=fn).pure_params()
+        with paths.as_local(m.init_from, "model.init_from") as local:
+            params = from_pretrained(local, dtype=dtype, sharding=fn).pure_params()
     else:
         seed = setup.config.train.seed
 
@@ -254,8 +261,11 @@ def write_run_config(workdir: str, config: tc.TrainConfig, steps: int) -> str:
         "# filled in), written by minimax_jax.train at the start of each run. Usable as --config.\n"
         + yaml.safe_dump(resolved.to_dict(), sort_keys=False, default_flow_style=False)
     )
-    path = os.path.join(workdir, RUN_CONFIG_FILE)
-    files.write_atomic(path, text)
+    path = paths.join(workdir, RUN_CONFIG_FILE)
+    if paths.is_url(workdir):  # an object store writes one object whole, never half
+        paths.write_text(path, text)
+    else:
+        files.write_atomic(path, text)
     return path
 
 
@@ -320,7 +330,7 @@ class _Profile:
     def __init__(self, profile: dict | None, workdir: str):
         self.first = profile["start_step"] if profile else None
         self.last = self.first + profile["steps"] - 1 if profile else None
-        self.directory = os.path.join(workdir, PROFILE_DIR)
+        self.directory = paths.join(workdir, PROFILE_DIR)
         self.active = False
 
     def before(self, step: int) -> None:
@@ -346,10 +356,16 @@ def train(
     steps: int | None = None,
     setup: Setup | None = None,
 ) -> dict:
-    """Runs (or resumes) training; returns a summary {step, loss, eval_loss, preempted, state}."""
+    """Runs (or resumes) training; returns a summary {step, loss, eval_loss, preempted, state}.
+
+    ``workdir``: a local directory or a ``gs://`` URL (checkpoints through Orbax, which writes
+    TensorStore arrays to local paths and ``gs://`` only; ``metrics.jsonl`` through
+    ``etils.epath``; see ``minimax_jax.paths``)."""
+    workdir = paths.location(workdir, "--workdir", ORBAX_SCHEMES)  # refused before any work
     setup = setup or prepare(config, steps)
     cfg, d = setup.config, setup.config.data
-    os.makedirs(workdir, exist_ok=True)
+    with paths.remote(workdir, "--workdir"):
+        paths.makedirs(workdir)
     if jax.process_index() == 0:
         write_run_config(workdir, cfg, setup.steps)
     tx, schedule = build_optimizer(cfg.optim, setup.steps)
@@ -360,10 +376,11 @@ def train(
         setup.docs, setup.train_idx, setup.tokenizer, setup.eos_id, seq_len=d.seq_len,
         batch_size=d.batch_size, seed=d.seed, process_index=pid, process_count=pcount,
     ), d.prefetch)  # fmt: skip
-    checkpointer = ckpt.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
-        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-    )  # fmt: skip
+    with paths.remote(workdir, "--workdir"):  # Orbax on gs:// also needs google-cloud-storage
+        checkpointer = ckpt.Checkpointer(
+            paths.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
+            keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+        )  # fmt: skip
     with shard_lib.use_mesh(setup.mesh):
         state, start = _restore_or_init(setup, tx, checkpointer, data_iter)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -492,16 +509,19 @@ def export(
     ``out_dir`` is built beside itself and renamed into place (``minimax_jax.outputs``); an
     existing one is refused unless ``overwrite`` and it is empty or an earlier export / conversion.
     """
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    workdir = paths.location(workdir, "--workdir", ORBAX_SCHEMES)
+    out = paths.location(out_dir, "--export")
+    directory = paths.join(workdir, "checkpoints")
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"no checkpoint under {directory} to export")
-    out = Path(out_dir)
-    in_dir, flag = Path(directory), "--workdir checkpoints"
+    in_dir = directory if paths.is_url(directory) else Path(directory)
+    flag = "--workdir checkpoints"
     outputs.prepare_output(in_dir, out, overwrite, flag, "--export")
-    checkpointer = ckpt.Checkpointer(directory, every=1, keep=1, create=False)
+    with paths.remote(workdir, "--workdir"):
+        checkpointer = ckpt.Checkpointer(directory, every=1, keep=1, create=False)
     step = checkpointer.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints to export")
+        raise FileNotFoundError(f"no checkpoint under {directory} to export")
     saved = checkpointer.restore_config(step)
     config = tc.from_dict(saved["train"])
     model_config = ModelConfig.from_hf(saved["model"])
@@ -511,15 +531,23 @@ def export(
     params = restored["params"]
     params["blocks"] = _as_list(params["blocks"])
     tok = config.data.tokenizer or config.model.init_from
-    tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
+    key = "data.tokenizer" if config.data.tokenizer else "model.init_from"
     jdtype = _dtype(dtype, "--export_dtype")
 
-    def build(tmp: Path) -> list[str]:
-        return ckpt.export_pretrained(params, model_config, str(tmp), dtype=jdtype,
-                                      tokenizer_dir=tok_dir)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        try:  # the run's tokenizer files go along when they can still be found
+            local = stack.enter_context(paths.as_local(tok, key, patterns=paths.TOKENIZER_FILES))
+            tok_dir = str(local if local.is_dir() else local.parent)
+        except (paths.PathError, OSError) as e:
+            print(f"warning: exporting without the tokenizer files: {e}", file=sys.stderr)
+            tok_dir = None
 
-    return outputs.atomic_output(out, overwrite, build, in_dir=in_dir, in_flag=flag,
-                                 out_flag="--export", written_by="train --export")  # fmt: skip
+        def build(tmp: Path) -> list[str]:
+            return ckpt.export_pretrained(params, model_config, str(tmp), dtype=jdtype,
+                                          tokenizer_dir=tok_dir)  # fmt: skip
+
+        return outputs.atomic_output(out, overwrite, build, in_dir=in_dir, in_flag=flag,
+                                     out_flag="--export", written_by="train --export")  # fmt: skip
 
 
 def _as_list(blocks: Any) -> list:

@@ -30,8 +30,9 @@ class ModelSection:
     """Which model to train and how to run it (numerics and memory, not the math)."""
 
     preset: str | None = None  # a configs/*.json name, e.g. "tiny-native"
-    config: str | None = None  # an HF config.json (or its directory) instead of a preset
-    init_from: str | None = None  # start from weights of an HF checkpoint dir (from_pretrained)
+    config: str | None = None  # an HF config.json (or its dir, a hub id, a URL) instead of a preset
+    init_from: str | None = None  # start from the weights of a checkpoint (from_pretrained: a
+    # local dir, hub id owner/name[@revision] or URL)
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields to change
     param_dtype: str = "float32"
     compute_dtype: str | None = "bfloat16"  # None: compute in param_dtype
@@ -46,7 +47,7 @@ class DataSection:
     """Sources, tokenizer and batch shape. ``batch_size`` is global rows per optimizer step."""
 
     sources: tuple = ()  # of SourceSpec (YAML: list of {type, path, text_field})
-    tokenizer: str | None = None  # tokenizer.json or its directory (default: model.init_from)
+    tokenizer: str | None = None  # tokenizer.json or its dir, hub id, URL (default: init_from)
     eos_token: str = "<end_of_sentence>"
     seq_len: int = 512
     batch_size: int = 8
