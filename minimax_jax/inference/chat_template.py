@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ SPECIAL_TOKENS = (
 # Names apply_chat_template passes itself: an extra variable may not take them.
 RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_PARTS_RE = re.compile(r"""content['"]?\]?\s*\[\s*0\s*\]""")
 
 Templates = str | dict[str, str]
 
@@ -96,6 +98,12 @@ def select(templates: Templates, *, tools: list | None) -> str:
         f"the checkpoint has several chat templates ({', '.join(sorted(templates))}) and no "
         "default: pass one with --chat_template FILE"
     )
+
+
+def reads_parts(template: str) -> bool:
+    """Whether the template reads message content as a list of parts (``content[0]``, as
+    MiniMax's templates do) rather than as a string."""
+    return _PARTS_RE.search(template) is not None
 
 
 def special_tokens(config: Mapping[str, Any]) -> dict[str, str]:

@@ -93,12 +93,14 @@ class ChatTokenizer:
         """Apply the chat template as transformers' ``apply_chat_template`` does (see
         ``chat_template``), with the special tokens of tokenizer_config and ``variables``.
 
-        Message content may be a string or a list of parts; a string becomes
-        ``[{"type": "text", "text": ...}]`` (MiniMax's template indexes ``content[0]["text"]``),
-        with the message's ``name`` copied in for a tool result (the template reads
-        ``content["name"]``). Lists of parts are passed unchanged."""
+        Message content may be a string or a list of parts. For a template that reads
+        ``content[0]`` (MiniMax's index ``content[0]["text"]``) a string becomes
+        ``[{"type": "text", "text": ...}]``, with the message's ``name`` copied in for a tool
+        result (the template reads ``content["name"]``); otherwise, and for lists of parts,
+        content is passed unchanged, as transformers does."""
         source = self.template_for(template, tools)
-        normalized = [_as_parts(m) for m in messages]
+        parts = chat_template.reads_parts(source)
+        normalized = [_as_parts(m) if parts else _checked(m) for m in messages]
         values = {**chat_template.special_tokens(self.config), **(variables or {})}
         return chat_template.render(
             source,
@@ -109,10 +111,14 @@ class ChatTokenizer:
         )
 
 
-def _as_parts(message: dict) -> dict:
+def _checked(message: dict) -> dict:
     if "role" not in message or "content" not in message:
         raise ValueError(f"a chat message needs 'role' and 'content', got {sorted(message)}")
-    content = message["content"]
+    return message
+
+
+def _as_parts(message: dict) -> dict:
+    content = _checked(message)["content"]
     if isinstance(content, str):
         part = {"type": "text", "text": content}
         if message.get("role") == "tool" and isinstance(message.get("name"), str):
