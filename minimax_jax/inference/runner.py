@@ -81,8 +81,8 @@ def check_tools(tools, where: str) -> list[dict]:
 
 def read_tools(path: str) -> list[dict]:
     """The --tools file: a JSON list of tool schemas."""
-    what = "a --tools file (a JSON list of tool schemas)"
-    return check_tools(files.read_json(path, what), f"--tools {path}")
+    text = files.read_text(path, "a --tools file (a JSON list of tool schemas)")
+    return check_tools(files.parse_json(text, f"--tools {path}"), f"--tools {path}")
 
 
 def parse_template_vars(items: list[str]) -> dict[str, Any]:
@@ -183,20 +183,9 @@ def run_generate(
     if output:
         outputs.check_new_file(Path(output), "--output")
     tok = ChatTokenizer.from_dir(ckpt)
-    template = files.read_text(chat_template, "a Jinja chat template") if chat_template else None
-    chat = bool(template or tok.chat_template) if chat is None else chat
-    tool_list = read_tools(tools) if tools else None
-    variables = parse_template_vars(template_vars or [])
-    items = read_prompts(prompts, prompts_file)
-    if not chat and (tool_list or variables or any(it.tools for it in items)):
-        raise ValueError("--tools, --template_var and per-prompt tools need the chat template: "
-                         "drop --nochat (or pass --chat_template FILE)")  # fmt: skip
-    if tool_list and "tools" not in tok.template_for(template, tool_list):
-        print("warning: the chat template does not use `tools`; --tools has no effect", file=log)
-    if images:
-        items = [_with_image_placeholders(it, len(images)) for it in items]
-    texts = [render(tok, it, chat=chat, system=system, template=template, tools=tool_list,
-                    variables=variables) for it in items]  # fmt: skip
+    chat, items, texts = _prompts(tok, prompts=prompts, prompts_file=prompts_file, chat=chat,
+                                  system=system, chat_template=chat_template, tools=tools,
+                                  template_vars=template_vars, images=images, log=log)  # fmt: skip
     dtype = dtype or checkpoint_dtype(ckpt)
     gen = dict(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
                top_k=top_k, top_p=None if greedy or top_p == 1.0 else top_p, seed=seed)  # fmt: skip
@@ -225,6 +214,25 @@ def run_generate(
     elapsed = time.perf_counter() - start
     print(f"[done] {len(results)} completion(s) in {elapsed:.2f}s", file=log)
     return [c.text for c in results]
+
+
+def _prompts(tok, *, prompts, prompts_file, chat, system, chat_template, tools, template_vars,
+             images, log) -> tuple[bool, list[Prompt], list[str]]:  # fmt: skip
+    """(chat on, the prompts as given, the texts the model sees) from run_generate's inputs."""
+    template = files.read_text(chat_template, "a Jinja chat template") if chat_template else None
+    chat = bool(template or tok.chat_template) if chat is None else chat
+    tool_list = read_tools(tools) if tools else None
+    variables = parse_template_vars(template_vars or [])
+    items = read_prompts(prompts, prompts_file)
+    if not chat and (tool_list or variables or any(it.tools for it in items)):
+        raise ValueError("--tools, --template_var and per-prompt tools need the chat template: "
+                         "drop --nochat (or pass --chat_template FILE)")  # fmt: skip
+    if tool_list and "tools" not in tok.template_for(template, tool_list):
+        print("warning: the chat template does not use `tools`; --tools has no effect", file=log)
+    placed = [_with_image_placeholders(it, len(images)) for it in items] if images else items
+    texts = [render(tok, it, chat=chat, system=system, template=template, tools=tool_list,
+                    variables=variables) for it in placed]  # fmt: skip
+    return chat, items, texts
 
 
 def _checkpoint_dir(checkpoint: str | None) -> Path:
