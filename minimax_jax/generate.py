@@ -4,10 +4,14 @@
     python -m minimax_jax.generate --checkpoint DIR --system "Be brief." --prompt "Hi" --stream
     python -m minimax_jax.generate --checkpoint DIR --quantize experts_int8 --prompt "Hi"
     python -m minimax_jax.generate --checkpoint MiniMaxAI/MiniMax-M1-80k --mesh ... --prompt "Hi"
+    python -m minimax_jax.generate --checkpoint M1 --tools t.json --prompt "Hi" --output o.jsonl
 
 With no --checkpoint it runs the small demo model shipped in the package (CPU, seconds).
 Prompts: --prompt (repeatable) or --prompts_file FILE.jsonl with one {"prompt": str} or
-{"messages": [...]} object per line. Stops at the checkpoint's eos tokens (<end_of_sentence>).
+{"messages": [...]} object per line, each optionally with "tools". Stops at the checkpoint's eos
+tokens (<end_of_sentence>). Chat completions print the answer on stdout and MiniMax-M1's
+reasoning (<think>...</think>) on stderr after "[reasoning] "; --output FILE.jsonl also records
+the tool calls.
 MiniMax-VL-01 checkpoints take --image PATH (repeatable); each `<image>` in a prompt is replaced
 by that image's features (one placeholder per image is prepended when the prompt has none).
 """
@@ -46,6 +50,27 @@ _SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.", flag
 _TEMPLATE = flags.DEFINE_string(
     "chat_template", None, "Jinja chat template file.", flag_values=_FLAGS
 )
+_TOOLS = flags.DEFINE_string(
+    "tools",
+    None,
+    "JSON file with a list of tool schemas for the chat template (a prompts_file line's "
+    '"tools" wins for that line).',
+    flag_values=_FLAGS,
+)
+_TEMPLATE_VAR = flags.DEFINE_multi_string(
+    "template_var",
+    [],
+    "KEY=VALUE passed to the chat template (repeatable); VALUE is read as JSON when it parses "
+    "(true, 3), else as a string.",
+    flag_values=_FLAGS,
+)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Write one JSON object per completion to this new file (JSONL): prompt, text, reasoning, "
+    "content, tool_calls, errors, finish_reason, prompt_tokens, new_tokens.",
+    flag_values=_FLAGS,
+)
 _MAX_NEW = flags.DEFINE_integer(
     "max_new_tokens", 64, "Tokens to generate per prompt.", lower_bound=1, flag_values=_FLAGS
 )
@@ -64,9 +89,16 @@ _GREEDY = flags.DEFINE_boolean(
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Sampling seed.", lower_bound=0, upper_bound=cli.SEED_MAX, flag_values=_FLAGS
 )
-_STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is decoded.", flag_values=_FLAGS)
+_STREAM = flags.DEFINE_boolean(
+    "stream", False, "Print text as it is decoded (reasoning on stderr).", flag_values=_FLAGS
+)
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16"], "Weights dtype.", flag_values=_FLAGS
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Weights dtype. Default: the checkpoint's (config.json dtype / torch_dtype: bfloat16 for a "
+    "16-bit checkpoint, float32 when it records none).",
+    flag_values=_FLAGS,
 )
 _QUANTIZE = flags.DEFINE_enum(
     "quantize",
@@ -114,9 +146,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 cli.finite(_TEMPERATURE, minimum=0)
 cli.finite(_TOP_P, minimum=1e-9, maximum=1)
-_HOLDERS = (_CHECKPOINT, _PROMPT, _PROMPTS_FILE, _CHAT, _SYSTEM, _TEMPLATE, _MAX_NEW, _TEMPERATURE,
-            _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _DTYPE, _QUANTIZE, _CHUNK, _MESH, _RULES,
-            _ATTENTION, _IMAGE, _DISTRIBUTED)  # fmt: skip
+_HOLDERS = (_CHECKPOINT, _PROMPT, _PROMPTS_FILE, _CHAT, _SYSTEM, _TEMPLATE, _TOOLS, _TEMPLATE_VAR,
+            _MAX_NEW, _TEMPERATURE, _TOP_P, _TOP_K, _GREEDY, _SEED, _STREAM, _OUTPUT, _DTYPE,
+            _QUANTIZE, _CHUNK, _MESH, _RULES, _ATTENTION, _IMAGE, _DISTRIBUTED)  # fmt: skip
 
 
 def main(argv):
@@ -157,9 +189,12 @@ def _generate_from(ckpt, label: str | None, sink) -> None:
         chat=_CHAT.value,
         system=_SYSTEM.value,
         chat_template=_TEMPLATE.value,
+        tools=_TOOLS.value,
+        template_vars=_TEMPLATE_VAR.value,
         **sampling,
         seed=_SEED.value,
         stream=_STREAM.value,
+        output=None if sink is not None else _OUTPUT.value,  # process 0 writes the file
         dtype=_DTYPE.value,
         quantize=_QUANTIZE.value,
         prefill_chunk=_CHUNK.value,

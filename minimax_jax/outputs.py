@@ -1,4 +1,4 @@
-"""Safe output directories for the tools that write checkpoints (converters, ``train --export``).
+"""Safe outputs for the tools that write checkpoints (converters, ``train --export``).
 
 OUT is built in a hidden ``.OUT.partial-<pid>-<random>`` directory beside it and renamed into
 place only when complete, with a marker file (``MARKER``) listing what was written. OUT may not be
@@ -14,10 +14,13 @@ listing what will be written (so an interrupted upload is recognisably ours and 
 may replace it), then the files (metadata files such as ``_METADATA`` and ``config.json`` last),
 then the ``MARKER`` again with ``"complete": true``. Replacing an existing OUT removes its old
 entries first (only when they are the tool's own, as above): during the upload OUT is incomplete.
+
+Single new files (``generate --output``) are written the same way (``new_file``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +28,7 @@ import signal
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -264,3 +267,37 @@ def upload_output(
         return result
     finally:
         _remove(tmp)
+
+
+def check_new_file(path: Path, flag: str) -> None:
+    """``path`` may be written as a new file: it does not exist, its directory does."""
+    if path.exists() or path.is_symlink():
+        raise OutputError(f"{flag} {path} exists; remove it or choose another file")
+    if not path.parent.is_dir():
+        raise OutputError(f"{flag} {path}: no directory {path.parent}; create it first")
+
+
+@contextlib.contextmanager
+def new_file(path: Path, flag: str) -> Iterator[TextIO]:
+    """A text file that must not exist yet, written through a hidden ``.NAME.partial-<pid>-*``
+    beside it and linked into place when the block ends without error (never replacing a file
+    that appeared meanwhile); on an error the temporary is removed and ``path`` never appears."""
+    check_new_file(path, flag)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes it 0600
+            yield f
+        try:
+            os.link(tmp, path)  # fails if path exists: nothing is ever replaced
+        except FileExistsError:
+            raise OutputError(f"{flag} {path} appeared while running; left it alone") from None
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise OutputError(f"{flag} {path} appeared while running; left it alone") from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -49,6 +49,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("x")
     (root / "run").mkdir()  # a train workdir with one logged step, for --plot
     (root / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (root / "obj_tools.json").write_text('{"name": "f"}')
+    (root / "tools.json").write_text('[{"name": "f"}]')
+    (root / "badtools.jsonl").write_text('{"prompt": "x", "tools": "f"}\n')
     good = fx.write_yaml(str(root / "good.yaml"), fx.raw_config(glob, tok, model=fx.TWO_LAYERS))
     return {"root": root, "good": Path(good), "tok": Path(tok), "glob": Path(glob)}
 
@@ -167,6 +170,19 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
         (gen, ["--checkpoint", str(r / "corrupt"), "--prompt", "x"], 2, ()),
         (gen, ["--prompt", "x", "--mesh", "sequence=2"], 2, ("sequence=2",)),
         (gen, ["--prompt", "x", "--mesh", "tensor=64"], 2, ("64 devices",)),
+        (
+            gen,
+            ["--prompt", "x", "--tools", str(r / "missing.json")],
+            2,
+            ("missing.json", "--tools"),
+        ),
+        (gen, ["--prompt", "x", "--tools", str(r / "obj_tools.json")], 2, ("--tools", "list")),
+        (gen, ["--prompt", "x", "--tools", str(r / "tools.json")], 2, ("--tools", "chat template")),
+        (gen, ["--prompts_file", str(r / "badtools.jsonl")], 2, ("badtools.jsonl:1", "tools")),
+        (gen, ["--prompt", "x", "--template_var", "a b=1"], 2, ("--template_var", "KEY=VALUE")),
+        (gen, ["--prompt", "x", "--output", str(r / "a_file")], 2, ("--output", "exists")),
+        (gen, ["--prompt", "x", "--output", str(r / "no" / "o.jsonl")], 2, ("--output", "no")),
+        (gen, ["--prompt", "x", "--dtype", "float64"], 2, ("--dtype",)),
         # train: config, --set, export
         (train, ["--config", str(r / "bad.yaml"), "--workdir", work], 2, ("bad.yaml", "YAML")),
         (train, ["--config", str(r / "a_dir"), "--workdir", work], 2, ("a_dir", "directory")),
@@ -332,7 +348,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], int, tuple[str, ...
 
 # Rows of the table that also run as fresh `python -m` processes (a generate flag, a train config,
 # a converter): they must give the fork server's exit code and error line.
-_FRESH = (0, 15, 30)
+_FRESH = (0, 23, 38)
 
 
 def test_bad_input_is_one_line_exit_2_no_traceback(files, tmp_path):
@@ -363,7 +379,9 @@ HELP = {
     "minimax_jax.generate": ["--checkpoint", "--prompt", "--prompts_file", "--temperature",
                              "--top_p", "--top_k", "--seed", "--max_new_tokens", "--mesh",
                              "--rules", "--attention_impl", "--image", "--quantize",
-                             "--distributed", "--[no]debug"],
+                             "--distributed", "--[no]debug", "--chat_template", "--tools",
+                             "--template_var", "--output", "--[no]stream", "--dtype", "--system",
+                             "--[no]chat"],
     "minimax_jax.train": ["--config", "--workdir", "--steps", "--set", "--export",
                           "--export_dtype", "--[no]overwrite", "--distributed", "--plot",
                           "--plot_out", "--[no]debug"],

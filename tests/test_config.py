@@ -237,6 +237,40 @@ def test_vl01_config_reads_text_config(m1_dict):
         ModelConfig.from_hf({"model_type": "minimax_vl_01"})
 
 
+def _saved_by_remote_code(hub: dict, model_type: str) -> dict:
+    """config.json as the remote code's configuration class saves it (by hand, from
+    configuration_minimax_m1.py of MiniMax-AI/MiniMax-M1 and transformers 4.45's
+    ``to_diff_dict``): ``model_type`` is the class attribute ("MiniMaxM1" / "MiniMaxText01"),
+    keys equal to PretrainedConfig's defaults (bos/eos/pad_token_id None) are left out, and
+    ``torch_dtype`` records the weights' dtype."""
+    d = {k: v for k, v in hub.items() if k not in ("bos_token_id", "eos_token_id")}
+    return {**d, "model_type": model_type, "torch_dtype": "bfloat16"}
+
+
+def test_reads_configs_the_remote_code_saves(m1_dict):
+    from minimax_jax.hf.hf_config import stored_dtype
+
+    saved = _saved_by_remote_code(m1_dict, "MiniMaxM1")
+    cfg = ModelConfig.from_hf(saved)
+    assert cfg == ModelConfig.from_hf(m1_dict) and cfg.architecture == "MiniMaxM1ForCausalLM"
+    assert cfg.to_hf()["model_type"] == "minimax_m1"  # written as the hub files spell it
+    assert stored_dtype(saved) == "bfloat16" and stored_dtype(m1_dict) is None
+    no_arch = {k: v for k, v in saved.items() if k != "architectures"}
+    assert ModelConfig.from_hf(no_arch) == cfg  # the spelling alone tells the architecture
+    text01 = {**saved, "model_type": "MiniMaxText01", "architectures": ["MiniMaxText01ForCausalLM"]}
+    assert ModelConfig.from_hf(text01).architecture == "MiniMaxText01ForCausalLM"
+    # VL-01's configuration class writes model_type minimax_vl_01 itself, but its text_config is
+    # a MiniMaxText01Config, saved with that class's spelling
+    text = {k: v for k, v in text01.items() if k not in ("architectures", "auto_map")}
+    vl = {"architectures": ["MiniMaxVL01ForConditionalGeneration"], "model_type": "minimax_vl_01",
+          "torch_dtype": "bfloat16", "text_config": text}  # fmt: skip
+    assert ModelConfig.from_hf(vl) == ModelConfig.preset("minimax-vl-01-text")
+    with pytest.raises(ValueError, match="contradict"):
+        ModelConfig.from_hf({**saved, "architectures": ["MiniMaxForCausalLM"]})
+    with pytest.raises(ValueError, match="MiniMaxM1"):  # the error lists the spellings read
+        ModelConfig.from_hf({**saved, "model_type": "MiniMaxM2"})
+
+
 def test_native_legacy_keys():
     d = tiny().to_hf("native")
     rope = d.pop("rope_parameters")

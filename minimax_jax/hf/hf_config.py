@@ -3,7 +3,8 @@
 Two Hugging Face config schemas are read and written (``from_hf`` / ``to_hf``):
 
 * ``"remote"``: the MiniMax remote code (``MiniMaxText01ForCausalLM`` / ``MiniMaxM1ForCausalLM``,
-  model_type ``minimax_text_01`` / ``minimax_m1``), which the released checkpoints ship with.
+  model_type ``minimax_text_01`` / ``minimax_m1``, or ``MiniMaxText01`` / ``MiniMaxM1`` as that
+  code's configuration classes save it), which the released checkpoints ship with.
 * ``"native"``: transformers' own ``minimax`` model (``MiniMaxForCausalLM``, the ``-hf``
   checkpoints).
 
@@ -49,6 +50,10 @@ REMOTE_ARCHITECTURES = {
     "MiniMaxM1ForCausalLM": "minimax_m1",
 }
 NATIVE_ARCHITECTURES = {"MiniMaxForCausalLM": "minimax"}
+# The remote code's configuration classes set model_type to these spellings, so a config.json
+# that code saves (save_pretrained; also VL-01's nested text_config) carries them; the hub files
+# say minimax_m1 / minimax_text_01. Both are read; ours are written.
+MODEL_TYPE_ALIASES = {"MiniMaxM1": "minimax_m1", "MiniMaxText01": "minimax_text_01"}
 VL_ARCHITECTURES = {"MiniMaxVL01ForConditionalGeneration": "minimax_vl_01"}
 _REMOTE_AUTO_MAP = {
     "MiniMaxText01ForCausalLM": (
@@ -98,6 +103,8 @@ def _detect(d: Mapping[str, Any]) -> tuple[str, str]:
     """Returns (schema, architecture) of a text config; "vl" schema for the VL-01 wrapper."""
     archs = d.get("architectures")
     model_type = d.get("model_type")
+    if isinstance(model_type, str):
+        model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
     known = {**REMOTE_ARCHITECTURES, **NATIVE_ARCHITECTURES, **VL_ARCHITECTURES}
     arch = None
     if archs:
@@ -110,7 +117,7 @@ def _detect(d: Mapping[str, Any]) -> tuple[str, str]:
     if model_type is not None and model_type not in known.values():
         raise ValueError(
             f"'model_type' {model_type!r} is not a MiniMax-01 model: expected one of "
-            f"{sorted(set(known.values()))}"
+            f"{sorted(set(known.values()) | set(MODEL_TYPE_ALIASES))}"
         )
     if arch is None and model_type is None:
         raise ValueError("config has neither 'architectures' nor 'model_type': cannot tell schema")
@@ -134,6 +141,16 @@ def _detect(d: Mapping[str, Any]) -> tuple[str, str]:
             "(one is the remote-code schema, the other not): fix one of them"
         )
     return schema, arch
+
+
+def stored_dtype(d: Mapping[str, Any]) -> str | None:
+    """The weights' dtype a config records (``dtype``, transformers 5, or ``torch_dtype``; a
+    VL-01 config's own, else its text_config's), e.g. "bfloat16"; None when it records none."""
+    for source in (d, d.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(source, Mapping) and source.get(key) is not None:
+                return str(source[key]).removeprefix("torch.")
+    return None
 
 
 def _require(d: Mapping[str, Any], key: str, schema: str) -> Any:

@@ -7,28 +7,36 @@ so generation needs neither transformers nor torch.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from minimax_jax import files
+from minimax_jax.inference import chat_template
 
 EOS_TOKENS = ("<end_of_sentence>",)
 
 
 class ChatTokenizer:
-    """encode/decode text, the eos ids and the chat template of one checkpoint directory."""
+    """encode/decode text, the eos ids and the chat template(s) of one checkpoint directory."""
 
-    def __init__(self, tokenizer: Tokenizer, config: dict[str, Any]):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: dict[str, Any],
+        templates: chat_template.Templates | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
-        self.chat_template: str | None = config.get("chat_template")
+        # A string, or name -> template when the checkpoint has several (see chat_template).
+        self.chat_template = (
+            templates if templates is not None else chat_template.from_config(config)
+        )
         names = [config.get("eos_token"), *EOS_TOKENS]
+        if isinstance(names[0], dict):  # a serialised AddedToken
+            names[0] = names[0].get("content")
         ids = [tokenizer.token_to_id(n) for n in names if isinstance(n, str)]
         self.eos_token_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
 
@@ -51,7 +59,7 @@ class ChatTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt"
             )
-        return cls(tok, config)
+        return cls(tok, config, chat_template.load(path, config))
 
     @property
     def vocab_size(self) -> int:
@@ -63,48 +71,92 @@ class ChatTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def render_chat(
-        self, messages: list[dict], *, template: str | None = None, add_generation_prompt=True
-    ) -> str:
-        """Apply the chat template. Message content may be a string or a list of
-        {"type": "text", "text": ...} parts (MiniMax's template indexes content[0]["text"])."""
-        template = template or self.chat_template
-        if not template:
+    def template_for(self, template: str | None = None, tools: list | None = None) -> str:
+        """``template`` if given, else the checkpoint's (``tool_use`` of several with tools)."""
+        if template:
+            return template
+        if not self.chat_template:
             raise ValueError(
                 "the checkpoint has no chat template: pass --chat_template FILE or use --nochat"
             )
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters.setdefault("tojson", lambda x: json.dumps(x, ensure_ascii=False))
-        normalized = [_as_parts(m) for m in messages]
-        try:
-            return env.from_string(template).render(
-                messages=normalized, add_generation_prompt=add_generation_prompt, tools=None
-            )
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template failed to render: {e}") from e
+        return chat_template.select(self.chat_template, tools=tools)
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        *,
+        template: str | None = None,
+        tools: list | None = None,
+        variables: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Apply the chat template as transformers' ``apply_chat_template`` does (see
+        ``chat_template``), with the special tokens of tokenizer_config and ``variables``.
+
+        Message content may be a string or a list of parts. For a template that reads
+        ``content[0]`` (MiniMax's index ``content[0]["text"]``) a string becomes
+        ``[{"type": "text", "text": ...}]``, with the message's ``name`` copied in for a tool
+        result (the template reads ``content["name"]``); otherwise, and for lists of parts,
+        content is passed unchanged, as transformers does."""
+        source = self.template_for(template, tools)
+        parts = chat_template.reads_parts(source)
+        normalized = [_as_parts(m) if parts else _checked(m) for m in messages]
+        values = {**chat_template.special_tokens(self.config), **(variables or {})}
+        return chat_template.render(
+            source,
+            normalized,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            variables=values,
+        )
+
+
+def _checked(message: dict) -> dict:
+    if "role" not in message or "content" not in message:
+        raise ValueError(f"a chat message needs 'role' and 'content', got {sorted(message)}")
+    return message
 
 
 def _as_parts(message: dict) -> dict:
-    if "role" not in message or "content" not in message:
-        raise ValueError(f"a chat message needs 'role' and 'content', got {sorted(message)}")
-    content = message["content"]
+    content = _checked(message)["content"]
     if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
+        part = {"type": "text", "text": content}
+        if message.get("role") == "tool" and isinstance(message.get("name"), str):
+            part["name"] = message["name"]
+        content = [part]
     return {**message, "content": content}
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces without splitting a UTF-8 character."""
+    """Turns token ids, one at a time, into text pieces that never split a UTF-8 character.
+
+    O(1) amortised per token with ``tokenizers.decoders.DecodeStream`` (tokenizers >= 0.21);
+    without it, each push decodes the whole sequence (quadratic). The pieces joined, then
+    ``finish()``, equal ``tokenizer.decode(ids)`` (special tokens skipped)."""
 
     def __init__(self, tokenizer: ChatTokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.printed = 0
+        self.printed = 0  # characters returned so far
+        stream_cls = getattr(decoders, "DecodeStream", None)
+        self._stream = None if stream_cls is None else stream_cls(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
+        if self._stream is not None:
+            piece = self._stream.step(self.tokenizer.tokenizer, int(token)) or ""
+        else:
+            text = self.tokenizer.decode(self.ids)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+                return ""
+            piece = text[self.printed :]
+        self.printed += len(piece)
+        return piece
+
+    def finish(self) -> str:
+        """What is still held back at the end (bytes that never formed a character decode as
+        U+FFFD, as in a one-shot decode)."""
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more bytes
-            return ""
-        piece, self.printed = text[self.printed :], len(text)
+        piece = text[self.printed :]
+        self.printed = len(text)
         return piece

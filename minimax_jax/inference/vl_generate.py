@@ -5,7 +5,7 @@ jitted step / loop (``inference.engine``)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -145,6 +145,25 @@ def generate_vl_stream(
     )  # fmt: skip
 
 
+def token_streams(
+    ckpt, tok, texts: Sequence[str], images: Sequence[Any], *, dtype: Any = jnp.float32, **gen
+) -> Iterator[tuple[int, Iterator[int]]]:
+    """(prompt tokens, that prompt's new token ids up to eos) for each of ``texts`` (final
+    prompts, one ``<image>`` per image; every prompt gets all ``images``), generated one prompt
+    at a time as the iterators are consumed. gen: max_new_tokens, temperature, top_k, top_p,
+    seed, prefill_chunk."""
+    if not is_vl_checkpoint(ckpt):
+        raise ValueError(f"--image needs a MiniMax-VL-01 checkpoint; {ckpt} is a text model")
+    model = from_pretrained_vl(ckpt, dtype=dtype)
+    proc = MiniMaxVLProcessor.from_config(model.config)
+    eos = tuple(tok.eos_token_ids) or None
+    for text in texts:
+        x = prepare_vl_inputs(proc, tok, text, images)
+        args = (model, x["input_ids"][None], x["pixel_values"], x["image_sizes"])
+        steps = generate_vl_stream(*args, eos_token_id=eos, **gen)
+        yield len(x["input_ids"]), (int(step[0]) for step in steps)
+
+
 def generate_for_cli(
     ckpt,
     tok,
@@ -156,31 +175,19 @@ def generate_for_cli(
     out=None,
     **gen: Any,
 ) -> list[str]:
-    """What ``python -m minimax_jax.generate --image PATH`` runs once prompts are rendered.
-
-    texts: final prompts (chat template applied), each with one ``<image>`` per image (use
-    ``processor.ensure_placeholders`` on the user's text before rendering); every prompt gets
-    all ``images``. gen: max_new_tokens, temperature, top_k, top_p, seed, prefill_chunk.
-    Prints each completion (streamed when ``stream``) to ``out`` and returns them.
-    """
-    if not is_vl_checkpoint(ckpt):
-        raise ValueError(f"--image needs a MiniMax-VL-01 checkpoint; {ckpt} is a text model")
+    """``token_streams`` decoded: prints each completion (streamed when ``stream``) to ``out``
+    and returns them."""
     out = out or sys.stdout
-    model = from_pretrained_vl(ckpt, dtype=dtype)
-    proc = MiniMaxVLProcessor.from_config(model.config)
-    eos = tuple(tok.eos_token_ids) or None
     results = []
-    for text in texts:
-        x = prepare_vl_inputs(proc, tok, text, images)
-        args = (model, x["input_ids"][None], x["pixel_values"], x["image_sizes"])
+    for _, steps in token_streams(ckpt, tok, texts, images, dtype=dtype, **gen):
         dec = StreamDecoder(tok)
-        for step in generate_vl_stream(*args, eos_token_id=eos, **gen):
-            if eos and int(step[0]) in eos:
+        for token in steps:
+            if token in tok.eos_token_ids:
                 break
-            piece = dec.push(int(step[0]))
+            piece = dec.push(token)
             if stream:
                 out.write(piece)
                 out.flush()
         results.append(tok.decode(dec.ids))
-        out.write("\n" if stream else results[-1] + "\n")
+        out.write(dec.finish() + "\n" if stream else results[-1] + "\n")
     return results
