@@ -21,6 +21,11 @@ from minimax_jax.sharding import load_rules, make_mesh
 from minimax_jax.vl import processor
 
 DEMO_DIR = Path(__file__).parent.parent / "demo_model"
+_CHUNK_SOURCE = {
+    "given": "--prefill_chunk",
+    "auto": "the largest the memory plan fits",
+    "default": "default: device memory unknown",
+}
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[dict | str]:
@@ -70,7 +75,7 @@ def run_generate(
     stream: bool = False,
     dtype: str = "float32",
     quantize: str | None = None,
-    prefill_chunk: int = 256,
+    prefill_chunk: int | None = None,
     images: list[str] | None = None,
     mesh: str | None = None,
     rules: str = "tp_ep",
@@ -107,7 +112,7 @@ def run_generate(
             stream=stream, out=out, max_new_tokens=max_new_tokens,
             temperature=0.0 if greedy else temperature, top_k=top_k,
             top_p=None if greedy or top_p == 1.0 else top_p, seed=seed,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk or sampling.DEFAULT_CHUNK,
         )  # fmt: skip
     model, options = _load(ckpt, dtype, mesh, rules, attention_impl, quantize)
     if tok.vocab_size > model.config.vocab_size:
@@ -125,11 +130,12 @@ def run_generate(
         raise ValueError("a prompt encodes to zero tokens")
     plan = engine.plan(len(encoded), max(map(len, encoded)), max_new_tokens)
     int8 = f" (int8 weights: {model.quantize})" if model.quantize else ""
+    chunk = f"prefill chunk {plan['chunk']} ({_CHUNK_SOURCE[plan['chunk_source']]})"
     print(
         f"[{ckpt.name}] {model.config.param_count():,} params{int8}; estimated device memory "
         f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
         f"{plan['cache'] / 2**20:.1f} + activations {plan['activations'] / 2**20:.1f}); "
-        f"{len(encoded)} prompt(s)",
+        f"{chunk}; {len(encoded)} prompt(s)",
         file=log,
     )
     kw = dict(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tok.eos_token_ids or None)
@@ -194,12 +200,6 @@ def _load(
         return model, RunOptions(attention_impl=attention_impl)
     rules, _ = load_rules(rules_name)
     sizes = parse_mesh(mesh)
-    if sizes["sequence"] > 1:
-        raise ValueError(
-            f"--mesh sequence={sizes['sequence']}: generation does not split a prompt over "
-            "devices yet (training and one-shot forwards do); use sequence=1 and a longer "
-            "prefill in chunks"
-        )
     device_mesh = make_mesh(sizes)
     sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules, quantize)
     options = RunOptions(
