@@ -114,27 +114,40 @@ def test_chunk_not_divisible_by_sequence_is_refused_before_compiling(model, monk
     # the model-level check, for callers of forward_cached
     cache = init_cache(model.config, 1, 128, mesh=opts.mesh, rules=opts.rules)
     with pytest.raises(ValueError, match=r"sequence=4 does not divide the prefill chunk \(6 "):
-        forward_cached(model.config, placed, jnp.zeros((1, 6), jnp.int32),
-                       jnp.ones((1, 6), jnp.int32), cache, opts)  # fmt: skip
+        forward_cached(
+            model.config,
+            placed,
+            jnp.zeros((1, 6), jnp.int32),
+            jnp.ones((1, 6), jnp.int32),
+            cache,
+            opts,
+        )
 
 
-def _hand_plans(model, batch, prompt_len, new):
+def _hand_plans(model, batch):
     """The planner's totals for chunks 16, 32, 64 of a 50-token prompt, bucketed by hand: each
     pads the prompt to 64 tokens and the cache to 128 slots; fp32 weights as loaded."""
     cfg, params = model.config, model.pure_params()
     w = sum(x.nbytes for x in jax.tree.leaves(params))
     return {
         c: memory.plan_inference(
-            cfg, batch=batch, prompt_len=64, max_len=128, weights=w, param_dtype=jnp.float32,
-            kv_dtype=jnp.float32, prefill_chunk=c, attention_impl="blockwise",
-        ).total  # fmt: skip
+            cfg,
+            batch=batch,
+            prompt_len=64,
+            max_len=128,
+            weights=w,
+            param_dtype=jnp.float32,
+            kv_dtype=jnp.float32,
+            prefill_chunk=c,
+            attention_impl="blockwise",
+        ).total
         for c in (16, 32, 64)
     }
 
 
 def test_automatic_chunk_is_the_largest_that_fits(model, monkeypatch):
     cfg, params = model.config, model.pure_params()
-    totals = _hand_plans(model, 2, 50, 4)
+    totals = _hand_plans(model, 2)
     assert totals[16] < totals[32] < totals[64]
     auto = sampling.Engine(cfg, params)
     given = sampling.Engine(cfg, params, prefill_chunk=64)
@@ -169,8 +182,15 @@ def test_planner_splits_the_chunk_over_sequence(model):
     plus the gathered K, V of the whole chunk: 2 x B x 64 x K x H x 4 bytes (fp32)."""
     cfg = model.config
     rules, _ = sharding.load_rules("tp_ep")
-    kw = dict(batch=2, prompt_len=64, max_len=128, rules=rules, param_dtype=jnp.float32,
-              kv_dtype=jnp.float32, attention_impl="blockwise")  # fmt: skip
+    kw = dict(
+        batch=2,
+        prompt_len=64,
+        max_len=128,
+        rules=rules,
+        param_dtype=jnp.float32,
+        kv_dtype=jnp.float32,
+        attention_impl="blockwise",
+    )
     split = memory.plan_inference(cfg, mesh_shape={"sequence": 4}, prefill_chunk=64, **kw)
     alone = memory.plan_inference(cfg, mesh_shape={"sequence": 1}, prefill_chunk=16, **kw)
     gathered = 2 * 2 * 64 * cfg.num_kv_heads * cfg.head_dim * 4
