@@ -111,7 +111,12 @@ _QUANTIZE = flags.DEFINE_enum(
     flag_values=_FLAGS,
 )
 _CHUNK = flags.DEFINE_integer(
-    "prefill_chunk", 256, "Prefill chunk length (tokens).", lower_bound=1, flag_values=_FLAGS
+    "prefill_chunk",
+    None,
+    "Prefill chunk length (tokens); a multiple of the mesh's sequence size, whose devices split "
+    "each chunk. Default: the largest chunk whose planned memory fits the device (printed).",
+    lower_bound=1,
+    flag_values=_FLAGS,
 )
 _MESH = flags.DEFINE_string(
     "mesh",

@@ -373,3 +373,53 @@ def test_dtype_defaults_to_the_checkpoint(checkpoint, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             runner.run_generate(checkpoint=str(ckpt), prompts=["x"], dtype=dtype)
         assert seen[-1] == want
+
+
+PROMPT = "def add(a, b):\n    return a + b\nprint('hi')"
+
+
+def test_sequence_mesh_gives_the_same_text(checkpoint, capsys):
+    """--mesh sequence=4,expert=2 (each prefill chunk's tokens over 4 devices) generates the
+    one-device text over several prefill chunks, and prints the chunk it used."""
+    tok = ChatTokenizer.from_dir(checkpoint)
+    assert len(tok.encode(PROMPT)) > 8  # at least 3 chunks of 4
+    kw = dict(
+        checkpoint=str(checkpoint),
+        prompts=[PROMPT, "print"],
+        chat=False,
+        greedy=True,
+        max_new_tokens=6,
+        prefill_chunk=4,
+    )
+    assert run_generate(mesh="sequence=4,expert=2", **kw) == run_generate(**kw)
+    assert "prefill chunk 4 (--prefill_chunk)" in capsys.readouterr().err
+
+
+def test_automatic_chunk_is_printed(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sampling, "device_memory_limit", lambda: 1 << 40)
+    run_generate(
+        checkpoint=str(checkpoint), prompts=["print"], chat=False, greedy=True, max_new_tokens=2
+    )
+    assert "prefill chunk 16 (the largest the memory plan fits)" in capsys.readouterr().err
+
+
+def test_chunk_not_divisible_by_sequence_exits_2_before_compiling(checkpoint, capsys, monkeypatch):
+    from minimax_jax import cli
+
+    monkeypatch.setattr(sampling.Engine, "prefill", lambda *a: pytest.fail("compiled a prefill"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.guard(
+            lambda: run_generate(
+                checkpoint=str(checkpoint),
+                prompts=[PROMPT],
+                greedy=True,
+                mesh="sequence=4,expert=2",
+                prefill_chunk=6,
+            )
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --prefill_chunk 6 is not a multiple of the mesh's sequence=4 (each chunk is "
+        "split over it): pass a multiple of 4"
+    ]

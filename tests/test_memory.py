@@ -123,7 +123,10 @@ def test_flash_attention_plans_without_the_scores(monkeypatch):
 
     params = MiniMaxForCausalLM(CFG, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16).pure_params()
     engines = {
-        impl: sampling.Engine(CFG, params, options=RunOptions(attention_impl=impl))
+        # one chunk for every impl (the automatic chunk would differ by impl and host memory)
+        impl: sampling.Engine(
+            CFG, params, options=RunOptions(attention_impl=impl), prefill_chunk=256
+        )
         for impl in ("xla", "cudnn", "auto")
     }
     if jax.default_backend() == "cpu":

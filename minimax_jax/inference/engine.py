@@ -22,11 +22,14 @@ import numpy as np
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.inference import memory
+from minimax_jax.model import sequence
 from minimax_jax.model.attention import cudnn_lse_unsupported, resolve_attention_impl
 from minimax_jax.model.cache import init_cache
 from minimax_jax.model.decoder import RunOptions, forward_cached
 
 _CACHE_BUCKET = 128
+# The prefill chunk where neither the caller nor the device's memory size gives one.
+DEFAULT_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +72,25 @@ def sample_token(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.A
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _bucket_prompt(t: int, chunk: int) -> tuple[int, int]:
-    """(padded prompt length, chunk used) for a prompt of t tokens."""
+def _bucket_prompt(t: int, chunk: int, multiple: int = 1) -> tuple[int, int]:
+    """(padded prompt length, chunk used) for a prompt of t tokens; a short prompt's single
+    chunk is also rounded up to a multiple of `multiple` (the mesh's sequence size)."""
     if t <= chunk:
         padded = max(16, 1 << (t - 1).bit_length())
+        padded = -(-padded // multiple) * multiple
         return padded, padded
     return -(-t // chunk) * chunk, chunk
+
+
+def chunk_candidates(prompt_len: int, multiple: int = 1) -> list[int]:
+    """Prefill chunks the automatic choice considers, ascending: powers of two from 16 (times
+    the sequence size when that is not a power of two) up to the first that holds the whole
+    prompt."""
+    base = 16 if 16 % multiple == 0 else -(-16 // multiple) * multiple
+    out = [base]
+    while out[-1] < prompt_len:
+        out.append(2 * out[-1])
+    return out
 
 
 def device_memory_limit() -> int | None:
@@ -105,18 +121,21 @@ class Engine:
         params: Any,
         *,
         options: RunOptions | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int | None = None,
         kv_dtype: Any = None,
         compute_dtype: Any = None,
         sync_every: int = 16,
     ):
-        """sync_every: decode steps per iteration of the device loop's early-stop check; the
+        """prefill_chunk: tokens per prefill call; None: the largest the memory plan fits on
+        the device (`plan`), or `DEFAULT_CHUNK` where the device's memory is unknown. With a
+        `sequence` mesh axis each chunk is split over it (so it must be a multiple of its size).
+        sync_every: decode steps per iteration of the device loop's early-stop check; the
         steps between checks run as a loop of known trip count (no host round trip per token
         on GPU), and a stop at eos is noticed up to sync_every - 1 steps late (those steps
         write eos and do not change the result). Decode steps run the block scan unrolled.
         Measured on H200 (experiments/RESULTS.md): these and `moe_gather` took the 1.5B
         benchmark model's batch-1 step from 3.42 to 1.75 ms."""
-        if prefill_chunk < 1:
+        if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -154,7 +173,10 @@ class Engine:
         return impl
 
     def plan(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
-        """Bucketed shapes and the memory estimate for a request."""
+        """Bucketed shapes and the memory estimate for a request; "chunk_source" says whether
+        the prefill chunk was given ("given"), chosen from the plan ("auto": the largest of
+        `chunk_candidates` whose planned total fits `device_memory_limit`, else the smallest)
+        or the default ("default": the device's memory is unknown)."""
         limit = self.config.max_position_embeddings
         # The last new token is sampled, never fed back: it takes no position.
         if prompt_len + max(max_new_tokens - 1, 0) > limit:
@@ -163,7 +185,34 @@ class Engine:
                 f"the model's max_position_embeddings ({limit}): shorten the prompt or generate "
                 "less"
             )
-        padded, chunk = _bucket_prompt(prompt_len, self.prefill_chunk)
+        p = self._sequence_size()
+        if self.prefill_chunk is not None:
+            if self.prefill_chunk % p:
+                raise ValueError(
+                    f"--prefill_chunk {self.prefill_chunk} is not a multiple of the mesh's "
+                    f"sequence={p} (each chunk is split over it): pass a multiple of {p}"
+                )
+            return self._plan_with(batch, prompt_len, max_new_tokens, self.prefill_chunk, "given")
+        memory_limit = device_memory_limit()
+        if memory_limit is None:
+            chunk = -(-DEFAULT_CHUNK // p) * p
+            return self._plan_with(batch, prompt_len, max_new_tokens, chunk, "default")
+        plans = [
+            self._plan_with(batch, prompt_len, max_new_tokens, c, "auto")
+            for c in chunk_candidates(prompt_len, p)
+        ]
+        fits = [pl for pl in plans if pl["total"] <= memory_limit]
+        return fits[-1] if fits else plans[0]
+
+    def _sequence_size(self) -> int:
+        """Tokens of a prefill chunk are split over this many devices (1: not split)."""
+        p = sequence.sequence_size(self.mesh)
+        if p > 1 and sequence.SEQUENCE in self.rules.mesh_axes("length"):
+            return p
+        return 1
+
+    def _plan_with(self, batch, prompt_len, max_new_tokens, chunk: int, source: str) -> dict:
+        padded, chunk = _bucket_prompt(prompt_len, chunk, self._sequence_size())
         max_len = -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
         # Bytes held by the first device (all of them without a mesh).
         dev = jax.tree.leaves(self.params)[0].sharding.device_set
@@ -183,11 +232,12 @@ class Engine:
             param_dtype=self.params["embed"].dtype,
             kv_dtype=self.kv_dtype,
             prefill_chunk=chunk,
-            attention_impl=self._prefill_attention(chunk, max_len),
+            attention_impl=self._prefill_attention(chunk // self._sequence_size(), max_len),
         )
         return {
             "padded_prompt": padded,
             "chunk": chunk,
+            "chunk_source": source,
             "max_len": max_len,
             "weights": mem.weights,
             "cache": mem.cache,

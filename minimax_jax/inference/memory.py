@@ -184,6 +184,10 @@ def plan_inference(
     """Weights + caches + the peak of one prefill chunk (last-position logits only): the layer's
     activations and the softmax temporaries beside them.
 
+    With a `sequence` mesh axis (rules map `length` to it) each device computes chunk / P of the
+    chunk's tokens against every cache slot (the KV cache is not split over sequence) and holds
+    the gathered K, V of the whole chunk.
+
     quantize: an int8 weight-only scheme (``minimax_jax.config.QUANTIZE_SCHEMES``): its weights
     count 1 byte per element plus 4 per output-channel scale (activations and caches are
     unchanged: the matmuls run in param_dtype);
@@ -194,11 +198,15 @@ def plan_inference(
     mesh = _mesh_like(mesh_shape)
     local_batch = _split(batch, ("batch",), mesh, rules)
     chunk = min(prompt_len, prefill_chunk or prompt_len)
+    local = _split(chunk, ("length",), mesh, rules)  # the chunk's tokens on this device
     cb = np.dtype(param_dtype).itemsize
-    act = layer_activation_bytes(config, local_batch * chunk, mesh, rules, cb)
+    act = layer_activation_bytes(config, local_batch * local, mesh, rules, cb)
     scores = softmax_score_bytes(
-        config, local_batch, chunk, max_len, mesh, rules, attention_impl, cb
+        config, local_batch, local, max_len, mesh, rules, attention_impl, cb
     )
+    if local < chunk:  # the whole chunk's K, V [B,T,K,H], gathered to write the cache
+        kv = _split(config.num_kv_heads, ("kv_heads",), mesh, rules)
+        scores += 2 * local_batch * chunk * kv * config.head_dim * cb
     # the softmax layer's temporaries live beside its q, k, v and the residual stream
     act += scores
     act += local_batch * _split(config.vocab_size, ("vocab",), mesh, rules) * 4

@@ -26,6 +26,11 @@ from minimax_jax.sharding import load_rules, make_mesh
 from minimax_jax.vl import processor
 
 DEMO_DIR = Path(__file__).parent.parent / "demo_model"
+_CHUNK_SOURCE = {
+    "given": "--prefill_chunk",
+    "auto": "the largest the memory plan fits",
+    "default": "default: device memory unknown",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +170,7 @@ def run_generate(
     output: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
-    prefill_chunk: int = 256,
+    prefill_chunk: int | None = None,
     images: list[str] | None = None,
     mesh: str | None = None,
     rules: str = "tp_ep",
@@ -221,7 +226,13 @@ def _run_generate(ckpt: Path, *, prompts, prompts_file, chat, system, chat_templ
             raise ValueError("--quantize is for text models; drop it with --image")
         jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
         streams = vl_generate.token_streams(
-            ckpt, tok, texts, images, dtype=jdtype, prefill_chunk=prefill_chunk, **gen
+            ckpt,
+            tok,
+            texts,
+            images,
+            dtype=jdtype,
+            prefill_chunk=prefill_chunk or sampling.DEFAULT_CHUNK,
+            **gen,
         )
     else:
         model, options = _load(ckpt, dtype, mesh, rules, attention_impl, quantize)
@@ -307,11 +318,12 @@ def _text_streams(tok, model, options, texts, gen, stream, prefill_chunk, *, lab
     max_new = gen["max_new_tokens"]
     plan = engine.plan(len(encoded), max(map(len, encoded)), max_new)
     int8 = f" (int8 weights: {model.quantize})" if model.quantize else ""
+    chunk = f"prefill chunk {plan['chunk']} ({_CHUNK_SOURCE[plan['chunk_source']]})"
     print(
         f"[{label}] {model.config.param_count():,} params{int8}; estimated device memory "
         f"{plan['total'] / 2**20:.1f} MiB (weights {plan['weights'] / 2**20:.1f} + cache "
         f"{plan['cache'] / 2**20:.1f} + activations {plan['activations'] / 2**20:.1f}); "
-        f"{len(encoded)} prompt(s)",
+        f"{chunk}; {len(encoded)} prompt(s)",
         file=log,
     )
     sp = sampling.SamplingParams(gen["temperature"], gen["top_k"], gen["top_p"])
@@ -361,12 +373,6 @@ def _load(
         return model, RunOptions(attention_impl=attention_impl)
     rules, _ = load_rules(rules_name)
     sizes = parse_mesh(mesh)
-    if sizes["sequence"] > 1:
-        raise ValueError(
-            f"--mesh sequence={sizes['sequence']}: generation does not split a prompt over "
-            "devices yet (training and one-shot forwards do); use sequence=1 and a longer "
-            "prefill in chunks"
-        )
     device_mesh = make_mesh(sizes)
     sharding = sharding_from_rules(ModelConfig.from_hf(ckpt), device_mesh, rules, quantize)
     options = RunOptions(

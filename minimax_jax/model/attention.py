@@ -319,12 +319,15 @@ def softmax_attention_cached(
     matvec: str = "xla",
     impl: str = "xla",
     runs: bool = False,
+    core=None,
 ) -> tuple[jax.Array, dict]:
     """A full-attention layer that writes its post-RoPE K, V into a preallocated cache.
 
     x [B,T,D]; cache {"k", "v"} [B,S,K,H]; index: int32 slot of the first new token; vis
     over the S cache slots; impl: see `attention` (prefill chunks; one-row steps take "xla");
-    runs: see `RunOptions.cache_runs`.
+    runs: see `RunOptions.cache_runs`; core: replaces `attention` as
+    core(q, k_all, v_all, vis, scale, index) (a chunk split over the `sequence` axis,
+    `minimax_jax.model.sequence.cached_softmax_core`).
     Returns (y [B,T,D], updated cache).
     """
     q = proj("btd,dnh->btnh", x, params["q"], matvec=matvec)
@@ -333,14 +336,9 @@ def softmax_attention_cached(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-    out = attention(
-        q,
-        k_all.astype(q.dtype),
-        v_all.astype(q.dtype),
-        vis,
-        q.shape[-1] ** -0.5,
-        impl,
-        chunk_start=index,
-        runs=runs,
-    )
+    ka, va, scale = k_all.astype(q.dtype), v_all.astype(q.dtype), q.shape[-1] ** -0.5
+    if core is not None:
+        out = core(q, ka, va, vis, scale, index)
+    else:
+        out = attention(q, ka, va, vis, scale, impl, chunk_start=index, runs=runs)
     return proj("btnh,nhd->btd", out, params["o"], matvec=matvec), {"k": k_all, "v": v_all}

@@ -125,8 +125,13 @@ def _residual_factors(config: ModelConfig, kind: str) -> tuple[float, float]:
 
 
 def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
-    """Attention of one layer -> (y [B,T,D], updated layer cache or None)."""
-    seq = cache is None and sequence.is_sequence_sharded(opts.mesh, opts.rules, u)
+    """Attention of one layer -> (y [B,T,D], updated layer cache or None).
+
+    With the token axis split over `sequence` (one-shot forwards, and cached prefill chunks
+    whose length the axis divides; a one-token decode step is never split) the attention cores
+    run under shard_map (`minimax_jax.model.sequence`); a cached chunk starts from the cache's
+    lightning state and attends over all cache slots."""
+    seq = sequence.is_sequence_sharded(opts.mesh, opts.rules, u)
     if kind == LIGHTNING:
         core = None
         if seq:
@@ -160,9 +165,15 @@ def _mixer(config, kind, params, u, slopes, ctx, opts, cache):
             ctx.causal_only, core=core,
         )  # fmt: skip
         return y, None
+    core = None
+    if seq:
+        core = functools.partial(
+            sequence.cached_softmax_core, impl=opts.attention_impl, mesh=opts.mesh,
+            rules=opts.rules, runs=opts.cache_runs,
+        )  # fmt: skip
     return softmax_attention_cached(
         params, u, ctx.cos, ctx.sin, ctx.vis, cache, ctx.cache_index, opts.matvec,
-        opts.attention_impl, runs=opts.cache_runs,
+        opts.attention_impl, runs=opts.cache_runs, core=core,
     )  # fmt: skip
 
 
@@ -468,6 +479,8 @@ def forward_cached_embedded(
     if compute_dtype is not None:
         params = cast_params(params, compute_dtype)
         x = x.astype(compute_dtype)
+    if x.shape[1] > 1:  # decode steps (one token) run unsplit
+        sequence.check_length(opts.mesh, opts.rules, x.shape[1], "the prefill chunk")
     ctx, book = make_cached_context(config, token_mask, cache)
     x, _, blocks = decoder_stack(config, params["blocks"], x, ctx, opts, cache["blocks"])
     if last_only:

@@ -30,8 +30,8 @@ def lightning_attention_layer(
 
     token_mask [B,T] (1 = token, 0 = padding) zeroes q, k, v at padded positions, so left-padded
     rows leave the state untouched until their first token. core: replaces the recurrence as
-    core(q, k, v, slopes, segment_ids) -> o (sequence parallelism, `minimax_jax.model.sequence`;
-    no state is returned then). Returns (y [B,T,D], state [B,N,H,H] or None).
+    core(q, k, v, slopes, segment_ids, initial_state) -> (o, final state) (sequence
+    parallelism, `minimax_jax.model.sequence`). Returns (y [B,T,D], state [B,N,H,H] or None).
     """
     b, t, _ = x.shape
     n, h = params["norm"].shape
@@ -46,7 +46,7 @@ def lightning_attention_layer(
         )
         o = o[:, None]
     elif core is not None:
-        o, state = core(q, k, v, slopes, segment_ids), None
+        o, state = core(q, k, v, slopes, segment_ids, initial_state)
     else:
         o, state = lightning_attention(
             q,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from minimax_jax.model.attention import Visibility, dot_product_attention
+from minimax_jax.model.attention import Visibility, attention, dot_product_attention
 from pallas_kernels.attention.blockwise import blockwise_attention
 from pallas_kernels.lightning.sharded import lightning_attention_seq_sharded
 
@@ -72,21 +72,31 @@ def is_sequence_sharded(mesh, rules, x: jax.Array) -> bool:
     return _length_entry(mesh, rules, x.shape) is not None
 
 
-def lightning_core(q, k, v, slopes, segment_ids, *, mesh, rules, implementation, block_size):
-    """q, k, v [B,T,N,H] (global, token axis split over sequence) -> o [B,T,N,H]."""
+def lightning_core(
+    q, k, v, slopes, segment_ids, initial_state=None, *, mesh, rules, implementation, block_size
+):
+    """q, k, v [B,T,N,H] (global, token axis split over sequence), initial_state [B,N,H,H] fp32
+    or None (a cached prefill chunk: the cache's state, replicated over sequence) ->
+    (o [B,T,N,H], final state [B,N,H,H] fp32 of the whole chunk, replicated over sequence)."""
     qs = rules.spec(_QKV, mesh, q.shape)
     axis, heads, tok = qs[1], P(qs[2]), P(qs[0], qs[1])
+    state = P(qs[0], qs[2], None, None)
+    given = initial_state is not None
 
-    def body(q, k, v, slopes, *seg):
-        o, _ = lightning_attention_seq_sharded(
-            q, k, v, slopes, axis_name=axis, segment_ids=seg[0] if seg else None,
+    def body(q, k, v, slopes, *rest):
+        init = rest[0] if given else None
+        seg = rest[-1] if segment_ids is not None else None
+        return lightning_attention_seq_sharded(
+            q, k, v, slopes, axis_name=axis, initial_state=init, segment_ids=seg,
             implementation=implementation, block_size=block_size,
         )  # fmt: skip
-        return o
 
-    args = (q, k, v, slopes) + (() if segment_ids is None else (segment_ids,))
-    specs = (qs, qs, qs, heads) + (() if segment_ids is None else (tok,))
-    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs)(*args)
+    args, specs = (q, k, v, slopes), (qs, qs, qs, heads)
+    if given:
+        args, specs = args + (initial_state,), specs + (state,)
+    if segment_ids is not None:
+        args, specs = args + (segment_ids,), specs + (tok,)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(qs, state))(*args)
 
 
 def softmax_core(q, k, v, vis: Visibility, scale: float, impl: str, *, mesh, rules, block):
@@ -119,6 +129,37 @@ def softmax_core(q, k, v, vis: Visibility, scale: float, impl: str, *, mesh, rul
     if segments:
         args += (vis.q_segment, vis.kv_segment)
         specs += (tok, tok)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs)(*args)
+
+
+def cached_softmax_core(
+    q, k, v, vis: Visibility, scale: float, index, impl: str, *, mesh, rules, runs: bool
+):
+    """A prefill chunk against the KV cache with the chunk's queries split over sequence.
+
+    q [B,T,N,H] (token axis split over sequence); k, v [B,S,K,H]: the whole cache with the
+    chunk's K, V already written (slots not split over sequence: every device holds all S
+    slots, so writing the chunk is the K/V all-gather); vis: q_index [B,T] split like q,
+    kv_index / kv_valid [B,S] whole; index: int32 slot of the chunk's first token. Each device
+    runs `attention` for its T/P queries over all S slots, as a chunk starting at slot
+    index + p * T/P, so every implementation (cuDNN's chunk path included) sees its own
+    queries' slots. -> [B,T,N,H] split like q.
+    """
+    qs = rules.spec(_QKV, mesh, q.shape)
+    ks = rules.spec(("batch", None, "act_heads", None), mesh, k.shape)
+    if ks[2] != qs[2]:  # kv heads cannot split like the query heads: give each query its own
+        g = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        ks = rules.spec(("batch", None, "act_heads", None), mesh, k.shape)
+    axis, tok, row = qs[1], P(qs[0], qs[1]), P(qs[0], None)
+
+    def body(q, k, v, q_index, kv_index, kv_valid, index):
+        start = index + jax.lax.axis_index(axis).astype(jnp.int32) * q.shape[1]
+        local = Visibility(q_index, kv_index, kv_valid)
+        return attention(q, k, v, local, scale, impl, chunk_start=start, runs=runs)
+
+    args = (q, k, v, vis.q_index, vis.kv_index, vis.kv_valid, index)
+    specs = (qs, ks, ks, tok, row, row, P())
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs)(*args)
 
 
