@@ -3,8 +3,13 @@
 import gc
 import os
 
-import jax
-import pytest
+# Two xdist workers (setup.cfg addopts) share the machine: on a GPU neither may take 75% of its
+# memory up front, as JAX does by default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the allocator setting
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
