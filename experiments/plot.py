@@ -147,9 +147,16 @@ def decode(rows: dict[str, list[dict]]):
                 by_run.setdefault(r["_order"], r["tokens_per_s"])
         xs = [i for i, (order, _) in enumerate(runs) if order in by_run]
         hist.plot(xs, [by_run[runs[i][0]] for i in xs], style, label=impl)
-    hist.set_xticks(range(len(runs)), [t for _, t in runs], rotation=45, fontsize=7)
-    hist.set_ylabel("tokens/s at batch 1")
-    hist.set_title("batch-1 decode by run (default configuration of each run)", fontsize=9)
+    return _by_run_panel(fig, ax, hist, [t for _, t in runs], "tokens/s at batch 1",
+                         "batch-1 decode by run (default configuration of each run)")  # fmt: skip
+
+
+def _by_run_panel(fig, ax, hist, tags: list[str], ylabel: str, title: str):
+    """Finishes a two-panel figure whose right panel has one x tick per run: labels, legends,
+    grids, layout."""
+    hist.set_xticks(range(len(tags)), tags, rotation=45, fontsize=7)
+    hist.set_ylabel(ylabel)
+    hist.set_title(title, fontsize=9)
     hist.legend(fontsize=8)
     for a in (ax, hist):
         a.grid(alpha=0.3)
@@ -224,14 +231,8 @@ def moe(rows: dict[str, list[dict]]):
         xs = [i for i, (o, _) in enumerate(order) if o in best]
         ep.plot(xs, [best[order[i][0]] for i in xs], style,
                 label="dropless" if cap is None else f"capacity {cap}")  # fmt: skip
-    ep.set_xticks(range(len(order)), [t for _, t in order], rotation=45, fontsize=7)
-    ep.set_ylabel("per-GPU speed / one-GPU layer")
-    ep.set_title("EP=2 forward, 64K tokens, two H200 (best row of each run)", fontsize=9)
-    ep.legend(fontsize=8)
-    for a in (ax, ep):
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _by_run_panel(fig, ax, ep, [t for _, t in order], "per-GPU speed / one-GPU layer",
+                         "EP=2 forward, 64K tokens, two H200 (best row of each run)")  # fmt: skip
 
 
 def training(rows: dict[str, list[dict]]):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import bytes_on_first_device
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.inference import memory
@@ -69,13 +70,7 @@ def test_sharded_weight_bytes_equal_placed_shards():
         )
         shardings = pure_param_shardings(nnx.state(model, nnx.Param), mesh, rules)
         placed = jax.device_put(model.pure_params(), shardings)
-        device0 = jax.devices()[0]
-        held = sum(
-            s.data.nbytes
-            for leaf in jax.tree.leaves(placed)
-            for s in leaf.addressable_shards
-            if s.device == device0
-        )
+        held = bytes_on_first_device(placed)
         planned = memory.weight_bytes(cfg, mesh_shape, rules, param_dtype=jnp.float32)
         assert planned == held, preset
         assert planned < memory.weight_bytes(cfg, param_dtype=jnp.float32)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MESHES
 
 from minimax_jax import sharding
 from minimax_jax.model import moe_parallel
@@ -12,12 +13,6 @@ from minimax_jax.model.moe import row_bucket_sizes as expert_ffn_sizes
 from minimax_jax.model.moe_parallel import moe_ep
 
 D, E, F, K = 64, 4, 96, 2
-MESHES = {
-    "data8": dict(data=8, fsdp=1),
-    "data2_expert4": dict(data=2, fsdp=1, expert=4),
-    "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2),
-    "single": None,
-}
 
 
 def _mesh(name):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import bytes_on_first_device
 
 from minimax_jax import sharding
 from minimax_jax.config import QUANTIZE_SCHEMES, ModelConfig
@@ -227,13 +228,7 @@ def test_sharded_planner_equals_placed_int8_shards(scheme):
     mesh = sharding.make_mesh(mesh_shape)
     shardings = sharding.pure_param_shardings(nnx.state(model, nnx.Param), mesh, rules)
     placed = jax.device_put(model.pure_params(), shardings)
-    device0 = jax.devices()[0]
-    held = sum(
-        s.data.nbytes
-        for leaf in jax.tree.leaves(placed)
-        for s in leaf.addressable_shards
-        if s.device == device0
-    )
+    held = bytes_on_first_device(placed)
     planned = memory.weight_bytes(CFG, mesh_shape, rules, jnp.float32, quantize=scheme)
     assert planned == held
 

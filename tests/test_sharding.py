@@ -10,18 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import MESHES
 
 from minimax_jax import sharding
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.causal_lm import MiniMaxForCausalLM
 from minimax_jax.model.decoder import RunOptions, forward
-
-MESHES = {
-    "data8": dict(data=8, fsdp=1),
-    "data2_expert4": dict(data=2, fsdp=1, expert=4),
-    "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2),
-    "single": None,
-}
 
 
 def _mesh(shape):

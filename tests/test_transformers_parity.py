@@ -7,6 +7,7 @@ partial RoPE is checked against a test-local patch of its rotary code.
 
 import numpy as np
 import pytest
+from helpers import SCALE_FACTORS
 
 from minimax_jax import from_pretrained
 
@@ -46,12 +47,7 @@ def hf_config(layer_types, **changes):
         num_experts_per_tok=2,
         intermediate_size=F,
         block_size=16,
-        full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3,
-        mlp_alpha_factor=1.7,
-        full_attn_beta_factor=0.9,
-        linear_attn_beta_factor=1.1,
-        mlp_beta_factor=0.8,
+        **SCALE_FACTORS,
         max_position_embeddings=4096,
     )
     return transformers.MiniMaxConfig(**(kwargs | changes))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SCALE_FACTORS
 from safetensors.numpy import load_file, save_file
 
 from minimax_jax.hf import mapping, vl_mapping, vl_pretrained
@@ -60,12 +61,7 @@ def build_reference(seed=0):
         intermediate_size=96,
         block_size=64,
         max_position_embeddings=8192,
-        full_attn_alpha_factor=1.5,
-        linear_attn_alpha_factor=1.3,
-        mlp_alpha_factor=1.7,
-        full_attn_beta_factor=0.9,
-        linear_attn_beta_factor=1.1,
-        mlp_beta_factor=0.8,
+        **SCALE_FACTORS,
     )
     text = transformers.MiniMaxForCausalLM(text_cfg).eval()
     _randomize(text)

@@ -93,7 +93,16 @@ def gmm(
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
     xp = pad_to(pad_to(x, 1, blocks.block_k), 0, blocks.block_m)
     wp = pad_to(pad_to(w, k_axis, blocks.block_k), n_axis, blocks.block_n * blocks.grid_block_n)
-    kwargs = dict(
+    kwargs = _kernel_args(blocks, group_sizes)
+    if transpose_rhs:
+        kwargs["transpose_rhs"] = True
+    y = _rd.ragged_dot(xp, wp, **kwargs)
+    return mask_rows(y[:m, :n], group_sizes)
+
+
+def _kernel_args(blocks: BlockSizes, group_sizes: jax.Array) -> dict:
+    """The Mosaic ragged-dot kernels' keyword arguments: group sizes and block shape."""
+    return dict(
         group_sizes=group_sizes.astype(jnp.int32),
         block_m=blocks.block_m,
         block_n=blocks.block_n,
@@ -101,10 +110,6 @@ def gmm(
         max_concurrent_steps=blocks.max_concurrent_steps,
         grid_block_n=blocks.grid_block_n,
     )
-    if transpose_rhs:
-        kwargs["transpose_rhs"] = True
-    y = _rd.ragged_dot(xp, wp, **kwargs)
-    return mask_rows(y[:m, :n], group_sizes)
 
 
 def tgmm(
@@ -120,16 +125,7 @@ def tgmm(
     xp = pad_to(pad_to(mask_rows(x, group_sizes), 0, blocks.block_k), 1, blocks.block_m)
     dyp = pad_to(pad_to(mask_rows(dy.astype(x.dtype), group_sizes), 0, blocks.block_k),
                   1, blocks.block_n * blocks.grid_block_n)  # fmt: skip
-    out = _trd.transposed_ragged_dot(
-        xp,
-        dyp,
-        group_sizes=group_sizes.astype(jnp.int32),
-        block_m=blocks.block_m,
-        block_n=blocks.block_n,
-        block_k=blocks.block_k,
-        max_concurrent_steps=blocks.max_concurrent_steps,
-        grid_block_n=blocks.grid_block_n,
-    )[:, :k, :n]
+    out = _trd.transposed_ragged_dot(xp, dyp, **_kernel_args(blocks, group_sizes))[:, :k, :n]
     # No masking pass for empty groups: the kernel stores every group's tiles, and an empty
     # group's accumulator stays at its zero initialisation (its K loop is skipped). A
     # jnp.where here cost a read and a write of the whole [E,K,N] gradient (~7 ms of a 32 ms
