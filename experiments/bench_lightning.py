@@ -21,8 +21,9 @@ Checks, before the timing, at every benchmarked shape: the XLA implementation's 
 forward, and the forward with the gradients of a random cotangent) is the reference, computed
 untimed even where XLA is not timed (T > 32K); every kernel configuration and FLA are checked
 against it (`max_abs_err`, `max_rel_err`, `check_ok`; bf16 tier: within 2e-2 forward, 5e-2 with
-gradients, of each tensor's max |ref| plus as much relative); decode steps (one call and the loop) against the XLA step. The states-pass-only rows
-of --sweep are a partial computation and say so (`check_skipped`).
+gradients, of each tensor's max |ref| plus as much relative); decode steps (one call and the
+loop) against the XLA step. The states-pass-only rows of --sweep are a partial computation and
+say so (`check_skipped`).
 GB/s = the minimum bytes (q, k, v read, o written; + do read and dq, dk, dv written for the
 backward; the state read and written for decode) over the time; `frac_of_copy_bw` divides that
 by the device-to-device copy rate measured first in the same process (`roofline`).
@@ -168,8 +169,6 @@ def fla_rows(emit, shape, qkv, do, slopes_np, refs, floors, skip_bwd) -> dict:
         got[name] = t.median * 1e3
         emit({**shape, "impl": "fla.chunk_simple_gla", "pass": name, **t.row_ms(),
               "GBps_floor": floors[name] / got[name] / 1e6, **checked})  # fmt: skip
-    del tq, tk, tv, tdo
-    torch.cuda.empty_cache()
     return got
 
 
@@ -229,8 +228,10 @@ def bench_shape(emit, b, t, n, h, args, override, bw) -> None:
     qkv = tuple(jax.random.normal(ks[i], (b, t, n, h), jnp.float32).astype(jnp.bfloat16) * 0.3
                 for i in range(3))  # fmt: skip
     do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
-    floors = {"fwd": 4 * b * t * n * h * 2,
-              "fwd_bwd": 11 * b * t * n * h * 2}  # fwd 4 + bwd (q,k,v,do read; dq,dk,dv) 7
+    floors = {
+        "fwd": 4 * b * t * n * h * 2,
+        "fwd_bwd": 11 * b * t * n * h * 2,
+    }  # fwd 4 + bwd (q,k,v,do read; dq,dk,dv) 7
     shape = {"B": b, "T": t, "N": n, "H": h}
     refs = {"fwd": reference(lambda: make_fwd(xla_impl, slopes), *qkv)}
     if not args.skip_bwd:
@@ -361,8 +362,10 @@ def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
         impls = {  # name: (implementation, its reference)
             "xla_packed": (functools.partial(xla_impl, segment_ids=seg), None),
             "gpu": (gpu, xla_impl),
-            "gpu_packed": (functools.partial(gpu, segment_ids=seg),
-                           functools.partial(xla_impl, segment_ids=seg)),
+            "gpu_packed": (
+                functools.partial(gpu, segment_ids=seg),
+                functools.partial(xla_impl, segment_ids=seg),
+            ),
         }
         shape = {"B": b, "T": t, "N": n, "H": h, "doc_len": doc_len}
         for pname in ["fwd"] + ([] if skip_bwd else ["fwd_bwd"]):
@@ -374,7 +377,7 @@ def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
                     if ref_impl is None:
                         checked = harness.no_check("the reference")
                     else:
-                        ref = reference(lambda r=ref_impl: make(r, slopes), *qkv)
+                        ref = reference(functools.partial(make, ref_impl, slopes), *qkv)
                         checked = check(fn(*qkv), ref, 2e-2 if pname == "fwd" else 5e-2)
                     t_ = time_ms(fn, *qkv)
                 except Exception as e:  # noqa: BLE001 - record the failure and go on
@@ -398,8 +401,11 @@ def parse_args():
     ap.add_argument("--skip-bwd", action="store_true", help="no forward+backward rows")
     ap.add_argument("--decode-sweep", action="store_true", help="decode kernel tilings too")
     ap.add_argument("--gpu-config", default=None, help="JSON dict, e.g. per-shape override list")
-    ap.add_argument("--small", action="store_true",
-                    help="tiny shapes, kernels in interpret mode off a GPU (CPU smoke run)")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny shapes, kernels in interpret mode off a GPU (CPU smoke run)",
+    )
     ap.add_argument(
         "--packed",
         type=int,

@@ -195,6 +195,14 @@ def layer_check(out, params, x, k, tol: float = 5e-2, sample: int = 512) -> dict
     return fields | {"check_rows": len(rows), "check_ref": "xla layer on sampled tokens"}
 
 
+def _checked_gmm(fn, xs, w, gs) -> dict:
+    return gmm_check(fn(xs, w), xs, w, gs)
+
+
+def _checked_layer(fn, params, x, k) -> dict:
+    return layer_check(fn(params, x), params, x, k)
+
+
 def gmm_fwd_bwd(fn, dy):
     """(x, w) -> (fn(x, w), (dx, dw)) for the cotangent dy: the forward is an output."""
     return harness.fwd_bwd(fn, dy, argnums=(0, 1))
@@ -220,7 +228,7 @@ def gmm_rows(xs, gs, w, impl_names, emit, base, ragged=True):
             if name == "dense":
                 checked = harness.no_check("baseline: every row times expert 0's weights")
             elif mode == "fwd":
-                checked = guarded(lambda: gmm_check(fwd(xs, w), xs, w, gs))
+                checked = guarded(_checked_gmm, fwd, xs, w, gs)
             else:
                 checked = harness.no_check("gradients: tests/test_grouped_matmul.py")
             ms, timing, err = safe_time(f, xs, w)
@@ -299,12 +307,11 @@ def routing_rows(m, d, f, e, k, dtype, impls, emit, base, routings) -> None:
                  "largest_over_mean": float(gs.max() / gs.mean())}  # fmt: skip
         for impl in impls:
             fwd = jax.jit(functools.partial(_layer, k=k, impl=impl))
-            checked = guarded(lambda: layer_check(fwd(params, x), params, x, k))
+            checked = guarded(_checked_layer, fwd, params, x, k)
             ms, timing, err = safe_time(fwd, params, x)
             emit({**base, **group, "what": "layer_routing", "impl": impl, "mode": "fwd",
                   "tokens": m, "ms": ms, **timing, "error": err, **checked,
                   "tflops": None if ms is None else flops / (ms * 1e-3) / 1e12})  # fmt: skip
-        del params, x
 
 
 def _layer(p, x, *, k, impl):
@@ -436,7 +443,7 @@ def sweep_blocks(xs, gs, w, emit, base) -> None:
     best = (float("inf"), None)
     for blocks in SWEEP:
         fn = jax.jit(lambda x, w, b=blocks: moe_gpu.gmm(x, w, gs, blocks=b))
-        checked = guarded(lambda fn=fn: gmm_check(fn(xs, w), xs, w, gs))
+        checked = guarded(_checked_gmm, fn, xs, w, gs)
         ms, timing, err = safe_time(fn, xs, w)
         emit({**base, "what": "gmm_sweep", "blocks": dataclasses.asdict(blocks), "ms": ms,
               **timing, "error": err, **checked})  # fmt: skip
@@ -481,11 +488,17 @@ def parse_args():
         help="time jax.lax.ragged_dot only up to this many tokens (it computes "
         "every expert for every row on GPU: ~1 s per 64K-token forward)",
     )
-    ap.add_argument("--int8", action="store_true",
-                    help="also the layer forward with experts_int8 weights (vs bf16)")
-    ap.add_argument("--routings", default="uniform,skewed",
-                    help="also each implementation's layer forward with tokens routed this way "
-                    "(uniform, skewed; comma-separated; '' for none), checked then timed")
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="also the layer forward with experts_int8 weights (vs bf16)",
+    )
+    ap.add_argument(
+        "--routings",
+        default="uniform,skewed",
+        help="also each implementation's layer forward with tokens routed this way "
+        "(uniform, skewed; comma-separated; '' for none), checked then timed",
+    )
     return ap.parse_args()
 
 

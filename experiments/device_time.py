@@ -98,7 +98,7 @@ def split_reps(
         raise NoDeviceEvents(f"{len(cuts) + 1} groups of device events for {reps} calls")
     at = sorted(i for _, i in sorted(cuts, reverse=True)[: reps - 1])
     bounds = [0, *at, len(ev)]
-    return [_span_busy(ev[a:b]) for a, b in zip(bounds, bounds[1:])], "gap_split"
+    return [_span_busy(ev[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)], "gap_split"
 
 
 # ---------------------------------------------------------------------------------------- JAX
@@ -209,7 +209,7 @@ def jax_device_times(
     if sorted(windows) != list(range(reps)):
         raise NoDeviceEvents(f"{len(windows)} host windows for {reps} calls")
     spans, how = split_reps([windows[i] for i in range(reps)], events)
-    return [(s * 1e-9, b * 1e-9, w) for (s, b), w in zip(spans, walls)], how
+    return [(s * 1e-9, b * 1e-9, w) for (s, b), w in zip(spans, walls, strict=True)], how
 
 
 # -------------------------------------------------------------------------------------- torch
@@ -265,4 +265,4 @@ def torch_device_times(
     if sorted(windows) != list(range(reps)):
         raise NoDeviceEvents(f"{len(windows)} host windows for {reps} calls")
     spans, how = split_reps([windows[i] for i in range(reps)], events, fills)
-    return [(s * 1e-6, b * 1e-6, w) for (s, b), w in zip(spans, walls)], how
+    return [(s * 1e-6, b * 1e-6, w) for (s, b), w in zip(spans, walls, strict=True)], how

@@ -106,7 +106,7 @@ def device_seconds(fn: Callable, *args) -> tuple[Any, float]:
 
 
 def timing_method(method: str, on_device: bool) -> str:
-    """"auto" -> $HARNESS_TIMING if set, else "profiler" on a device (GPU / TPU), "wall" else."""
+    """ "auto" -> $HARNESS_TIMING if set, else "profiler" on a device (GPU / TPU), "wall" else."""
     if method == "auto":
         method = os.environ.get("HARNESS_TIMING") or ("profiler" if on_device else "wall")
     if method not in ("profiler", "wall"):
@@ -268,7 +268,7 @@ def fwd_bwd(fn: Callable, cotangent, argnums: tuple[int, ...] = (0, 1)) -> Calla
     def f(*args):
         def part(*diff):
             full = list(args)
-            for i, a in zip(argnums, diff):
+            for i, a in zip(argnums, diff, strict=True):
                 full[i] = a
             return fn(*full)
 

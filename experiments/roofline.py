@@ -189,7 +189,8 @@ def decode_step_bytes(
     per_token_kv = 2 * c.num_kv_heads * c.head_dim * kv_bytes
     parts = {
         "weights": dense,
-        "experts": experts * expected_distinct(c.num_experts, c.num_experts_per_tok, batch)
+        "experts": experts
+        * expected_distinct(c.num_experts, c.num_experts_per_tok, batch)
         / c.num_experts,
         "embed_rows": 0 if tied else batch * row,
         "lm_head": lm_head,
