@@ -394,6 +394,52 @@ class Rows:
         return row
 
 
+    def append(self, row: dict) -> dict:
+        """Write a row made elsewhere (e.g. by an isolated child process) as it is."""
+        line = json.dumps(row, default=_jsonable)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        self.rows.append(row)
+        print(line, flush=True)
+        return row
+
+
+def memory_peak() -> dict:
+    """This process's device memory: `peak_bytes` (max over local devices of
+    peak_bytes_in_use) and `bytes_in_use`; {} where the backend keeps no statistics (CPU)."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    if not all("peak_bytes_in_use" in s for s in stats):
+        return {}
+    return {"peak_bytes": max(s["peak_bytes_in_use"] for s in stats),
+            "bytes_in_use": max(s.get("bytes_in_use", 0) for s in stats)}  # fmt: skip
+
+
+def run_isolated(argv: list[str], timeout: float | None = None) -> tuple[list[dict], str | None]:
+    """Run `python argv... --out TMP` in a fresh process (its own device memory, so the peak
+    a row reports is that row's alone) and return (its rows, each marked `isolated: true`, and
+    an error line or None). The child's stdout goes to ours."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=".jsonl", prefix="isolated_")
+    os.close(fd)
+    err = None
+    try:
+        proc = subprocess.run([sys.executable, *argv, "--out", tmp], timeout=timeout,
+                              cwd=REPO, check=False)  # fmt: skip
+        if proc.returncode:
+            err = f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        err = f"timed out after {timeout:.0f} s"
+    rows = []
+    with open(tmp) as f:
+        for line in f:
+            if line.strip():
+                rows.append({**json.loads(line), "isolated": True})
+    os.unlink(tmp)
+    return rows, err
+
+
 def _jsonable(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
