@@ -110,8 +110,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=harness.DEFAULT_REPS)
     ap.add_argument("--xla_max_t", type=int, default=8192, help="skip xla above this length")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--impls", default="xla,cudnn",
-                    help="implementations after the xla reference: cudnn, blockwise")
+    ap.add_argument(
+        "--impls",
+        default="xla,cudnn",
+        help="implementations after the xla reference: cudnn, blockwise",
+    )
     args = ap.parse_args()
     rows = harness.Rows(args.out, bench="attention", dtype="bfloat16")
     for shape in SMALL_SHAPES if args.small else SHAPES:

@@ -198,8 +198,12 @@ def bench_decode(cfg, model, batch, prompt, new, args, bw, variant="default"):
            "floor_bytes": floor, "floor_ms": floor["total"] / bw * 1e3,
            "step_over_floor": step / (floor["total"] / bw), **timing.row_ms("loop_ms"),
            **checked, **extra}  # fmt: skip
-    prefill_row = {**common, "phase": "prefill", **pre.row_ms(),
-                   **harness.no_check("the decode row checks this prefill's tokens")}
+    prefill_row = {
+        **common,
+        "phase": "prefill",
+        **pre.row_ms(),
+        **harness.no_check("the decode row checks this prefill's tokens"),
+    }
     return row, prefill_row, tokens
 
 
@@ -233,12 +237,27 @@ def bench_hf(cfg, model, batch, prompt, new, args, variant, bw):
         return [{**common, "phase": "decode", "error": f"{type(e).__name__}: {str(e)[:500]}"}]
     steps = new if variant == "generate" else new - 1
     step = timing.median / steps
-    rows = [{**common, "phase": "decode", "tokens_per_s": batch / step, "step_ms": step * 1e3,
-             "includes_prefill": variant == "generate", **timing.row_ms("loop_ms"), **checked}]
+    rows = [
+        {
+            **common,
+            "phase": "decode",
+            "tokens_per_s": batch / step,
+            "step_ms": step * 1e3,
+            "includes_prefill": variant == "generate",
+            **timing.row_ms("loop_ms"),
+            **checked,
+        }
+    ]
     if variant != "generate":
         pre = harness.time_torch(lambda _: dec.prefill(ids), reps=args.reps, method=args.timing)
-        rows.append({**common, "phase": "prefill", **pre.row_ms(),
-                     **harness.no_check("the decode row checks this prefill's tokens")})
+        rows.append(
+            {
+                **common,
+                "phase": "prefill",
+                **pre.row_ms(),
+                **harness.no_check("the decode row checks this prefill's tokens"),
+            }
+        )
     return rows
 
 
@@ -284,21 +303,38 @@ def parse_args():
     ap.add_argument("--tiny", action="store_true", help="tiny preset (CPU smoke run)")
     ap.add_argument("--no_hf", action="store_true", help="skip transformers")
     ap.add_argument("--no_ours", action="store_true", help="skip our decode rows")
-    ap.add_argument("--hf_variants", default="eager,compiled",
-                    help="transformers variants: eager, static, compiled, generate")
-    ap.add_argument("--hf_experts", default=None,
-                    help="transformers experts_implementation (default: its own choice)")
-    ap.add_argument("--hf_compile_backend", default="inductor",
-                    help="torch.compile backend of the compiled variant (tests: eager)")
-    ap.add_argument("--timing", default="wall", choices=["wall", "profiler", "auto"],
-                    help="clock of the decode loops and prefills, the same on both sides")
+    ap.add_argument(
+        "--hf_variants",
+        default="eager,compiled",
+        help="transformers variants: eager, static, compiled, generate",
+    )
+    ap.add_argument(
+        "--hf_experts",
+        default=None,
+        help="transformers experts_implementation (default: its own choice)",
+    )
+    ap.add_argument(
+        "--hf_compile_backend",
+        default="inductor",
+        help="torch.compile backend of the compiled variant (tests: eager)",
+    )
+    ap.add_argument(
+        "--timing",
+        default="wall",
+        choices=["wall", "profiler", "auto"],
+        help="clock of the decode loops and prefills, the same on both sides",
+    )
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prefill", default="16384,32768,65536,131072")
     ap.add_argument("--chunk", type=int, default=8192)
-    ap.add_argument("--check_max", type=int, default=16384,
-                    help="check long prefills against the XLA engine up to this length")
+    ap.add_argument(
+        "--check_max",
+        type=int,
+        default=16384,
+        help="check long prefills against the XLA engine up to this length",
+    )
     ap.add_argument(
         "--hybrid_max",
         type=int,

@@ -96,8 +96,11 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--tiny", action="store_true", help="tiny preset (CPU smoke run)")
-    ap.add_argument("--lengths", default=None,
-                    help="prompt lengths (default 32768,131072,524288,1048576; --tiny 256,512)")
+    ap.add_argument(
+        "--lengths",
+        default=None,
+        help="prompt lengths (default 32768,131072,524288,1048576; --tiny 256,512)",
+    )
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--impl", default="auto", help="the hybrid model's attention_impl")
     ap.add_argument("--reps", type=int, default=3, help="timed prefills per length")
@@ -109,10 +112,14 @@ def parse_args():
     ap.add_argument("--no_lightning_only", action="store_true")
     ap.add_argument("--no_check", action="store_true", help="skip the xla reference check")
     ap.add_argument("--no_rate", action="store_true", help="skip the cuDNN rate probe")
-    ap.add_argument("--isolate", action="store_true",
-                    help="run every row in a process of its own (each peak its own)")
-    ap.add_argument("--row", default=None,
-                    help="(internal, --isolate) run one row: rate, check or LENGTH:MODEL")
+    ap.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run every row in a process of its own (each peak its own)",
+    )
+    ap.add_argument(
+        "--row", default=None, help="(internal, --isolate) run one row: rate, check or LENGTH:MODEL"
+    )
     args = ap.parse_args()
     if args.tiny:
         args.lengths = args.lengths if args.lengths is not None else "256,512"

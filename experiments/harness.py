@@ -393,7 +393,6 @@ class Rows:
         print(line if echo is None else echo(row), flush=True)
         return row
 
-
     def append(self, row: dict) -> dict:
         """Write a row made elsewhere (e.g. by an isolated child process) as it is."""
         line = json.dumps(row, default=_jsonable)
