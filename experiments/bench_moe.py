@@ -168,9 +168,11 @@ def group_sample(gs, per: int = 8) -> tuple[np.ndarray, np.ndarray]:
     first and the last included) and a mask [E, per] of the valid ones."""
     gs = np.asarray(gs)
     starts = np.concatenate([[0], np.cumsum(gs)[:-1]])
-    pick = np.linspace(0, 1, per)[None] * np.maximum(gs - 1, 0)[:, None]
+    m = np.minimum(gs, per)[:, None]  # rows taken from each group
+    j = np.arange(per)[None]
+    pick = j / np.maximum(m - 1, 1) * np.maximum(gs - 1, 0)[:, None]
     idx = starts[:, None] + np.round(pick).astype(np.int64)
-    valid = np.arange(per)[None] < np.minimum(gs, per)[:, None]
+    valid = j < m
     return np.where(valid, idx, 0), valid
 
 
