@@ -216,19 +216,19 @@ def bench_hf(cfg, model, batch, prompt, new, args, variant, bw):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(model, d, schema="native")
-        ref = hf_anchor.load(d, device, dtype, experts=args.hf_experts)
-    ids_np = prompt_ids(cfg, batch, prompt)
-    ids = torch.as_tensor(ids_np, device=device)
-    dec = hf_anchor.Decoder(ref, variant, batch, prompt, new, args.hf_compile_backend)
     common = {"impl": "transformers", "variant": variant, "batch": batch, "prompt": prompt,
-              "new_tokens": new, "hf_dtype": str(dtype).removeprefix("torch."),
-              "experts_implementation": ref.config._experts_implementation,
-              "cache": type(dec.cache).__name__ if dec.cache is not None else "MiniMaxCache",
-              "torch_compile": "reduce-overhead" if variant == "compiled"
-              and args.hf_compile_backend == "inductor" else None}  # fmt: skip
+              "new_tokens": new, "hf_dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     try:
+        with tempfile.TemporaryDirectory() as d:
+            save_pretrained(model, d, schema="native")
+            ref = hf_anchor.load(d, device, dtype, experts=args.hf_experts)
+        ids_np = prompt_ids(cfg, batch, prompt)
+        ids = torch.as_tensor(ids_np, device=device)
+        dec = hf_anchor.Decoder(ref, variant, batch, prompt, new, args.hf_compile_backend)
+        common |= {"experts_implementation": ref.config._experts_implementation,
+                   "cache": type(dec.cache).__name__ if dec.cache is not None else "MiniMaxCache",
+                   "torch_compile": "reduce-overhead" if variant == "compiled"
+                   and args.hf_compile_backend == "inductor" else None}  # fmt: skip
         tokens = dec.decode(dec.prefill(ids)).cpu().numpy()  # compiles; the checked output
         checked = decode_check(cfg, model.pure_params(), ids_np, tokens)
         timing = harness.time_torch(dec.decode, setup=lambda: dec.prefill(ids), reps=args.reps,

@@ -147,9 +147,9 @@ def _xplane_events(path: str, cpu_ops: bool):
             for line in lines:
                 for ev in line.events:
                     if ev.name.startswith(MARK):
-                        windows[int(ev.name[len(MARK) :])] = (ev.start_ns, ev.end_ns)
+                        windows[int(ev.name[len(MARK) :])] = _interval(ev)
                     elif cpu_ops and plane.name == "/host:CPU" and _is_cpu_op(ev):
-                        events.append((ev.start_ns, ev.end_ns))
+                        events.append(_interval(ev))
             continue
         if cpu_ops or not plane.name.startswith(("/device:GPU", "/device:TPU")):
             continue
@@ -162,8 +162,12 @@ def _xplane_events(path: str, cpu_ops: bool):
             keep = set(names) - _DERIVED
         for line in lines:
             if line.name in keep:
-                events += [(ev.start_ns, ev.end_ns) for ev in line.events if not _is_flush(ev)]
+                events += [_interval(ev) for ev in line.events if not _is_flush(ev)]
     return windows, events
+
+
+def _interval(ev) -> tuple[float, float]:
+    return ev.start_ns, ev.start_ns + ev.duration_ns
 
 
 def _is_cpu_op(ev) -> bool:

@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any
 
 import torch
-from transformers.cache_utils import LinearAttentionLayer, StaticLayer
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 VARIANTS = ("eager", "static", "compiled", "generate")
@@ -40,6 +39,9 @@ class StaticMiniMaxCache(MiniMaxCache):
     LinearAttentionLayer state per lightning layer, both updated in place."""
 
     def __init__(self, config, max_cache_len: int):
+        # transformers >= 5.x layer classes (a version without them fails here, as a row)
+        from transformers.cache_utils import LinearAttentionLayer, StaticLayer
+
         super().__init__()
         self.layer_class_to_replicate = None
         self.layers = [
@@ -61,7 +63,7 @@ class StaticMiniMaxCache(MiniMaxCache):
     def reset(self):
         """Empty the cache for a new prompt; every buffer keeps its address."""
         for layer in self.layers:
-            if isinstance(layer, StaticLayer):
+            if hasattr(layer, "cumulative_length"):  # a StaticLayer
                 if layer.is_initialized:
                     layer.keys.zero_()
                     layer.values.zero_()

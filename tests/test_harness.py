@@ -286,3 +286,34 @@ def test_invalidate_is_idempotent(tmp_path):
     assert invalidate.apply(tmp_path) == []
     last = json.loads(open(tmp_path / "bench_moe.jsonl").read().splitlines()[-1])
     assert last["invalid_fields"] == ["*"] and last["tflops"] == 900.0
+
+
+# ------------------------------------------------------------------- the transformers anchor
+
+
+@pytest.mark.torch
+def test_hf_anchor_variants_decode_what_generate_decodes(tmp_path):
+    """The static cache (and the step under torch.compile, traced by dynamo with the eager
+    backend) decode the same greedy tokens as transformers' own generate, and those are the
+    argmax of our uncached forward (fp32, tiny model with full RoPE as transformers has it)."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+
+    from experiments import bench_generate, hf_anchor
+    from minimax_jax import MiniMaxForCausalLM, save_pretrained
+
+    cfg = bench_generate.bench_config(tiny=True)
+    model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    save_pretrained(model, str(tmp_path), schema="native")
+    ref = hf_anchor.load(str(tmp_path), "cpu", torch.float32)
+    b, t, new = 2, 20, 6
+    ids = torch.randint(0, cfg.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for variant in hf_anchor.VARIANTS:
+        dec = hf_anchor.Decoder(ref, variant, b, t, new, compile_backend="eager")
+        for _ in range(2):  # the second run reuses the static cache's buffers after reset()
+            got[variant] = dec.decode(dec.prefill(ids)).numpy()
+    for variant in hf_anchor.VARIANTS:
+        np.testing.assert_array_equal(got[variant], got["generate"], err_msg=variant)
+    check = bench_generate.decode_check(cfg, model.pure_params(), ids.numpy(), got["generate"])
+    assert check["check_ok"] and check["argmax_mismatch_frac"] == 0.0
