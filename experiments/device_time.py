@@ -12,9 +12,9 @@ TPU plane; torch: the CUDA kernel / memcpy events) are assigned to the call whos
 they overlap (`split_reps`). A call's device time is its **span**, first event start to last
 event end (gaps between its kernels included, as CUDA events around the call would count them);
 its **busy** time is the union of its events. If the windows hold no events (host and device
-clocks disagree), the events are cut into calls at the `reps - 1` widest idle gaps instead; if
-that does not give `reps` groups either, `NoDeviceEvents` is raised and the caller falls back to
-the wall clock.
+clocks disagree), the events are cut into calls at the `reps - 1` widest idle gaps instead. If
+that does not give `reps` groups, or a call's span exceeds its host window by more than 5%,
+`NoDeviceEvents` is raised and the caller falls back to the wall clock.
 
 L2 policy (the same for both sides): before every timed call (and every warm-up call) a
 `FLUSH_BYTES` buffer is rewritten on the device, more than any L2 of the machines in
@@ -73,8 +73,10 @@ def split_reps(
     windows: the host intervals of the timed calls, in call order; events: device (start, end)
     intervals; flush: the L2 flush's events (between the windows). An event belongs to the
     window it overlaps ("windows"). If some window holds no event, the events other than the
-    flush's are cut at the len(windows) - 1 widest idle gaps instead ("gap_split"). Raises
-    NoDeviceEvents when neither gives one non-empty group per window.
+    flush's are cut at the len(windows) - 1 widest idle gaps instead ("gap_split"). Either way a
+    call's span may not exceed its host window by more than 5% (a group that swallowed a flush
+    or another call's work would): NoDeviceEvents is raised then, and when no assignment gives
+    one non-empty group per window.
     """
     reps = len(windows)
     if not events or not reps:
@@ -85,20 +87,26 @@ def split_reps(
             if s < we and e > ws:
                 groups[i].append((s, e))
                 break
-    if all(groups):
-        return [_span_busy(g) for g in groups], "windows"
-    ev = sorted(events)
-    cuts = []
-    end = float("-inf")
-    for i, (s, e) in enumerate(ev):
-        if i and s > end:
-            cuts.append((s - end, i))
-        end = max(end, e)
-    if len(cuts) < reps - 1:
-        raise NoDeviceEvents(f"{len(cuts) + 1} groups of device events for {reps} calls")
-    at = sorted(i for _, i in sorted(cuts, reverse=True)[: reps - 1])
-    bounds = [0, *at, len(ev)]
-    return [_span_busy(ev[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)], "gap_split"
+    how = "windows"
+    if not all(groups):
+        how = "gap_split"
+        ev = sorted(events)
+        cuts = []
+        end = float("-inf")
+        for i, (s, e) in enumerate(ev):
+            if i and s > end:
+                cuts.append((s - end, i))
+            end = max(end, e)
+        if len(cuts) < reps - 1:
+            raise NoDeviceEvents(f"{len(cuts) + 1} groups of device events for {reps} calls")
+        at = sorted(i for _, i in sorted(cuts, reverse=True)[: reps - 1])
+        bounds = [0, *at, len(ev)]
+        groups = [ev[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    spans = [_span_busy(g) for g in groups]
+    for (span, _), (ws, we) in zip(spans, windows, strict=True):
+        if span > 1.05 * (we - ws):
+            raise NoDeviceEvents(f"a call's device span ({how}) exceeds its host window")
+    return spans, how
 
 
 # ---------------------------------------------------------------------------------------- JAX

@@ -126,6 +126,15 @@ def test_split_reps_cuts_at_gaps_when_clocks_disagree():
     assert spans == [(40, 30), (20, 20)]
 
 
+def test_split_reps_refuses_a_span_longer_than_its_call():
+    """Misaligned clocks, and an unmarked event (a flush) just before the second call: the gap
+    split would fold it into that call (span 200 in a 100-long window): refused."""
+    windows = [(0, 100), (1000, 1100)]
+    events = [(10_010, 10_050), (10_800, 10_900), (10_950, 11_000)]
+    with pytest.raises(device_time.NoDeviceEvents, match="exceeds its host window"):
+        device_time.split_reps(windows, events)
+
+
 def test_split_reps_refuses_too_few_groups():
     with pytest.raises(device_time.NoDeviceEvents):
         device_time.split_reps([(0, 10), (20, 30)], [(1000, 1010)])
