@@ -74,7 +74,7 @@ TINY_RUNS = [
     pytest.param("bench_moe", ["--small", "--impls", "padded"], id="moe",
                  marks=pytest.mark.slow),
     pytest.param("bench_matvec", ["--small", "--batches", "1"], id="matvec",
-                 marks=pytest.mark.slow),
+                 marks=pytest.mark.heavy),
     pytest.param("bench_generate", ["--tiny", "--batches", "1", "--reps", "2", "--prefill", "",
                                     "--hf_variants", "eager,compiled",
                                     "--hf_compile_backend", "eager"],
