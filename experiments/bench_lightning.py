@@ -4,15 +4,29 @@ Run on a GPU (FLA installed from the `fla-core` wheel, see experiments/RESULTS.m
 pass --no-fla; or `python experiments/run.py lightning`)::
 
     PYTHONUNBUFFERED=1 python3 experiments/bench_lightning.py --out results.jsonl
+    python3 experiments/bench_lightning.py --small --no-fla     # CPU smoke run (interpret mode)
 
 Times, at bf16 and MiniMax slopes (scale 1): forward and forward+backward at B2 N16 H128
 T in {8K, 32K} and B1 N64 H128 T in {32K, 128K} for this repo's GPU kernel, the XLA blockwise
 implementation (`pallas_kernels.lightning.xla`) and FLA's `chunk_simple_gla`; and one decode step
-at B in {1, 64, 256}, N64 H128 (fp32 state) against FLA's `fused_recurrent_simple_gla`. Every row
-is one JSON line (`experiments.harness`: device, versions, commit, command line) with the shape,
-impl, median ms and its spread, GB/s against the min-bytes floor and the FLA number from the same
-run. Where the XLA implementation ran, the kernel's output (forward, gradients, decode loop) is
-checked against it (`max_abs_err`, `max_rel_err`, `check_ok`).
+at B in {1, 64, 256}, N64 H128 (fp32 state) against FLA's `fused_recurrent_simple_gla`.
+
+Both sides are timed the same way (`experiments.harness`): the profiler's device time of each
+call (JAX: `jax.profiler`; FLA: `torch.profiler`), the L2 flushed before every call, median of
+>= 10 calls after warm-up, on the same inputs (FLA gets our q, k, v converted exactly). The
+decode comparison is one call on each side; the in-jit loop of 32 steps is an extra row (its
+state stays in L2 between steps at small B: `timing` says so) and is not compared with FLA.
+
+Checks, before the timing, at every benchmarked shape: the XLA implementation's output (the
+forward, and the forward with the gradients of a random cotangent) is the reference, computed
+untimed even where XLA is not timed (T > 32K); every kernel configuration and FLA are checked
+against it (`max_abs_err`, `max_rel_err`, `check_ok`; bf16 tier: within 2e-2 forward, 5e-2 with
+gradients, of each tensor's max |ref| plus as much relative); decode steps (one call and the
+loop) against the XLA step. The states-pass-only rows of --sweep are a partial computation and
+say so (`check_skipped`).
+GB/s = the minimum bytes (q, k, v read, o written; + do read and dq, dk, dv written for the
+backward; the state read and written for decode) over the time; `frac_of_copy_bw` divides that
+by the device-to-device copy rate measured first in the same process (`roofline`).
 `--sweep` also times several kernel configurations per shape (rows with impl "gpu[...]").
 `--packed DOC_LEN` times only packed rows (segment ids, documents of ~DOC_LEN tokens): the kernel
 with and without the ids and XLA with them (rows "gpu_packed", "gpu", "xla_packed", "summary").
@@ -33,13 +47,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import harness  # noqa: E402
+from experiments import harness, roofline  # noqa: E402
 from minimax_jax.model.slopes import lightning_slopes  # noqa: E402
 from pallas_kernels.lightning import gpu as lgpu  # noqa: E402
 from pallas_kernels.lightning.xla import lightning_attention_xla as xla_impl  # noqa: E402
 
 FWD_SHAPES = [(2, 8192, 16, 128), (2, 32768, 16, 128), (1, 32768, 64, 128), (1, 131072, 64, 128)]
 DECODE_BATCHES = [1, 64, 256]
+SMALL_SHAPES = [(1, 128, 2, 32)]  # --small: CPU, kernels in interpret mode
+SMALL_DECODE = (2, 4, 32, 4)  # (B, N, H, steps)
+XLA_TIMED_MAX_T = 32768  # above this the XLA path is the (untimed) reference only
 
 SWEEP_FWD = [
     {"segments": 4},
@@ -52,6 +69,7 @@ SWEEP_FWD = [
 SWEEP_BWD = [
     {"states_block": 128, "states_block_v": 64, "states_warps": 4},
 ]
+INTERPRET = False  # --small on CPU: the Pallas kernels run in the interpreter
 
 
 def minimax_slopes(n: int, layer: int = 3, layers: int = 80) -> np.ndarray:
@@ -59,14 +77,17 @@ def minimax_slopes(n: int, layer: int = 3, layers: int = 80) -> np.ndarray:
     return lightning_slopes(n, layer, layers, "remote")
 
 
-def time_ms(fn, *args, iters: int = 15, inner: int = 5) -> harness.Timing:
-    """Per call: `inner` back-to-back async calls per sample, `iters` samples after warm-up."""
-    return harness.time_device(fn, *args, reps=iters, inner=inner)
+def time_ms(fn, *args, iters: int = harness.DEFAULT_REPS) -> harness.Timing:
+    """Device time per call (`harness.time_device`: profiler on a GPU, L2 flushed)."""
+    return harness.time_device(fn, *args, reps=iters)
 
 
 def check(out, ref, tol: float = 2e-2) -> dict:
-    """The kernel's output against the XLA implementation's (bf16 tier), if that ran."""
-    return {} if ref is None else harness.check(out, ref, atol=tol, rtol=tol)
+    """An output against the XLA implementation's (bf16 tier: each element within tol of its
+    tensor's max |ref| plus tol relative)."""
+    if ref is None:
+        return harness.no_check("the XLA reference did not run at this shape")
+    return harness.check(out, ref, atol=tol, rtol=tol, scaled=True)
 
 
 def gpu_impl(cfg: dict | None, bcfg: dict | None = None):
@@ -78,10 +99,11 @@ def gpu_impl(cfg: dict | None, bcfg: dict | None = None):
         if bblock is not None and bblock != block:
             raise ValueError("forward and backward block must match")
 
-    def f(q, k, v, slopes):
+    def f(q, k, v, slopes, **kw):
         return lgpu.lightning_attention_gpu(
-            q, k, v, slopes, block_size=block, config=cfg or None, bwd_config=bcfg
-        )
+            q, k, v, slopes, block_size=block, config=cfg or None, bwd_config=bcfg,
+            interpret=INTERPRET, **kw
+        )  # fmt: skip
 
     return f
 
@@ -91,71 +113,227 @@ def make_fwd(impl, slopes):
 
 
 def make_fwd_bwd(impl, slopes, do):
-    def f(q, k, v):
-        o, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, slopes)[0], q, k, v)
-        return o, vjp(do)
-
-    return jax.jit(f)
+    """(q, k, v) -> (o, (dq, dk, dv)) for the cotangent do: the forward is an output."""
+    return harness.fwd_bwd(lambda q, k, v: impl(q, k, v, slopes)[0], do, argnums=(0, 1, 2))
 
 
 def copy_bandwidth() -> float:
-    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
-    f = jax.jit(lambda x: x + 1)
-    ms = time_ms(f, x, iters=10, inner=3).median * 1e3
-    del x
-    return 2 * 2 * (1 << 30) / (ms * 1e-3) / 1e9
+    """GB/s of the best device-to-device copy (read + write), measured in this process."""
+    return roofline.copy_bandwidth()["copy_GBps"]
 
 
-def fla_times(b, t, n, h, slopes_np, do_bwd: bool = True):
+def to_torch(x):
+    """A JAX array as a CUDA torch tensor of the same values (bf16 goes through fp32 exactly)."""
     import torch
-    import triton
+
+    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+    return torch.from_numpy(np.asarray(x, np.float32)).to("cuda", dtype)
+
+
+def to_np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def fla_rows(emit, shape, qkv, do, slopes_np, refs, floors, skip_bwd) -> dict:
+    """FLA's chunk_simple_gla on our inputs: checked against the XLA reference, then timed."""
+    import torch
     from fla.ops.simple_gla import chunk_simple_gla
 
-    g = -torch.tensor(slopes_np, device="cuda")
-    qkv = [
-        (torch.randn(b, t, n, h, device="cuda", dtype=torch.bfloat16) * 0.3).requires_grad_()
-        for _ in range(3)
-    ]
-    q, k, v = qkv
-    do = torch.randn_like(q)
+    g = -torch.tensor(slopes_np, device="cuda", dtype=torch.float32)
+    tq, tk, tv = (to_torch(x).requires_grad_() for x in qkv)
+    tdo = to_torch(do)
 
-    def fwd():
-        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0)[0]
+    def fwd(_=None):
+        return chunk_simple_gla(tq, tk, tv, g_gamma=g, scale=1.0)[0]
 
-    def fwd_bwd():
-        fwd().backward(do)
+    def fwd_bwd(_=None):
+        fwd().backward(tdo)
 
-    res = {"fwd": triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")}
-    if do_bwd:
-        res["fwd_bwd"] = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
-    return res
+    def no_grads():
+        for x in (tq, tk, tv):
+            x.grad = None
+
+    got = {}
+    passes = [("fwd", fwd, 2e-2)] + ([] if skip_bwd else [("fwd_bwd", fwd_bwd, 5e-2)])
+    for name, fn, tol in passes:
+        no_grads()
+        if name == "fwd":
+            with torch.no_grad():
+                checked = check(to_np(fwd()), refs.get("fwd"), tol)
+        else:
+            o = fwd()
+            o.backward(tdo)
+            out = (to_np(o), tuple(to_np(x.grad) for x in (tq, tk, tv)))
+            checked = check(out, refs.get("fwd_bwd"), tol)
+        t = harness.time_torch(fn, setup=no_grads)
+        got[name] = t.median * 1e3
+        emit({**shape, "impl": "fla.chunk_simple_gla", "pass": name, **t.row_ms(),
+              "GBps_floor": floors[name] / got[name] / 1e6, **checked})  # fmt: skip
+    return got
 
 
-def fla_decode(b, n, h, slopes_np):
+def reference(fn_maker, q, k, v):
+    """The XLA output at this shape (untimed), or None if it cannot run here."""
+    try:
+        return jax.block_until_ready(fn_maker()(q, k, v))
+    except Exception as e:  # noqa: BLE001 - the rows say the reference did not run
+        print(f"# xla reference failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+
+
+def bench_pass(emit, shape, pname, impls, qkv, slopes, do, ref, fla, floor, bw) -> None:
+    """One pass (fwd or fwd_bwd) of every implementation at one shape: check, then time."""
+    tol = 2e-2 if pname == "fwd" else 5e-2
+    for name, impl in impls.items():
+        if name == "xla" and shape["T"] > XLA_TIMED_MAX_T:
+            continue  # the XLA path at 128K only costs time: it ran once as the reference
+        try:
+            fn = make_fwd(impl, slopes) if pname == "fwd" else make_fwd_bwd(impl, slopes, do)
+            checked = harness.no_check("the reference") if name == "xla" else check(
+                fn(*qkv), ref, tol)  # fmt: skip
+            t_ = time_ms(fn, *qkv)
+        except Exception as e:  # noqa: BLE001 - record failing configs and go on
+            print(f"# {name} {pname} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        ms = t_.median * 1e3
+        emit({**shape, "impl": name, "pass": pname, **t_.row_ms(), **checked,
+              "GBps_floor": floor / ms / 1e6, "frac_of_copy_bw": floor / ms / 1e6 / bw,
+              "fla_ms": fla.get(pname),
+              "speedup_vs_fla": fla[pname] / ms if fla.get(pname) else None})  # fmt: skip
+
+
+def states_rows(emit, shape, qkv, slopes, fla) -> None:
+    """--sweep: the states-only pass alone (where the forward's time goes)."""
+    b, t, n, h = shape["B"], shape["T"], shape["N"], shape["H"]
+    seg = 8
+    if (t // 64) % seg:
+        return
+    init = jnp.zeros((b, n, seg, h, h), jnp.float32)
+
+    def states(q, k, v):
+        return lgpu.scan_kernel_call(q, k, v, slopes, init, block=64, block_v=64, segments=seg,
+                                     seq_len=t, reverse=False, emit_output=False,
+                                     interpret=INTERPRET)  # fmt: skip
+
+    t_ = time_ms(jax.jit(states), *qkv)
+    emit({**shape, "impl": f"gpu states pass only (seg {seg})", "pass": "fwd", **t_.row_ms(),
+          "fla_ms": fla.get("fwd"),
+          **harness.no_check("a partial computation (segment states only)")})  # fmt: skip
+
+
+def bench_shape(emit, b, t, n, h, args, override, bw) -> None:
+    slopes_np = minimax_slopes(n)
+    slopes = jnp.asarray(slopes_np)
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    qkv = tuple(jax.random.normal(ks[i], (b, t, n, h), jnp.float32).astype(jnp.bfloat16) * 0.3
+                for i in range(3))  # fmt: skip
+    do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
+    floors = {
+        "fwd": 4 * b * t * n * h * 2,
+        "fwd_bwd": 11 * b * t * n * h * 2,
+    }  # fwd 4 + bwd (q,k,v,do read; dq,dk,dv) 7
+    shape = {"B": b, "T": t, "N": n, "H": h}
+    refs = {"fwd": reference(lambda: make_fwd(xla_impl, slopes), *qkv)}
+    if not args.skip_bwd:
+        refs["fwd_bwd"] = reference(lambda: make_fwd_bwd(xla_impl, slopes, do), *qkv)
+    fla = {} if args.no_fla else fla_rows(emit, shape, qkv, do, slopes_np, refs, floors,
+                                          args.skip_bwd)  # fmt: skip
+    base_cfg = override.get(f"{b}x{t}x{n}", override.get("default"))
+    impls = {"xla": xla_impl, "gpu": gpu_impl(base_cfg, base_cfg)}
+    if args.sweep:
+        for c in SWEEP_FWD:
+            impls["gpu" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c)
+    bench_pass(emit, shape, "fwd", impls, qkv, slopes, do, refs["fwd"], fla, floors["fwd"], bw)
+    if args.sweep:
+        states_rows(emit, shape, qkv, slopes, fla)
+    if not args.skip_bwd:
+        bimpls = {"xla": xla_impl, "gpu": impls["gpu"]}
+        if args.sweep:
+            for c in SWEEP_BWD:
+                bimpls["gpu_bwd" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c, c)
+        bench_pass(emit, shape, "fwd_bwd", bimpls, qkv, slopes, do, refs["fwd_bwd"], fla,
+                   floors["fwd_bwd"], bw)  # fmt: skip
+
+
+def fla_decode_row(emit, shape, qkv, state, slopes_np, ref, state_bytes) -> float | None:
+    """FLA's fused_recurrent_simple_gla, one step on our inputs: checked against the XLA step
+    (output and new state), then timed per call."""
     import torch
-    import triton
     from fla.ops.simple_gla import fused_recurrent_simple_gla
 
-    g = -torch.tensor(slopes_np, device="cuda")
-    q, k, v = [torch.randn(b, 1, n, h, device="cuda", dtype=torch.bfloat16) * 0.3 for _ in range(3)]
-    s = torch.randn(b, n, h, h, device="cuda", dtype=torch.float32) * 0.1
+    g = -torch.tensor(slopes_np, device="cuda", dtype=torch.float32)
+    tq, tk, tv = (to_torch(x)[:, None] for x in qkv)  # [B,1,N,H]
+    ts = to_torch(state)
 
-    def step():
-        return fused_recurrent_simple_gla(
-            q, k, v, g_gamma=g, scale=1.0, initial_state=s, output_final_state=True
+    def step(_=None):
+        return fused_recurrent_simple_gla(tq, tk, tv, g_gamma=g, scale=1.0, initial_state=ts,
+                                          output_final_state=True)  # fmt: skip
+
+    o, s = step()
+    checked = check((to_np(o)[:, 0], to_np(s)), ref)
+    t = harness.time_torch(step)
+    ms = t.median * 1e3
+    emit({**shape, "impl": "fla.fused_recurrent_simple_gla", **t.row_ms(), **checked,
+          "GBps_floor": state_bytes / ms / 1e6, "timing": "one call"})  # fmt: skip
+    return ms
+
+
+def bench_decode(emit, b, n, h, steps, args, bw) -> None:
+    """One decode step at batch b: the XLA step (the reference), the GPU kernel (and --decode-sweep
+    tilings) as one jitted call each, beside FLA's one call; then the same steps in a jitted
+    loop of `steps` (per step; the state stays in L2 between steps at small B)."""
+    slopes_np = minimax_slopes(n)
+    slopes = jnp.asarray(slopes_np)
+    ks = jax.random.split(jax.random.PRNGKey(b), 4)
+    qkv = tuple(jax.random.normal(ks[i], (b, n, h), jnp.bfloat16) * 0.3 for i in range(3))
+    state = jax.random.normal(ks[3], (b, n, h, h), jnp.float32) * 0.1
+    state_bytes = 2 * b * n * h * h * 4 + 4 * b * n * h * 2
+    shape = {"B": b, "T": 1, "N": n, "H": h, "pass": "decode"}
+
+    def xla_step(q, k, v, s):
+        s = jnp.exp(-slopes)[None, :, None, None] * s + (
+            k.astype(jnp.float32)[..., :, None] * v.astype(jnp.float32)[..., None, :]
         )
+        return jnp.einsum("bnd,bnde->bne", q.astype(jnp.float32), s).astype(q.dtype), s
 
-    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    def gpu_step(q, k, v, s, **kw):
+        return lgpu.lightning_decode_gpu(q, k, v, slopes, s, interpret=INTERPRET, **kw)
 
+    def loop_of(stepf):
+        def loop(q, k, v, s):
+            o0 = jnp.zeros(q.shape, q.dtype)
+            return jax.lax.fori_loop(0, steps, lambda i, c: stepf(q, k, v, c[1]), (o0, s))
 
-def decode_with(q, k, v, state, *, slopes, block_v, num_warps):
-    return lgpu.lightning_decode_gpu(q, k, v, slopes, state, block_v=block_v, num_warps=num_warps)
+        return jax.jit(loop)
 
-
-def torch_free() -> None:
-    import torch
-
-    torch.cuda.empty_cache()
+    steps_by_name = {"xla": xla_step, "gpu": gpu_step}  # XLA first: the reference
+    if args.decode_sweep:
+        for bv in (32, 64, 128):
+            for nw in (2, 4, 8):
+                steps_by_name[f"gpu[block_v={bv},num_warps={nw}]"] = functools.partial(
+                    gpu_step, block_v=bv, num_warps=nw)  # fmt: skip
+    ref_one = jax.block_until_ready(jax.jit(xla_step)(*qkv, state))
+    ref_loop = jax.block_until_ready(loop_of(xla_step)(*qkv, state))
+    fla_ms = None if args.no_fla else fla_decode_row(emit, shape, qkv, state, slopes_np,
+                                                     ref_one, state_bytes)  # fmt: skip
+    for name, stepf in steps_by_name.items():
+        one, loop = jax.jit(stepf), loop_of(stepf)  # the outer jit does not donate the state
+        ref_ok = name == "xla"
+        checked = harness.no_check("the reference") if ref_ok else check(one(*qkv, state), ref_one)
+        t_ = time_ms(one, *qkv, state)
+        ms = t_.median * 1e3
+        emit({**shape, "impl": name, **t_.row_ms(), **checked, "timing": "one call",
+              "GBps_floor": state_bytes / ms / 1e6, "frac_of_copy_bw": state_bytes / ms / 1e6 / bw,
+              "fla_ms": fla_ms, "speedup_vs_fla": fla_ms / ms if fla_ms else None})  # fmt: skip
+        checked = harness.no_check("the reference") if ref_ok else check(loop(*qkv, state),
+                                                                         ref_loop)  # fmt: skip
+        t_ = time_ms(loop, *qkv, state)
+        row = t_.row_ms("loop_ms")
+        ms = row["loop_ms"] / steps
+        emit({**shape, "impl": f"{name} (in-jit loop)", "ms": ms, **row, **checked,
+              "GBps_floor": state_bytes / ms / 1e6,
+              "timing": f"per step of an in-jit loop of {steps} steps; the state may stay in L2 "
+              "between steps, so it is not compared with FLA's one call"})  # fmt: skip
 
 
 def packed_segment_ids(b: int, t: int, doc_len: int, seed: int = 0) -> np.ndarray:
@@ -170,306 +348,107 @@ def packed_segment_ids(b: int, t: int, doc_len: int, seed: int = 0) -> np.ndarra
 
 def bench_packed(shapes, doc_len: int, emit, skip_bwd: bool) -> None:
     """Packed rows (segment ids): the GPU kernel with them, without them (same tokens) and the
-    XLA implementation with them (what "auto" runs for packed rows), forward and fwd+bwd."""
+    XLA implementation with them (what "auto" runs for packed rows), forward and fwd+bwd; the
+    kernel's rows are checked against XLA with the same ids (without ids: XLA without ids)."""
     key = jax.random.PRNGKey(1)
     for b, t, n, h in shapes:
         slopes = jnp.asarray(minimax_slopes(n))
         ks = jax.random.split(key, 4)
-        q, k, v = (
-            (jax.random.normal(ks[i], (b, t, n, h), jnp.float32) * 0.3).astype(jnp.bfloat16)
-            for i in range(3)
-        )
+        qkv = tuple((jax.random.normal(ks[i], (b, t, n, h), jnp.float32) * 0.3).astype(
+            jnp.bfloat16) for i in range(3))  # fmt: skip
         do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
         seg = jnp.asarray(packed_segment_ids(b, t, doc_len))
-        impls = {  # the XLA path first: the kernel's packed output is checked against it
-            "xla_packed": functools.partial(xla_impl, segment_ids=seg),
-            "gpu": lgpu.lightning_attention_gpu,
-            "gpu_packed": functools.partial(lgpu.lightning_attention_gpu, segment_ids=seg),
+        gpu = gpu_impl(None)
+        impls = {  # name: (implementation, its reference)
+            "xla_packed": (functools.partial(xla_impl, segment_ids=seg), None),
+            "gpu": (gpu, xla_impl),
+            "gpu_packed": (
+                functools.partial(gpu, segment_ids=seg),
+                functools.partial(xla_impl, segment_ids=seg),
+            ),
         }
         shape = {"B": b, "T": t, "N": n, "H": h, "doc_len": doc_len}
         for pname in ["fwd"] + ([] if skip_bwd else ["fwd_bwd"]):
-            got, ref = {}, None
-            for name, impl in impls.items():
-                fn = make_fwd(impl, slopes) if pname == "fwd" else make_fwd_bwd(impl, slopes, do)
+            make = make_fwd if pname == "fwd" else functools.partial(make_fwd_bwd, do=do)
+            got = {}
+            for name, (impl, ref_impl) in impls.items():
                 try:
-                    t_ = time_ms(fn, q, k, v)
-                    out = fn(q, k, v)
+                    fn = make(impl, slopes)
+                    if ref_impl is None:
+                        checked = harness.no_check("the reference")
+                    else:
+                        ref = reference(functools.partial(make, ref_impl, slopes), *qkv)
+                        checked = check(fn(*qkv), ref, 2e-2 if pname == "fwd" else 5e-2)
+                    t_ = time_ms(fn, *qkv)
                 except Exception as e:  # noqa: BLE001 - record the failure and go on
                     print(f"# {name} {pname} failed: {type(e).__name__}: {str(e)[:300]}")
                     continue
                 got[name] = t_.median * 1e3
-                if name == "xla_packed":
-                    ref = out
-                tol = 2e-2 if pname == "fwd" else 5e-2
-                emit({**shape, "impl": name, "pass": pname, **t_.row_ms(),
-                      **(check(out, ref, tol) if name == "gpu_packed" else {})})  # fmt: skip
+                emit({**shape, "impl": name, "pass": pname, **t_.row_ms(), **checked})
             if {"gpu", "gpu_packed", "xla_packed"} <= set(got):
                 emit({**shape, "impl": "summary", "pass": pname,
                       "gpu_packed_over_unpacked": got["gpu_packed"] / got["gpu"],
                       "speedup_vs_xla_packed": got["xla_packed"] / got["gpu_packed"]})  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="append JSON lines here")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-fla", action="store_true")
-    ap.add_argument("--shapes", default="all", help="'all' or indices into FWD_SHAPES, e.g. 0,2")
-    ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--skip-bwd", action="store_true")
-    ap.add_argument("--decode-sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also kernel configurations per shape")
+    ap.add_argument("--no-fla", action="store_true", help="no FLA rows (FLA not installed)")
+    ap.add_argument("--shapes", default="all", help="'all', 'none' or indices into FWD_SHAPES")
+    ap.add_argument("--skip-decode", action="store_true", help="no decode rows")
+    ap.add_argument("--skip-bwd", action="store_true", help="no forward+backward rows")
+    ap.add_argument("--decode-sweep", action="store_true", help="decode kernel tilings too")
     ap.add_argument("--gpu-config", default=None, help="JSON dict, e.g. per-shape override list")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny shapes, kernels in interpret mode off a GPU (CPU smoke run)",
+    )
     ap.add_argument(
         "--packed",
         type=int,
         default=0,
         help="DOC_LEN: only the packed-rows comparison (segment ids, documents of ~DOC_LEN tokens)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    global INTERPRET
+    args = parse_args()
+    INTERPRET = jax.default_backend() != "gpu"
     bw = copy_bandwidth()
     print(f"# copy bandwidth {bw:.0f} GB/s", flush=True)
-    results = harness.Rows(args.out, bench="lightning", dtype="bfloat16", copy_GBps=round(bw, 1))
-    rows = results.rows
+    results = harness.Rows(args.out, bench="lightning", dtype="bfloat16", copy_GBps=round(bw, 1),
+                           interpret=INTERPRET)  # fmt: skip
     emit = results.emit
-
+    all_shapes = SMALL_SHAPES if args.small else FWD_SHAPES
     if args.shapes == "all":
-        shapes = FWD_SHAPES
+        shapes = all_shapes
     elif args.shapes == "none":
         shapes = []
     else:
-        shapes = [FWD_SHAPES[int(i)] for i in args.shapes.split(",")]
+        shapes = [all_shapes[int(i)] for i in args.shapes.split(",")]
     if args.packed:
         bench_packed(shapes, args.packed, emit, args.skip_bwd)
         return
     override = json.loads(args.gpu_config) if args.gpu_config else {}
-    key = jax.random.PRNGKey(0)
     for b, t, n, h in shapes:
-        slopes_np = minimax_slopes(n)
-        slopes = jnp.asarray(slopes_np)
-        ks = jax.random.split(key, 4)
-        q, k, v = (
-            jax.random.normal(ks[i], (b, t, n, h), jnp.float32).astype(jnp.bfloat16) * 0.3
-            for i in range(3)
-        )
-        do = jax.random.normal(ks[3], (b, t, n, h), jnp.bfloat16)
-        fwd_floor = 4 * b * t * n * h * 2
-        bwd_floor = 11 * b * t * n * h * 2  # fwd 4 + bwd (q,k,v,do read; dq,dk,dv written) 7
-        fla = {} if args.no_fla else fla_times(b, t, n, h, slopes_np, not args.skip_bwd)
-        if not args.no_fla:
-            torch_free()
-        shape = {"B": b, "T": t, "N": n, "H": h}
-        base_cfg = override.get(f"{b}x{t}x{n}", override.get("default"))
-        # the XLA implementation first: the kernel's output is checked against it
-        impls = {"xla": xla_impl, "gpu": gpu_impl(base_cfg, base_cfg)}
-        if args.sweep:
-            for c in SWEEP_FWD:
-                impls["gpu" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c)
-        if not args.no_fla:
-            emit(
-                {
-                    **shape,
-                    "impl": "fla.chunk_simple_gla",
-                    "pass": "fwd",
-                    "ms": fla["fwd"],
-                    "GBps_floor": fwd_floor / fla["fwd"] / 1e6,
-                    "fla_ms": fla["fwd"],
-                }
-            )
-        ref = None
-        for name, impl in impls.items():
-            if name == "xla" and t > 32768:
-                continue  # the XLA scan at 128K only costs time; the FLA anchor is what counts
-            try:
-                fn = make_fwd(impl, slopes)
-                t_ = time_ms(fn, q, k, v)
-                out = fn(q, k, v)
-            except Exception as e:  # noqa: BLE001 - record failing configs and go on
-                print(f"# {name} fwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            ms = t_.median * 1e3
-            if name == "xla":
-                ref = out
-            emit(
-                {
-                    **shape,
-                    "impl": name,
-                    "pass": "fwd",
-                    **t_.row_ms(),
-                    **(check(out, ref) if name != "xla" else {}),
-                    "GBps_floor": fwd_floor / ms / 1e6,
-                    "frac_of_copy_bw": fwd_floor / ms / 1e6 / bw,
-                    "fla_ms": fla.get("fwd"),
-                    "speedup_vs_fla": (fla.get("fwd") or 0) / ms,
-                }
-            )
-        if args.sweep:  # where the time goes: the states-only pass alone
-            for seg in (8,):
-                nbl = t // 64
-                init = jnp.zeros((b, n, seg, h, h), jnp.float32)
-
-                def states(q, k, v, init=init, seg=seg, slopes=slopes, t=t):
-                    return lgpu.scan_kernel_call(
-                        q,
-                        k,
-                        v,
-                        slopes,
-                        init,
-                        block=64,
-                        block_v=64,
-                        segments=seg,
-                        seq_len=t,
-                        reverse=False,
-                        emit_output=False,
-                    )
-
-                if nbl % seg == 0:
-                    t_ = time_ms(jax.jit(states), q, k, v)
-                    emit(
-                        {
-                            **shape,
-                            "impl": f"gpu states pass only (seg {seg})",
-                            "pass": "fwd",
-                            **t_.row_ms(),
-                            "fla_ms": fla.get("fwd"),
-                        }
-                    )
-        if not args.skip_bwd:
-            if not args.no_fla:
-                emit(
-                    {
-                        **shape,
-                        "impl": "fla.chunk_simple_gla",
-                        "pass": "fwd_bwd",
-                        "ms": fla["fwd_bwd"],
-                        "GBps_floor": bwd_floor / fla["fwd_bwd"] / 1e6,
-                        "fla_ms": fla["fwd_bwd"],
-                    }
-                )
-            bimpls = {"xla": xla_impl, "gpu": impls["gpu"]}
-            if args.sweep:
-                for c in SWEEP_BWD:
-                    bimpls["gpu_bwd" + json.dumps(c, separators=(",", ":"))] = gpu_impl(c, c)
-            ref = None
-            for name, impl in bimpls.items():
-                if name == "xla" and t > 32768:
-                    continue
-                try:
-                    fn = make_fwd_bwd(impl, slopes, do)
-                    t_ = time_ms(fn, q, k, v, iters=10, inner=3)
-                    out = fn(q, k, v)
-                except Exception as e:  # noqa: BLE001
-                    print(
-                        f"# {name} fwd_bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True
-                    )
-                    continue
-                ms = t_.median * 1e3
-                if name == "xla":
-                    ref = out
-                emit(
-                    {
-                        **shape,
-                        "impl": name,
-                        "pass": "fwd_bwd",
-                        **t_.row_ms(),
-                        **(check(out, ref, 5e-2) if name != "xla" else {}),
-                        "GBps_floor": bwd_floor / ms / 1e6,
-                        "fla_ms": fla.get("fwd_bwd"),
-                        "speedup_vs_fla": (fla.get("fwd_bwd") or 0) / ms,
-                    }
-                )
-        del q, k, v, do
-
+        bench_shape(emit, b, t, n, h, args, override, bw)
     if not args.skip_decode:
-        n, h, steps = 64, 128, 32
-        slopes_np = minimax_slopes(n)
-        slopes = jnp.asarray(slopes_np)
-        for b in DECODE_BATCHES:
-            ks = jax.random.split(jax.random.PRNGKey(b), 4)
-            q, k, v = (jax.random.normal(ks[i], (b, n, h), jnp.bfloat16) * 0.3 for i in range(3))
-            state = jax.random.normal(ks[3], (b, n, h, h), jnp.float32) * 0.1
-            state_bytes = 2 * b * n * h * h * 4 + 4 * b * n * h * 2
-            shape = {"B": b, "T": 1, "N": n, "H": h, "pass": "decode"}
-            fla_ms = None if args.no_fla else fla_decode(b, n, h, slopes_np)
-            if not args.no_fla:
-                torch_free()
-            if fla_ms is not None:
-                emit(
-                    {
-                        **shape,
-                        "impl": "fla.fused_recurrent_simple_gla",
-                        "ms": fla_ms,
-                        "GBps_floor": state_bytes / fla_ms / 1e6,
-                        "fla_ms": fla_ms,
-                    }
-                )
-
-            def xla_step(q, k, v, s):
-                s = jnp.exp(-slopes)[None, :, None, None] * s + (
-                    k.astype(jnp.float32)[..., :, None] * v.astype(jnp.float32)[..., None, :]
-                )
-                return jnp.einsum("bnd,bnde->bne", q.astype(jnp.float32), s).astype(q.dtype), s
-
-            def gpu_step(q, k, v, s):
-                return lgpu.lightning_decode_gpu(q, k, v, slopes, s)
-
-            steps_by_name = {"xla": xla_step, "gpu": gpu_step}  # XLA first: the reference
-            if args.decode_sweep:
-                for bv in (32, 64, 128):
-                    for nw in (2, 4, 8):
-                        steps_by_name[f"gpu[block_v={bv},num_warps={nw}]"] = functools.partial(
-                            decode_with, slopes=slopes, block_v=bv, num_warps=nw
-                        )
-            ref = None
-            for name, stepf in steps_by_name.items():
-
-                def loop(q, k, v, s, stepf=stepf):
-                    def body(i, c):
-                        return stepf(q, k, v, c[1])
-
-                    o0 = jnp.zeros(q.shape, q.dtype)
-                    return jax.lax.fori_loop(0, steps, body, (o0, s))
-
-                fn = jax.jit(loop)
-                t_ = time_ms(fn, q, k, v, state)
-                out = fn(q, k, v, state)
-                if name == "xla":
-                    ref = out
-                ms = t_.median * 1e3 / steps
-                emit(
-                    {
-                        **shape,
-                        "impl": name,
-                        "ms": ms,
-                        "loop_ms_min": t_.min * 1e3,
-                        "loop_ms_max": t_.max * 1e3,
-                        "reps": t_.reps,
-                        **(check(out, ref) if name != "xla" else {}),
-                        "GBps_floor": state_bytes / ms / 1e6,
-                        "fla_ms": fla_ms,
-                        "speedup_vs_fla": (fla_ms or 0) / ms,
-                        "timing": f"in-jit loop of {steps} steps",
-                    }
-                )
-            # one jitted step from Python, dispatch included (what a naive decode loop pays)
-            one = jax.jit(gpu_step)
-            t_ = time_ms(one, q, k, v, state, iters=30, inner=1)
-            emit(
-                {
-                    **shape,
-                    "impl": "gpu(single jitted call, wall)",
-                    **t_.row_ms(),
-                    "fla_ms": fla_ms,
-                    "timing": "wall clock per call incl. dispatch",
-                }
-            )
+        if args.small:
+            b, n, h, steps = SMALL_DECODE
+            bench_decode(emit, b, n, h, steps, args, bw)
+        else:
+            for b in DECODE_BATCHES:
+                bench_decode(emit, b, 64, 128, 32, args, bw)
     print("\n# summary: impl | pass | B T N | ms | GB/s floor | speedup vs FLA")
-    for r in rows:
-        print(
-            f"{r['impl'][:60]:60s} {r['pass']:8s} {r['B']:>3} {r['T']:>6} {r['N']:>2} "
-            f"{r['ms']:8.3f} {r.get('GBps_floor', 0) or 0:7.0f} "
-            f"{r.get('speedup_vs_fla', 0) or 0:5.2f}"
-        )
+    for r in results.rows:
+        print(f"{r['impl'][:60]:60s} {r['pass']:8s} {r['B']:>3} {r['T']:>6} {r['N']:>2} "
+              f"{r.get('ms', 0) or 0:8.3f} {r.get('GBps_floor', 0) or 0:7.0f} "
+              f"{r.get('speedup_vs_fla', 0) or 0:5.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,9 +20,21 @@ TFLOP/s count routed tokens only: forward 2*A*D*2F + 2*A*F*D = 6*A*D*F, fwd+bwd 
 Goals (issue 4): layer fwd >= 70% and fwd+bwd >= 60% of the dense TFLOP/s, >= 10x ragged_dot,
 EP=2 per-GPU >= 80% of one GPU at 64K tokens. `--sweep` times several gmm block configs first
 and uses the best. `--small` shrinks every dimension for a CPU smoke run of the script.
-Rows go through `experiments.harness` (median ms with its spread; slow baselines, one warm call
-over 0.1 s, take 3 samples). Forward rows of our implementations are checked against the same
-computation on `jax.lax.ragged_dot` when that ran, and the EP rows against the one-GPU layer.
+Rows go through `experiments.harness` (device time per call, median with its spread; slow
+baselines, one warm call over 0.1 s, take 3 samples and say `few_reps`).
+
+Checks, before the timing, at the benchmarked shape: every grouped-matmul forward against an
+fp32-accumulated product of sampled rows of every group with their expert's weights
+(`gmm_check`); every layer forward on a sample of tokens against the XLA layer on those tokens
+(`layer_check`: a token's output depends only on itself); and with `--routings` (default
+uniform,skewed) each implementation's layer forward again on tokens routed exactly uniformly
+and Zipf-skewed (the largest group several times the mean: the padded FFN's fallback branch),
+rows what="layer_routing", timed too. Forward + backward rows are not checked here (the
+gradients are tested in tests/test_moe_padded.py and tests/test_grouped_matmul.py); they say so.
+The grouped matmul's forward + backward returns the forward output beside the gradients of a
+random cotangent (`harness.fwd_bwd`): rows before that (`loss` absent) used sum(y * dy), linear
+in y, which let XLA drop the forward while the TFLOP/s counted it (marked invalid in results/).
+The EP rows are checked against the one-GPU layer.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from experiments import harness  # noqa: E402
 from experiments.profiling import kernel_profile  # noqa: E402
@@ -84,33 +97,63 @@ def safe_time(fn, *args) -> tuple[float | None, dict, str | None]:
 
 
 def safe_check(fn, args, ref, tol: float = 5e-2) -> dict:
-    """Max error of fn(*args) against ref (bf16 tier), or {} without a reference."""
+    """Max error of fn(*args) against ref (bf16 tier), or a reason without a reference."""
     if ref is None:
-        return {}
+        return harness.no_check("no reference ran at this size")
     try:
         return harness.check(fn(*args), ref, atol=tol, rtol=tol)
     except Exception as e:  # noqa: BLE001 - a failed check is a field, not the end of the run
         return {"check_ok": False, "check_error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
+def guarded(check, *args) -> dict:
+    """check(*args) as row fields; a failure to check is recorded, not raised."""
+    try:
+        return check(*args)
+    except Exception as e:  # noqa: BLE001
+        return {"check_ok": False, "check_error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def reference_output(fn, *args):
-    """fn(*args) as the reference of the checks, or None when it cannot run (out of memory)."""
+    """fn(*args) as the reference of a check, or None when it cannot run (out of memory)."""
     try:
         return jax.block_until_ready(jax.jit(fn)(*args))
-    except Exception:  # noqa: BLE001 - no reference: the rows are not checked
+    except Exception:  # noqa: BLE001 - no reference: the rows say so
         return None
 
 
-def make_problem(m: int, d: int, f: int, e: int, k: int, dtype, seed: int = 0):
-    """Random MoE params and tokens; the router is random, so loads are mildly skewed."""
+def routing_assignments(m: int, e: int, k: int, routing: str, seed: int = 0) -> np.ndarray:
+    """[m, k] distinct experts per token. "uniform": token i takes (i + j * e // k) mod e, so
+    every expert gets exactly m k / e rows (m a multiple of e); "skewed": a Gumbel top-k draw
+    from Zipf probabilities p_j ~ (j + 1)^-1.2 (the largest group several times the mean)."""
+    if routing == "uniform":
+        return (np.arange(m)[:, None] + np.arange(k)[None] * (e // k)) % e
+    if routing == "skewed":
+        rng = np.random.default_rng(seed)
+        logp = -1.2 * np.log(np.arange(1, e + 1))
+        return np.argsort(-(logp + rng.gumbel(size=(m, e))), axis=1)[:, :k]
+    raise ValueError(f"routing must be uniform or skewed, got {routing!r}")
+
+
+def make_problem(m: int, d: int, f: int, e: int, k: int, dtype, seed: int = 0,
+                 routing: str = "random"):  # fmt: skip
+    """Random MoE params and tokens. "random": a random router (loads mildly skewed); else a
+    router reading x's first e coordinates, which are set so the top-k experts are
+    `routing_assignments` (top-1 logit 4, top-2 3, ..., the rest N(0, 0.1))."""
     ks = jax.random.split(jax.random.key(seed), 4)
     params = {
         "router": jax.random.normal(ks[0], (d, e), jnp.float32) * d**-0.5,
         "wi": (jax.random.normal(ks[1], (e, d, 2, f), jnp.float32) * d**-0.5).astype(dtype),
         "wo": (jax.random.normal(ks[2], (e, f, d), jnp.float32) * f**-0.5).astype(dtype),
     }
-    x = jax.random.normal(ks[3], (m, d), jnp.float32).astype(dtype)
-    return params, x
+    x = jax.random.normal(ks[3], (m, d), jnp.float32)
+    if routing != "random":
+        chosen = routing_assignments(m, e, k, routing, seed)
+        logits = np.random.default_rng(seed + 1).normal(0, 0.1, (m, e)).astype(np.float32)
+        np.put_along_axis(logits, chosen, 4.0 - np.arange(k, dtype=np.float32)[None], axis=1)
+        x = x.at[:, :e].set(jnp.asarray(logits))
+        params["router"] = jnp.eye(d, e, dtype=jnp.float32)
+    return params, x.astype(dtype)
 
 
 def sorted_rows(params, x, k):
@@ -120,19 +163,56 @@ def sorted_rows(params, x, k):
     return dispatch_rows(x, order, k), gs
 
 
-def fwd_and_bwd(fn):
-    """fn(x, w) -> y; returns (jitted fwd, jitted fwd+bwd w.r.t. x and w with a fixed dy)."""
+def group_sample(gs, per: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices [E, per] of up to `per` rows spread over each group of the sorted rows (the
+    first and the last included) and a mask [E, per] of the valid ones."""
+    gs = np.asarray(gs)
+    starts = np.concatenate([[0], np.cumsum(gs)[:-1]])
+    m = np.minimum(gs, per)[:, None]  # rows taken from each group
+    j = np.arange(per)[None]
+    pick = j / np.maximum(m - 1, 1) * np.maximum(gs - 1, 0)[:, None]
+    idx = starts[:, None] + np.round(pick).astype(np.int64)
+    valid = j < m
+    return np.where(valid, idx, 0), valid
 
-    def loss(x, w, dy):
-        return jnp.sum((fn(x, w) * dy).astype(jnp.float32))
 
-    fwd = jax.jit(fn)
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return fwd, bwd
+def gmm_check(out, xs, w, gs, tol: float = 5e-2) -> dict:
+    """A grouped-matmul output [A,N] on sampled rows of every group against xs[rows] @ w[group]
+    with fp32 accumulation (one batched product per expert: no weight is gathered)."""
+    idx, valid = group_sample(gs)
+    ref = jnp.einsum("esd,edn->esn", xs[idx], w, preferred_element_type=jnp.float32)
+    got = jnp.asarray(out)[idx].astype(jnp.float32)
+    mask = jnp.asarray(valid)[..., None]
+    fields = harness.check(jnp.where(mask, got, 0), jnp.where(mask, ref, 0), tol, tol)
+    return fields | {"check_rows": int(valid.sum()), "check_ref": "fp32-accumulated rows x w[g]"}
+
+
+def layer_check(out, params, x, k, tol: float = 5e-2, sample: int = 512) -> dict:
+    """A layer output [M,D] on `sample` tokens against the XLA layer (ragged_dot) run on those
+    tokens only."""
+    m = x.shape[0]
+    rows = np.unique(np.linspace(0, m - 1, min(sample, m)).astype(np.int64))
+    ref = jax.jit(lambda p, x: moe_sorted(p, x, k, implementation="xla")[0])(params, x[rows])
+    fields = harness.check(jnp.asarray(out)[rows], ref, tol, tol)
+    return fields | {"check_rows": len(rows), "check_ref": "xla layer on sampled tokens"}
+
+
+def _checked_gmm(fn, xs, w, gs) -> dict:
+    return gmm_check(fn(xs, w), xs, w, gs)
+
+
+def _checked_layer(fn, params, x, k) -> dict:
+    return layer_check(fn(params, x), params, x, k)
+
+
+def gmm_fwd_bwd(fn, dy):
+    """(x, w) -> (fn(x, w), (dx, dw)) for the cotangent dy: the forward is an output."""
+    return harness.fwd_bwd(fn, dy, argnums=(0, 1))
 
 
 def gmm_rows(xs, gs, w, impl_names, emit, base, ragged=True):
-    """Time the A x D x 2F grouped matmul per implementation and the dense matmul."""
+    """Check, then time, the A x D x 2F grouped matmul per implementation and the dense
+    matmul of the same shape."""
     a, d = xs.shape
     n = w.shape[2]
     flops = 2.0 * a * d * n
@@ -143,23 +223,23 @@ def gmm_rows(xs, gs, w, impl_names, emit, base, ragged=True):
         fns["ragged_dot"] = lambda x, w: jax.lax.ragged_dot(x, w, gs)
     for name in impl_names:
         fns[name] = functools.partial(_gmm_impl, gs=gs, impl=name)
-    ref = reference_output(fns["ragged_dot"], xs, w) if ragged else None
     results = {}
     for name, fn in fns.items():
-        fwd, bwd = fwd_and_bwd(fn)
-        fwd_bwd = functools.partial(_call_with_dy, bwd, dy=dy)
-        for mode, f, mult in (("fwd", fwd, 1), ("fwd_bwd", fwd_bwd, 3)):
+        fwd = jax.jit(fn)
+        for mode, f, mult in (("fwd", fwd, 1), ("fwd_bwd", gmm_fwd_bwd(fn, dy), 3)):
+            if name == "dense":
+                checked = harness.no_check("baseline: every row times expert 0's weights")
+            elif mode == "fwd":
+                checked = guarded(_checked_gmm, fwd, xs, w, gs)
+            else:
+                checked = harness.no_check("gradients: tests/test_grouped_matmul.py")
             ms, timing, err = safe_time(f, xs, w)
             tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
             results[(name, mode)] = tf
-            checked = safe_check(f, (xs, w), ref) if mode == "fwd" and name in impl_names else {}
             emit({**base, "what": "gmm", "impl": name, "mode": mode, "shape_MKN": [a, d, n],
-                  "ms": ms, **timing, "tflops": tf, "error": err, **checked})  # fmt: skip
+                  "ms": ms, **timing, "tflops": tf, "error": err, **checked,
+                  "loss": "vjp_returning_output" if mode == "fwd_bwd" else None})  # fmt: skip
     return results
-
-
-def _call_with_dy(bwd, x, w, *, dy):
-    return bwd(x, w, dy)
 
 
 def _gmm_impl(x, w, *, gs, impl):
@@ -167,8 +247,8 @@ def _gmm_impl(x, w, *, gs, impl):
 
 
 def layer_rows(params, x, k, impls, emit, base, ragged=True, dense=True):
-    """Time the whole MoE layer (ours per implementation, and on ragged_dot) and a dense FFN
-    over the same rows. Returns ({(name, mode): TFLOP/s}, {impl: forward output})."""
+    """Check, then time, the whole MoE layer (ours per implementation, and on ragged_dot) and
+    a dense FFN over the same rows. Returns ({(name, mode): TFLOP/s}, {impl: fwd output})."""
     m, d = x.shape
     e, _, _, f = params["wi"].shape
     a = m * k
@@ -188,27 +268,52 @@ def layer_rows(params, x, k, impls, emit, base, ragged=True, dense=True):
     if ragged:
         variants["ragged_dot"] = (lambda p, x: moe_sorted(p, x, k, implementation="xla")[0],
                                   params, x)  # fmt: skip
-    ref = reference_output(variants["ragged_dot"][0], params, x) if ragged else None
     out, outputs = {}, {}
     for name, (fn, p, inp) in variants.items():
         fwd = jax.jit(fn)
         bwd = jax.jit(jax.grad(lambda p, i, fn=fn: jnp.sum(fn(p, i).astype(jnp.float32) ** 2),
                                argnums=(0, 1)))  # fmt: skip
         for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
+            if name == "dense_ffn":
+                checked = harness.no_check("baseline: every row through expert 0")
+            elif mode == "fwd":
+                try:
+                    y = outputs[name] = fwd(p, inp)
+                    checked = guarded(layer_check, y, p, inp, k)
+                except Exception as err:  # noqa: BLE001 - safe_time records the failure
+                    checked = {"check_ok": False, "check_error": str(err)[:200]}
+            else:
+                checked = harness.no_check("gradients: tests/test_moe_padded.py")
             ms, timing, err = safe_time(g, p, inp)
             tf = None if ms is None else mult * flops / (ms * 1e-3) / 1e12
             out[(name, mode)] = tf
-            checked = {}
-            if ms is not None and mode == "fwd" and name in impls:
-                outputs[name] = g(p, inp)
-                checked = safe_check(g, (p, inp), ref)
             row = {**base, "what": "layer", "impl": name, "mode": mode, "tokens": m,
                    "routed_rows": a, "ms": ms, **timing, "tflops": tf, "error": err,
                    **checked}  # fmt: skip
             emit(row)
             if ms is not None and name in impls:
                 profile_row(emit, row, g, p, inp)
+    outputs.pop("ragged_dot", None)
     return out, outputs
+
+
+def routing_rows(m, d, f, e, k, dtype, impls, emit, base, routings) -> None:
+    """Each implementation's layer forward at the same shape with tokens routed exactly
+    uniformly and skewed: checked against the XLA layer on sampled tokens, then timed."""
+    flops = 6.0 * m * k * d * f
+    for routing in routings:
+        params, x = make_problem(m, d, f, e, k, dtype, routing=routing)
+        _, gs = sorted_rows(params, x, k)
+        gs = np.asarray(gs)
+        group = {"routing": routing, "group_sizes_min_max": [int(gs.min()), int(gs.max())],
+                 "largest_over_mean": float(gs.max() / gs.mean())}  # fmt: skip
+        for impl in impls:
+            fwd = jax.jit(functools.partial(_layer, k=k, impl=impl))
+            checked = guarded(_checked_layer, fwd, params, x, k)
+            ms, timing, err = safe_time(fwd, params, x)
+            emit({**base, **group, "what": "layer_routing", "impl": impl, "mode": "fwd",
+                  "tokens": m, "ms": ms, **timing, "error": err, **checked,
+                  "tflops": None if ms is None else flops / (ms * 1e-3) / 1e12})  # fmt: skip
 
 
 def _layer(p, x, *, k, impl):
@@ -228,8 +333,8 @@ def int8_rows(params, x, k, impls, emit, base, res: dict) -> None:
     ref = reference_output(lambda p, x: moe_sorted(p, x, k, implementation="xla")[0], deq, x)
     for impl in impls:
         fwd = jax.jit(functools.partial(_layer, k=k, impl=impl))
+        checked = safe_check(fwd, (qp, x), ref)
         ms, timing, err = safe_time(fwd, qp, x)
-        checked = {} if ms is None else safe_check(fwd, (qp, x), ref)
         bf16 = res.get((impl, "fwd"))
         bf16_ms = None if not bf16 else flops / (bf16 * 1e12) * 1e3
         emit({**base, "what": "layer_int8", "quantize": "experts_int8", "impl": impl,
@@ -298,10 +403,13 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
         for mode, g, mult in (("fwd", fwd, 1), ("fwd_bwd", bwd, 3)):
             if mode not in modes:
                 continue
+            if mode == "fwd":  # capacity rows drop tokens: their mismatch is expected
+                checked = safe_check(g, (p, x3), ref)
+            else:
+                checked = harness.no_check("gradients: tests/test_moe_parallel.py")
             ms, timing, err = safe_time(g, p, x3)
             per_gpu = None if ms is None else mult * flops / 2 / (ms * 1e-3) / 1e12
             one = single_tflops.get(mode)
-            checked = safe_check(g, (p, x3), ref) if ms is not None and mode == "fwd" else {}
             row = {**base, "what": "layer_ep", "mode": mode, "ep": 2, "capacity_factor": cf,
                    "dispatch": dispatch, "microbatches": mb, "tokens": m, "ms": ms, **timing,
                    "tflops_per_gpu": per_gpu, **checked,
@@ -323,7 +431,8 @@ def ep_rows(params, x, k, impl, emit, base, single_tflops, quick=False, microbat
             ms, timing, err = safe_time(only, p, x3)
             row = {**base, "what": "layer_ep_dispatch", "mode": "fwd", "ep": 2, "tokens": m,
                    "capacity_factor": cf, "dispatch": dispatch, "ms": ms, **timing, "error": err,
-                   "note": "route + sort + 2 all-to-alls + combine, FFN skipped"}  # fmt: skip
+                   "note": "route + sort + 2 all-to-alls + combine, FFN skipped",
+                   **harness.no_check("a partial computation (FFN skipped)")}  # fmt: skip
             emit(row)
             if ms is not None:
                 profile_row(emit, row, only, p, x3)
@@ -336,9 +445,10 @@ def sweep_blocks(xs, gs, w, emit, base) -> None:
     best = (float("inf"), None)
     for blocks in SWEEP:
         fn = jax.jit(lambda x, w, b=blocks: moe_gpu.gmm(x, w, gs, blocks=b))
+        checked = guarded(_checked_gmm, fn, xs, w, gs)
         ms, timing, err = safe_time(fn, xs, w)
         emit({**base, "what": "gmm_sweep", "blocks": dataclasses.asdict(blocks), "ms": ms,
-              **timing, "error": err})  # fmt: skip
+              **timing, "error": err, **checked})  # fmt: skip
         if ms is not None and ms < best[0]:
             best = (ms, blocks)
     if best[1] is not None:
@@ -385,6 +495,12 @@ def parse_args():
         action="store_true",
         help="also the layer forward with experts_int8 weights (vs bf16)",
     )
+    ap.add_argument(
+        "--routings",
+        default="uniform,skewed",
+        help="also each implementation's layer forward with tokens routed this way "
+        "(uniform, skewed; comma-separated; '' for none), checked then timed",
+    )
     return ap.parse_args()
 
 
@@ -403,7 +519,7 @@ def main() -> None:
     rows = harness.Rows(args.out, bench="moe", dtype="bfloat16")
     keys = ("what", "impl", "dispatch", "capacity_factor", "microbatches", "mode", "tokens",
             "ms", "tflops", "vs_dense", "vs_ragged_dot", "tflops_per_gpu", "per_gpu_vs_single",
-            "max_rel_err", "error")  # fmt: skip
+            "routing", "largest_over_mean", "max_rel_err", "check_ok", "error")  # fmt: skip
 
     def emit(row):  # the whole row goes to the file; the log gets the fields that matter
         rows.emit(row, echo=lambda r: {kk: r[kk] for kk in keys if r.get(kk) is not None})
@@ -428,6 +544,9 @@ def main() -> None:
                 ratio_rows(res, v, "layer", emit, row)
         if args.int8:
             int8_rows(params, x, k, names or [impl], emit, row, res)
+        routings = [r for r in args.routings.split(",") if r]
+        if routings and not args.ep_only:
+            routing_rows(m, d, f, e, k, dtype, names or [impl], emit, base, routings)
         if args.ep and jax.device_count() >= 2:
             single = {mode: res.get((impl, mode)) for mode in ("fwd", "fwd_bwd")}
             ep_rows(

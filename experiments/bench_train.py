@@ -6,12 +6,15 @@
 Config: hidden 2048, 16 layers (two 7+1 blocks), 16 heads x 128, 4 kv heads, 8 experts x 768,
 top-2, vocab 32000: 1.05B total / 0.54B active parameters (with the lm head); fp32 weights and
 AdamW state, bf16 compute, the real train step of `minimax_jax.training.step` (jitted, state
-donated). One JSON line per sequence length (4K and 8K; --tokens per step): median step time,
-tokens/s, MFU = `flops_per_token` (6 x active matmul params + attention) x tokens/s over the
-bf16 matmul peak measured in the same run, and a breakdown forward / backward /
+donated). One JSON line per sequence length (4K and 8K; --tokens per step): median step time
+(device time per step, `harness.measure`, with its spread over --reps steps), tokens/s, MFU =
+`flops_per_token` (6 x active matmul params + attention) x tokens/s over the datasheet's dense
+bf16 peak of the device (`roofline.PEAKS`, sources there; null for a device not in the table),
+the measured rate of an 8192^3 bf16 matmul in the same process as an extra column
+(`measured_matmul_tflops`, `mfu_vs_measured_matmul`), and a breakdown forward / backward /
 optimizer+rest from separately jitted forward-only and forward+backward functions. The first
 step's objective is checked against a separately jitted forward on the same initial weights
-(`experiments.harness.check`); step times carry their spread over --reps steps.
+(`experiments.harness.check`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments import harness  # noqa: E402
+from experiments import harness, roofline  # noqa: E402
 from minimax_jax import MiniMaxForCausalLM, ModelConfig  # noqa: E402
 from minimax_jax.model.decoder import RunOptions  # noqa: E402
 from minimax_jax.training import losses  # noqa: E402
@@ -38,7 +41,6 @@ from minimax_jax.training.step import (  # noqa: E402
     build_optimizer,
     flops_per_token,
     make_train_step,
-    measure_peak_flops,
 )
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -87,27 +89,31 @@ def run_one(config, seq_len: int, rows: int, args) -> dict:
     holder.state, first = step(holder.state, batch)
     checked = harness.check(first["objective"], ref, atol=1e-3, rtol=1e-2)
 
-    def run_step():
+    def run_step(_):
         holder.state, m = step(holder.state, batch)
-        jax.block_until_ready(m)
+        return m
 
-    timing = harness.timed_stats(run_step, args.reps, warmup=1)
+    timing = harness.measure(run_step, reps=args.reps, warmup=1)
     t_step = timing.median
-    t_fwd = t_fb = float("nan")
+    t_fwd = t_fb = None
     if seq_len in args.breakdown:  # one more compilation
         params = holder.state["params"]
         t_fwd = harness.time_device(fwd, params, reps=args.reps).median
         t_fb = harness.time_device(fwd_bwd, params, reps=args.reps).median
-    peak = measure_peak_flops(compute)
+    kind = jax.devices()[0].device_kind
+    peak = roofline.peak_for(kind)
+    measured = roofline.matmul_tflops() * 1e12
     tok_s = n_tok / t_step
     fpt = flops_per_token(config, seq_len)
     return {
         "seq_len": seq_len, "rows": rows, "tokens_per_step": int(n_tok),
         "step_s": t_step, **timing.row_ms("step_ms"), "tokens_per_s": tok_s,
-        "mfu": fpt * tok_s / peak,
-        "flops_per_token": fpt, "peak_bf16_flops": peak,
-        "breakdown_s": {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest":
-                        t_step - t_fb},
+        "mfu": None if peak is None else fpt * tok_s / (peak.bf16_tflops * 1e12),
+        **roofline.peak_fields(kind), "measured_matmul_tflops": measured / 1e12,
+        "mfu_vs_measured_matmul": fpt * tok_s / measured,
+        "flops_per_token": fpt,
+        "breakdown_s": None if t_fb is None else {
+            "forward": t_fwd, "backward": t_fb - t_fwd, "optimizer_and_rest": t_step - t_fb},
         "remat": args.remat, "packed": args.packed, "moe_impl": args.moe_impl,
         "lightning_impl": args.lightning_impl, "attention_impl": args.attention_impl,
         **checked,

@@ -19,7 +19,8 @@ driver's time cap may cut the tail):
   and with cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`), the
   one "auto" resolved to first;
 - attention alone (q, k, v [19, 577, 16, 64] bf16, applied 24 times in a row: the tower's whole
-  attention): `torch.sdpa[attention only]`, then `minimax_jax.vl.vision.attention[xla]` (rows
+  attention; one application of each checked against fp32 XLA): `torch.sdpa[attention only]`,
+  then `minimax_jax.vl.vision.attention[xla]` (rows
   keep that name; the function is `pallas_kernels.attention.attention`), `[pallas
   bqX bkY wW sS]` (four block / warp / stage configs of the Pallas kernel; the first is the
   default) and `[cudnn]`; `max_rel_diff_vs_fp32` of one application against fp32 XLA;
@@ -30,9 +31,12 @@ driver's time cap may cut the tail):
 - `..._encode_tiles[device pixels, 19 tiles, unrolled, attn=X]`: the auto-resolved attention with
   the 24 layers unrolled instead of scanned (last: the slowest compile).
 A row that fails (e.g. cuDNN without execution plans on CUDA 13) is written with `error`.
-ms = median of --reps timed calls after warm-up, synchronised; ratio = transformers ms / ours (goal
->= 1); max_rel_diff = max|ours - theirs| / max|theirs| over the projected features [19, 576, E]
-(mean_rel_diff: the same with means; diff_ok: max_rel_diff < 5e-2 in bf16, 1e-4 in fp32; a full-size
+ms = median of --reps timed calls after warm-up: device time per call on a GPU on both sides
+(`harness.measure` / `harness.time_torch`: the profiler's kernel span, L2 flushed), except the
+host-pixel rows (wall clock: the host's cast and the transfer are part of them, no ratio);
+ratio = transformers ms / ours (goal >= 1); max_rel_diff = max|ours - theirs| / max|theirs| over
+the projected features [19, 576, E] (mean_rel_diff: the same with means; diff_ok: max_rel_diff
+< 5e-2 in bf16, 1e-4 in fp32; a full-size
 bf16 tile gave 2.4e-2 on CPU), plus `experiments.harness.check`'s fields against the same
 reference. The run exits after --budget_s (rows already written are kept).
 --small: a tiny tower (same image and tiles) in float32, for a CPU smoke run (the fused kernels
@@ -194,16 +198,17 @@ def main() -> None:
     ref, attn = torch_reference(cfg, params, tdtype, tdev)
     tpix = torch.from_numpy(pixels).to(tdev, tdtype)
     theirs = ref(tpix).float().cpu().numpy()
-    t_timing = harness.timed_stats(lambda: ref(tpix), args.reps)
+    t_timing = harness.time_torch(lambda _: ref(tpix), reps=args.reps)
     t_sec = t_timing.median
     emit(base | {"impl": "transformers.CLIPVisionModel+torch_projector", "attn": attn,
-                 **t_timing.row_ms(), "tiles_per_s": EXPECTED_TILES / t_sec})  # fmt: skip
+                 **t_timing.row_ms(), "tiles_per_s": EXPECTED_TILES / t_sec,
+                 **harness.no_check("the reference")})  # fmt: skip
 
-    def ours_row(impl, fn, tiles_run, attn, **extra):
+    def ours_row(impl, fn, tiles_run, attn, method="auto", **extra):
         row = base | {"impl": impl, "attn": attn, "tiles_run": tiles_run, **extra}
         try:
             feats = np.asarray(jax.device_get(fn()), np.float32)[:EXPECTED_TILES]
-            timing = harness.timed_stats(lambda: jax.block_until_ready(fn()), args.reps)
+            timing = harness.measure(lambda _: fn(), reps=args.reps, method=method)
             sec = timing.median
         except Exception as err:  # noqa: BLE001 - report and go on to the next row
             emit(row | {"error": f"{type(err).__name__}: {err}"[:1500],
@@ -211,7 +216,9 @@ def main() -> None:
             return
         diff, mean_diff = rel_diff(feats, theirs)
         tol = 1e-4 if args.small else 5e-2
-        emit(row | {**timing.row_ms(), "tiles_per_s": EXPECTED_TILES / sec, "ratio": t_sec / sec,
+        # a ratio only between like clocks: host-pixel rows time the host's work too (wall)
+        ratio = t_sec / sec if method != "wall" else None
+        emit(row | {**timing.row_ms(), "tiles_per_s": EXPECTED_TILES / sec, "ratio": ratio,
                     "max_rel_diff": diff, "mean_rel_diff": mean_diff, "diff_ok": diff < tol,
                     **harness.check(feats, theirs, atol=tol, rtol=tol),
                     "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
@@ -249,7 +256,7 @@ def main() -> None:
             pass
         failures = {k[-1]: msg[:300] for k, msg in vl_model._ATTENTION_FAILED.items()}  # noqa: SLF001
         attn = vl_model.resolved_attention_impl(v, params)
-        ours_row(name, fn, EXPECTED_TILES, attn, tile_bucket=vl_model.TILE_BUCKET,
+        ours_row(name, fn, EXPECTED_TILES, attn, method="wall", tile_bucket=vl_model.TILE_BUCKET,
                  attention_failures=failures, **kw)  # fmt: skip
         return attn
 
@@ -285,18 +292,18 @@ def main() -> None:
                       .transpose(1, 2).contiguous() for t in qkv32)  # fmt: skip
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
-        def torch_att():
+        def torch_att(_=None, layers=v.num_layers):
             with torch.inference_mode():
                 o = tq
-                for _ in range(v.num_layers):
+                for _ in range(layers):
                     o = sdpa(o, tk, tv)
-            if tdev == "cuda":
-                torch.cuda.synchronize()
             return o
 
-        t_ = harness.timed_stats(torch_att, args.reps)
+        one = torch_att(layers=1).transpose(1, 2).float().cpu().numpy()
+        checked = harness.check(one, ref_o, atol=2e-2, rtol=2e-2)
+        t_ = harness.time_torch(torch_att, reps=args.reps)
         sec = t_.median
-        emit(att_base | {"impl": "torch.sdpa[attention only]", **t_.row_ms()})
+        emit(att_base | {"impl": "torch.sdpa[attention only]", **t_.row_ms(), **checked})
         t_att = sec
     except Exception as err:  # noqa: BLE001
         emit(att_base | {"impl": "torch.sdpa[attention only]", "error": repr(err)[:1500]})

@@ -148,11 +148,21 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
         bench("bench_moe", "--tokens", "65536", "--ep", "--ep_only", "--impls", "gpu",
               cap=280, name="ep-gpu"),
     ]),
-    "generate": ("1 GPU", "decode at batch 1 and 16 beside transformers; prefill 16K-128K", [
-        bench("bench_generate", "--prefill", "", "--new_tokens", "64", "--variants",
-              "default,1:mvxla", cap=260, name="decode"),
-        bench("bench_generate", "--no_hf", "--batches", "1", "--new_tokens", "64", "--prefill",
-              "16384,32768,65536,131072", "--chunk", "4096", cap=300, name="prefill"),
+    "generate": ("1 GPU", "decode at batch 1 and 16: ours (decode loop alone, checked against "
+                          "the uncached forward), then transformers eager and static cache + "
+                          "torch.compile (best configuration), both timed the same way", [
+        bench("bench_generate", "--no_hf", "--prefill", "", "--new_tokens", "64", "--variants",
+              "default,1:mvxla", cap=200, name="decode"),
+        bench("bench_generate", "--no_ours", "--prefill", "", "--new_tokens", "64",
+              "--hf_variants", "eager,compiled", cap=340, name="transformers"),
+    ]),
+    "generate-prefill": ("1 GPU", "prefill per token 16K-128K, hybrid and lightning-only", [
+        bench("bench_generate", "--no_hf", "--no_ours", "--batches", "1", "--new_tokens", "64",
+              "--prefill", "16384,32768,65536,131072", "--chunk", "4096", cap=540,
+              name="prefill"),
+    ]),
+    "roofline": ("1 GPU", "device-to-device copy per size, x + 1, bf16 matmul, datasheet", [
+        bench("bench_roofline", cap=200, name="roofline"),
     ]),
     "matvec": ("1 GPU", "decode-sized matmul formulations and the matvec kernel's tilings", [
         gpu_tests("tests/test_matvec.py", cap=100),
@@ -169,14 +179,13 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
         gpu_tests("tests/test_attention_impl.py", "tests/test_attention_cudnn_chunk.py", cap=100),
         bench("bench_long_context", "--lengths", "", "--no_lightning_only", cap=90,
               name="check"),
-        bench("bench_long_context", "--lengths", "32768,131072", "--no_check", "--budget_s",
-              "{budget}", cap=160, name="short"),
+        bench("bench_long_context", "--lengths", "32768,131072", "--no_check", "--isolate",
+              "--budget_s", "{budget}", cap=330, name="short"),
     ]),
-    "long-context-1m": ("1 GPU", "the same at 512K and 1M tokens (one timed call each; one "
-                                 "process, lengths in increasing order, so the 1M peak is its "
-                                 "own)", [
+    "long-context-1m": ("1 GPU", "the same at 512K and 1M tokens (one timed call each; a "
+                                 "process per row, so each peak is its own)", [
         bench("bench_long_context", "--lengths", "524288,1048576", "--reps", "1", "--no_check",
-              "--budget_s", "{budget}", cap=560, name="long"),
+              "--isolate", "--budget_s", "{budget}", cap=560, name="long"),
     ]),
     "int8": ("1 GPU", "int8 weights (#22): the int8 kernel GPU tests; decode of the 1.55B model "
                       "at batch 1 and 16 with bf16, experts_int8 and int8 weights; the MoE layer "
@@ -185,7 +194,7 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
         bench("bench_generate", "--no_hf", "--prefill", "", "--new_tokens", "64", "--variants",
               "default,q8e,q8", cap=240, name="decode"),
         bench("bench_moe", "--tokens", "16384", "--impls", "auto,gpu", "--no_gmm",
-              "--ragged_max_tokens", "0", "--int8", cap=200, name="moe16k"),
+              "--ragged_max_tokens", "0", "--int8", "--routings", "", cap=200, name="moe16k"),
     ]),
     "train": ("1 GPU", "training-step throughput and MFU, unpacked then packed rows", [
         bench("bench_train", "--tokens", "16384", "--breakdown", "4096", cap=330, name="step"),
@@ -203,9 +212,9 @@ SUITES: dict[str, tuple[str, str, list[Part]]] = {
     ]),
     "profile": ("1 GPU", "kernel profiles: decode step, 4K MoE layer, vision tower", [
         bench("bench_generate", "--no_hf", "--prefill", "", "--new_tokens", "64", "--profile",
-              cap=150, name="decode"),
+              "--reps", "3", cap=150, name="decode"),
         bench("bench_moe", "--tokens", "4096", "--profile", "--ragged_max_tokens", "0",
-              cap=200, name="moe"),
+              "--routings", "", cap=200, name="moe"),
         bench("bench_vision", "--profile", "--budget_s", "{budget}", cap=200, name="vision"),
     ]),
     "fullscale": ("2 GPUs (H200)", "full-width MiniMax-Text-01 slices: inference, training",

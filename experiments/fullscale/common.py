@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -215,10 +216,14 @@ def xla_memory(compiled) -> dict:
 
 
 class Rows:
-    """Prints each row as a JSON line and appends it to `path` (if given), with `base` fields."""
+    """Prints each row as a JSON line and appends it to `path` (if given), with `base` fields
+    and what `experiments.harness` gives every row (commit, versions, device, command line)."""
 
     def __init__(self, path: str | None, base: dict):
-        self.path, self.base = path, base
+        from experiments import harness
+
+        meta = {**harness.env_info(), "argv": " ".join(sys.argv)}
+        self.path, self.base = path, {**meta, **base}
 
     def write(self, row: dict) -> dict:
         row = self.base | row
@@ -293,13 +298,15 @@ def run_row(
     after = memory_stats()
     peak_before = max(before.get("peak_bytes_in_use", [0]))
     peak = max(after["peak_bytes_in_use"]) if after else None
+    raised = bool(peak and peak > peak_before)
     rows.write(out | {
         "peak_bytes_per_device": after.get("peak_bytes_in_use"),
-        "peak_before": peak_before or None, "peak_raised": bool(peak and peak > peak_before),
+        "peak_before": peak_before or None, "peak_raised": raised, "peak_is_own": raised,
         "bytes_in_use_before": before.get("bytes_in_use"),
-        "planned_over_peak": plan.total / peak if peak else None,
-        "compared_with": "planned total vs the peak after the row (peak_raised false: set by an "
-        "earlier row or the init) and vs XLA's total of the compiled program",
+        # a peak this row did not raise belongs to an earlier row or the init: no comparison
+        "planned_over_peak": plan.total / peak if raised else None,
+        "compared_with": "planned total vs the peak after the row, only when the row raised it "
+        "(the peak is cumulative over the process), and vs XLA's total of the compiled program",
     })  # fmt: skip
 
 

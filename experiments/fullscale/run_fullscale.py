@@ -15,11 +15,13 @@ loop per batch size, one prefill chunk function for all lengths) is compiled at 
 (`common.Compiler`), and the rows run. Rows (JSON lines, --out):
 
   init     init time, the planner's weight bytes per device vs the bytes of the shards actually
-           placed on device 0 and vs bytes in use, the copy bandwidth (GB/s, measured first).
+           placed on device 0 and vs bytes in use, the device-to-device copy bandwidth (GB/s,
+           read + write, measured first: `roofline.copy_bandwidth`).
   compile  the programs and which compiled within the budget.
   decode   per --decode_batches size: the Engine's jitted decode loop (--new_tokens - 1 steps)
-           from an empty cache of 128 slots; step time, tokens/s and the bandwidth floor of a
-           step (bytes one device must read / the measured copy bandwidth).
+           from an empty cache of 128 slots (made untimed); step time (median of --reps
+           loops after one warm-up, wall clock, with the spread), tokens/s and the bandwidth
+           floor of a step (bytes one device must read / the measured copy bandwidth).
   prefill  per --prefill length (batch 1): chunked prefill into a cache of max(--prefill) slots
            (one compiled chunk function serves every length); tokens/s.
 
@@ -27,7 +29,10 @@ Memory per row (`common.run_row`): the planner's total (weights + cache + activa
 printed before anything compiles) beside XLA's own total for the compiled program (`xla_bytes`, per
 program) and the measured `peak_bytes_in_use` after the row. That peak is cumulative over the
 process, so rows run in increasing planned memory (decode, then prefill by length);
-`peak_raised` false means an earlier row or the init set it. A row is skipped (with a row saying
+`peak_raised` false means an earlier row or the init set it, and `planned_over_peak` is then
+null (rows before that compared the plan with a peak set before the row ran). Outputs are not
+checked at full width (`check_skipped`): tests/test_fullscale.py checks the same code on tiny
+configs. A row is skipped (with a row saying
 so) when its program had not compiled --run_reserve_s before --budget_s, or its estimated time
 (the longest row so far) would pass --budget_s. --chunk 0 picks the largest prefill chunk whose
 plan, activations x 1.3, fits 90% of the device's bytes_limit.
@@ -65,19 +70,11 @@ from common import (  # noqa: E402
 DECODE_SLOTS = 128  # cache slots of the decode rows (>= new_tokens)
 
 
-def copy_gbps(jax, elems: int) -> float:
-    """Read + write bandwidth of `x + 1` over elems fp32 on the first device (best of 5)."""
-    import jax.numpy as jnp
+def copy_gbps() -> float:
+    """GB/s (read + write) of the best device-to-device copy on the first device."""
+    from experiments import roofline
 
-    x = jax.device_put(jnp.ones((elems,), jnp.float32), jax.devices()[0])
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * x.nbytes / best / 1e9
+    return roofline.copy_bandwidth()["copy_GBps"]
 
 
 def local(n: int, logical: str, mesh, rules) -> int:
@@ -144,6 +141,7 @@ def main() -> None:
         help="1 + a multiple of 16: one compiled copy of the step in the decode loop",
     )
     ap.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0: largest that fits")
+    ap.add_argument("--reps", type=int, default=10, help="timed loops / prefills per row")
     add_run_args(ap, budget_s=480, run_reserve_s=45)
     args = ap.parse_args()
     budget = Budget(args.budget_s, args.first_row_guess_s)
@@ -151,6 +149,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from experiments import harness
     from minimax_jax.inference import memory
     from minimax_jax.inference.engine import Engine, SamplingParams, sample_token
     from minimax_jax.model.cache import cache_shapes, cache_shardings
@@ -196,8 +195,7 @@ def main() -> None:
               for t in lengths}  # fmt: skip
     for name, p in plans.items():
         print(f"[plan] {name}: {p.report()}", flush=True)
-    gbps = copy_gbps(jax, (1 << 22) if dev.platform == "cpu" else (1 << 28))  # before the
-    # weights, so that its buffers do not set the peak the rows are compared with
+    gbps = copy_gbps()  # before the weights: its buffers are gone before any row
     params, init_s = init_random_params(cfg, mesh, rules, jnp.bfloat16)
     placed, stats = device_bytes(params), memory_stats()
     rows.write({
@@ -245,20 +243,26 @@ def main() -> None:
     rows.write({"row": "compile", "programs": list(compiler.jobs), "elapsed_s": budget.elapsed(),
                 "done": [k for k, j in compiler.jobs.items() if j.done()]})  # fmt: skip
 
+    unchecked = harness.no_check("full width: tests/test_fullscale.py checks the code, tiny")
+
     def decode(b: int) -> dict:
         first = jnp.asarray(rng.randint(0, cfg.vocab_size, (b,)), jnp.int32)
-        times = []
-        for _ in range(2):  # the first call warms up
-            cache = new_cache(b, DECODE_SLOTS)
-            t0 = time.perf_counter()
-            toks, cache = engine._loop(params, cache, first, key, args.new_tokens, sp, eos)
-            jax.block_until_ready(toks)
-            times.append(time.perf_counter() - t0)
-            del cache
-        step = times[-1] / (args.new_tokens - 1)
+        t0 = time.perf_counter()
+        jax.block_until_ready(engine._loop(params, new_cache(b, DECODE_SLOTS), first, key,
+                                           args.new_tokens, sp, eos))  # fmt: skip
+        first_s = time.perf_counter() - t0
+        timing = harness.measure(
+            lambda cache: engine._loop(params, cache, first, key, args.new_tokens, sp, eos)[0],
+            setup=lambda: new_cache(b, DECODE_SLOTS),
+            reps=args.reps,
+            warmup=0,
+            method="wall",
+        )
+        step = timing.median / (args.new_tokens - 1)
         floor = decode_floor_bytes(cfg, params, b, DECODE_SLOTS, mesh, rules)
         return {"batch": b, "new_tokens": args.new_tokens, "cache_slots": DECODE_SLOTS,
-                "first_call_s": times[0], "decode_step_ms": step * 1e3,
+                "first_call_s": first_s, "decode_step_ms": step * 1e3,
+                **timing.row_ms("loop_ms"), **unchecked,
                 "decode_tok_per_s": b / step, "floor_bytes_per_device": floor,
                 "floor_ms": floor / (gbps * 1e9) * 1e3,
                 "floor_over_step": floor / (gbps * 1e9) / step}  # fmt: skip
@@ -268,20 +272,22 @@ def main() -> None:
     def prefill(t: int) -> dict:
         ids = rng.randint(0, cfg.vocab_size, (1, t)).astype(np.int32)
         mask = np.ones_like(ids)
-        times = []
-        for _ in range(2):  # the first call warms up
-            cache = new_cache(1, slots)
-            t0 = time.perf_counter()
-            for s in range(0, t, chunk):  # as Engine.prefill, with the cache made beforehand
+
+        def run(cache):  # as Engine.prefill, with the cache made beforehand (untimed)
+            for s in range(0, t, chunk):
                 logits, cache = engine._prefill(params, ids[:, s : s + chunk],
                                                 mask[:, s : s + chunk], cache)  # fmt: skip
-            jax.block_until_ready(sample_token(logits, jax.random.key(0), sp))
-            times.append(time.perf_counter() - t0)
-            del logits, cache
-        done_prefill[t] = times[-1]
+            return sample_token(logits, jax.random.key(0), sp)
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(new_cache(1, slots)))
+        first_s = time.perf_counter() - t0
+        timing = harness.measure(run, setup=lambda: new_cache(1, slots), reps=args.reps,
+                                 warmup=0, method="wall")  # fmt: skip
+        done_prefill[t] = timing.median
         return {"batch": 1, "prompt": t, "chunk": chunk, "cache_slots": slots,
-                "first_call_s": times[0], "prefill_s": times[-1],
-                "prefill_tok_per_s": t / times[-1]}  # fmt: skip
+                "first_call_s": first_s, "prefill_s": timing.median, **timing.row_ms(),
+                **unchecked, "prefill_tok_per_s": t / timing.median}  # fmt: skip
 
     for b in batches:
         name = f"decode_b{b}"
@@ -290,7 +296,7 @@ def main() -> None:
         est = None  # the longest row so far; after one length: 2 runs, at worst quadratic
         if done_prefill:
             t0, s0 = max(done_prefill.items())
-            est = 2 * s0 * (t / t0) ** 2 + 10
+            est = (2 + args.reps) * s0 * (t / t0) ** 2 + 10
         name = f"prefill_{t}"
         run_row(rows, budget, name, plans[name], lambda t=t: prefill(t), compiler, "prefill", est)
     rows.write({"row": "done", "elapsed_s": budget.elapsed()})

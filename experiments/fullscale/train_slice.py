@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--mesh", default="expert=2")
     ap.add_argument("--rules", default="ep_fold")
     ap.add_argument("--shapes", default="1x4096,1x8192", help="BxT per row")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps after the first")
     ap.add_argument("--remat", default="full", choices=["none", "dots", "full"])
     add_run_args(ap, budget_s=240, run_reserve_s=30)
     args = ap.parse_args()
@@ -68,6 +68,7 @@ def main() -> None:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from experiments import harness, roofline
     from minimax_jax.inference import memory
     from minimax_jax.model.decoder import RunOptions
     from minimax_jax.sharding import load_rules, make_mesh
@@ -148,9 +149,15 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         step = statistics.median(times[1:]) if args.steps else times[0]
         fpt = flops_per_token(cfg, t)
+        per_device = fpt * b * t / step / jax.device_count() / 1e12
+        peak = roofline.peak_for(jax.devices()[0].device_kind)
         return {"batch": b, "seq_len": t, "first_step_s": times[0], "step_s": step,
                 "step_times_s": times[1:], "tokens_per_s": b * t / step,
-                "model_tflops_per_s_per_device": fpt * b * t / step / jax.device_count() / 1e12,
+                "timing_method": "wall_block_until_ready", "reps": len(times) - 1,
+                "model_tflops_per_s_per_device": per_device,
+                "mfu": None if peak is None else per_device / peak.bf16_tflops,
+                **roofline.peak_fields(jax.devices()[0].device_kind),
+                **harness.no_check("full width: tests/test_fullscale.py checks the code, tiny"),
                 "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                 "skipped_steps": float(m["skipped"])}  # fmt: skip
 
