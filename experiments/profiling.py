@@ -19,15 +19,7 @@ import tempfile
 
 import jax
 
-
-def _union_ns(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
+from experiments.device_time import union_length as _union_ns
 
 
 def _device_events(path: str):

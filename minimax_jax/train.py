@@ -27,6 +27,7 @@ from minimax_jax import cli
 from minimax_jax.distributed import MODES as DISTRIBUTED_MODES
 from minimax_jax.training import run_config as tc
 from minimax_jax.training.loop import export, train
+from minimax_jax.training.plot import plot_run
 
 _CONFIG = flags.DEFINE_string("config", None, "YAML run config (configs/train/*.yaml).")
 _WORKDIR = flags.DEFINE_string(
@@ -71,8 +72,6 @@ def main(argv: Sequence[str]) -> None:
 
 def _work() -> None:
     if _PLOT.value:
-        from minimax_jax.training.plot import plot_run
-
         print(f"wrote {plot_run(_PLOT.value, _PLOT_OUT.value)}")
         return
     if _PLOT_OUT.value:

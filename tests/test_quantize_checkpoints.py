@@ -4,14 +4,13 @@ the same bounds), and the CLIs' one-line errors."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_transformers_parity as tp
-from test_convert_cli import _write_tokenizer
+from test_convert_cli import LAYER_TYPES, ROOT, V, _write_tokenizer
 
 from convert import hf_to_orbax
 from minimax_jax.hf import mapping
@@ -24,9 +23,6 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.torch
 
-ROOT = Path(__file__).parent.parent
-LAYER_TYPES = ["linear_attention"] * 7 + ["full_attention"]
-V = 384
 _forward = jax.jit(forward, static_argnums=(0, 4))
 
 
